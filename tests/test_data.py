@@ -1,0 +1,399 @@
+"""Data layer: sources, splits and format validation (tokenization and collation: test_data_tokenize.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pa_parquet
+import pytest
+
+from prefalign.config import DataConfig
+from prefalign.data import (
+    load_rows,
+    load_splits,
+    normalize_preference,
+    normalize_prompts,
+    normalize_sft,
+    split_implicit_prompt,
+)
+from prefalign.errors import ConfigError, DataError
+
+PAIRS = [
+    {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+    {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+    {"prompt": "3+3=", "chosen": "6", "rejected": "7"},
+]
+
+
+def write_jsonl(path, rows, blank_line_after_first=False):
+    lines = [json.dumps(row) for row in rows]
+    if blank_line_after_first:
+        lines.insert(1, "")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def visible(dataset):
+    return dataset.remove_columns(["__source__", "__row__"]).to_list()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_jsonl_keeps_source_and_line_numbers(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", PAIRS[:2], blank_line_after_first=True)
+    rows = load_rows([path])
+    assert visible(rows) == PAIRS[:2]
+    assert rows["__source__"] == [path, path]
+    assert rows["__row__"] == [1, 3]  # the blank line 2 is skipped, line numbers are not
+
+
+def test_jsonl_gz(tmp_path):
+    path = tmp_path / "a.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join(json.dumps(row) for row in PAIRS))
+    assert visible(load_rows([str(path)])) == PAIRS
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        PAIRS,
+        {"train": PAIRS},
+        {"data": PAIRS},
+        {name: [row[name] for row in PAIRS] for name in ("prompt", "chosen", "rejected")},
+    ],
+    ids=["list", "split-key", "data-key", "columns"],
+)
+def test_json_forms(tmp_path, content):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(content))
+    assert visible(load_rows([str(path)])) == PAIRS
+
+
+def test_json_written_by_datasets_to_json(tmp_path):
+    path = tmp_path / "hf.json"
+    datasets.Dataset.from_list(PAIRS).to_json(str(path))  # JSON Lines inside a .json file
+    assert visible(load_rows([str(path)])) == PAIRS
+
+
+def test_parquet_and_csv(tmp_path):
+    parquet = tmp_path / "a.parquet"
+    pa_parquet.write_table(pa.Table.from_pylist(PAIRS), parquet)
+    csv = tmp_path / "a.csv"
+    csv.write_text(
+        "prompt,chosen,rejected\n" + "\n".join(f"{r['prompt']},{r['chosen']},{r['rejected']}" for r in PAIRS)
+    )
+    assert visible(load_rows([str(parquet)])) == PAIRS
+    rows = load_rows([str(csv)], columns={})
+    assert rows["prompt"] == [row["prompt"] for row in PAIRS]
+    assert rows["__row__"] == [1, 2, 3]
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(PAIRS[:1]), "test": datasets.Dataset.from_list(PAIRS[1:])}
+    ).save_to_disk(str(tmp_path / "dict"))
+    assert visible(load_rows([str(tmp_path / "single")])) == PAIRS
+    assert visible(load_rows([str(tmp_path / "dict")], split="test")) == PAIRS[1:]
+    with pytest.raises(DataError, match=r"no split 'validation'; it has train, test"):
+        load_rows([str(tmp_path / "dict")], split="validation")
+
+
+def test_several_sources_concatenate_and_remember_origin(tmp_path):
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [{**PAIRS[0], "margin": 1}])
+    parquet = tmp_path / "b.parquet"
+    pa_parquet.write_table(pa.Table.from_pylist([{**PAIRS[1], "margin": 0.5}]), parquet)
+    rows = load_rows([jsonl, str(parquet)])
+    assert rows["margin"] == [1.0, 0.5]  # int and float columns widen to float
+    assert list(zip(rows["__source__"], rows["__row__"], strict=True)) == [(jsonl, 1), (str(parquet), 1)]
+
+
+def test_sources_with_different_columns_are_an_error(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", PAIRS[:1])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"question": "x", "chosen": "y", "rejected": "z"}])
+    with pytest.raises(
+        DataError,
+        match=r"different columns: .*a\.jsonl has prompt, chosen, rejected; .*b\.jsonl has question",
+    ):
+        load_rows([first, second])
+
+
+def test_column_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "good": "g", "bad": "b"}])
+    rows = load_rows([path], columns={"question": "prompt", "good": "chosen", "bad": "rejected"})
+    assert visible(rows) == [{"prompt": "q", "chosen": "g", "rejected": "b"}]
+    with pytest.raises(
+        DataError,
+        match=r"a\.jsonl: data\.columns maps 'questoin' -> 'prompt', but there is no column 'questoin'; columns present: question, good, bad",
+    ):
+        load_rows([path], columns={"questoin": "prompt"})
+
+
+def test_missing_file_and_unreadable_files(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.jsonl: file not found .*data\.path"):
+        load_rows([str(tmp_path / "missing.jsonl")])
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: not valid JSON"):
+        load_rows([str(bad_json)])
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
+        load_rows([str(bad_parquet)])
+    bad_gzip = tmp_path / "bad.jsonl.gz"
+    bad_gzip.write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz: cannot be read \(BadGzipFile"):
+        load_rows([str(bad_gzip)])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"folder: this folder was not written by datasets\.save_to_disk"):
+        load_rows([str(tmp_path / "folder")])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.txt: unsupported file type \.txt"):
+        load_rows([str(text)])
+
+
+def test_row_whose_type_differs_from_earlier_rows(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [PAIRS[0], PAIRS[1], {**PAIRS[2], "chosen": ["x"]}])
+    with pytest.raises(
+        DataError, match=r"a\.jsonl, line 3, column 'chosen': value \['x'\] does not have the same type"
+    ):
+        load_rows([path])
+
+
+def test_hub_name_failure_says_offline(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(
+        DataError, match=r"'someone/prefs' is not an existing file or folder.*ConnectionError.*network access"
+    ):
+        load_rows(["someone/prefs"])
+
+
+def test_hub_name_loads_with_split(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(PAIRS)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = load_rows(["someone/prefs"], split="test")
+    assert calls == [("someone/prefs", "test")]
+    assert rows["__source__"][0] == "someone/prefs" and rows["__row__"] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def numbered(count):
+    return [{"prompt": f"q{index}", "chosen": "a", "rejected": "b"} for index in range(count)]
+
+
+def test_eval_fraction_split_is_seeded_and_disjoint(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", numbered(20))
+    config = DataConfig(path=[path], eval_fraction=0.25, seed=3)
+    train, evaluation = load_splits(config)
+    again_train, again_eval = load_splits(config)
+    assert len(train) == 15 and len(evaluation) == 5
+    assert evaluation["prompt"] == again_eval["prompt"] and train["prompt"] == again_train["prompt"]
+    assert not set(train["prompt"]) & set(evaluation["prompt"])
+    _, other_seed_eval = load_splits(DataConfig(path=[path], eval_fraction=0.25, seed=4))
+    assert other_seed_eval["prompt"] != evaluation["prompt"]
+
+
+def test_eval_path_and_max_samples(tmp_path):
+    train_path = write_jsonl(tmp_path / "train.jsonl", numbered(10))
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", numbered(6))
+    config = DataConfig(path=[train_path], eval_path=[eval_path], max_samples=4, max_eval_samples=2, seed=1)
+    train, evaluation = load_splits(config)
+    assert len(train) == 4 and len(evaluation) == 2
+    assert train["prompt"] == load_splits(config)[0]["prompt"]  # same seed, same subset
+    assert train["prompt"] != [f"q{index}" for index in range(4)]  # shuffled before taking
+    train_all, no_eval = load_splits(DataConfig(path=[train_path]))
+    assert train_all["prompt"] == [f"q{index}" for index in range(10)] and no_eval is None
+
+
+def test_in_memory_dataset_and_builtin(tmp_path):
+    dataset = datasets.Dataset.from_list(
+        [{"q": row["prompt"], "chosen": "a", "rejected": "b"} for row in PAIRS]
+    )
+    train, evaluation = load_splits(DataConfig(columns={"q": "prompt"}), dataset=dataset)
+    assert train["prompt"] == ["1+1=", "2+2=", "3+3="] and evaluation is None
+    assert train["__source__"] == ["dataset"] * 3
+    with pytest.raises(DataError, match=r"'builtin' names the built-in task"):
+        load_splits(DataConfig())
+
+
+def test_split_config_errors(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", numbered(2))
+    with pytest.raises(ConfigError, match=r"eval_fraction"):
+        load_splits(DataConfig(path=[path], eval_fraction=1.5))
+    with pytest.raises(DataError, match=r"leaves no training rows"):
+        load_splits(DataConfig(path=[path], eval_fraction=0.9))
+    with pytest.raises(ConfigError, match=r"max_samples"):
+        load_splits(DataConfig(path=[path], max_samples=0))
+
+
+# ----------------------------------------------------------------------------- formats: validation errors
+
+
+def rows_from(tmp_path, rows, name="d.jsonl"):
+    return load_rows([write_jsonl(tmp_path / name, rows)])
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_missing_column_lists_columns_and_suggests_mapping(tmp_path):
+    rows = rows_from(tmp_path, [{"prompt": "p", "good": "g", "bad": "b"}])
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl: preference data needs column\(s\) 'chosen', 'rejected', which are missing; "
+        r"columns present: prompt, good, bad\. Rename yours with data\.columns",
+    ):
+        normalize_preference(rows)
+    with pytest.raises(DataError, match=r"SFT data needs column\(s\) 'completion'"):
+        normalize_sft(rows)
+
+
+def test_wrong_type(tmp_path):
+    rows = rows_from(tmp_path, [PAIRS[0], {"prompt": "p", "chosen": None, "rejected": "r"}])
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl, line 2, column 'chosen': expected a string or a list of \{role, content\} messages, got null",
+    ):
+        normalize_preference(rows)
+    rows = rows_from(tmp_path, [{"prompt": "p", "chosen": 5, "rejected": 6}], name="numbers.jsonl")
+    with pytest.raises(DataError, match=r"numbers\.jsonl, line 1, column 'chosen': .*got int 5"):
+        normalize_preference(rows)
+
+
+def test_empty_completion(tmp_path):
+    rows = rows_from(tmp_path, [PAIRS[0], {"prompt": "p", "chosen": "c", "rejected": "  "}])
+    with pytest.raises(DataError, match=r"d\.jsonl, line 2, column 'rejected': empty completion"):
+        normalize_preference(rows)
+    conversation = rows_from(tmp_path, [{"messages": [user("hi"), assistant("")]}], name="sft.jsonl")
+    with pytest.raises(DataError, match=r"sft\.jsonl, line 1, column 'messages': empty completion"):
+        normalize_sft(conversation)
+
+
+def test_chosen_identical_to_rejected(tmp_path):
+    rows = rows_from(tmp_path, [{"prompt": "p", "chosen": "same", "rejected": "same"}])
+    with pytest.raises(
+        DataError, match=r"d\.jsonl, line 1, column 'rejected': chosen and rejected are identical"
+    ):
+        normalize_preference(rows)
+    implicit = [{"chosen": [user("q"), assistant("a")], "rejected": [user("q"), assistant("a")]}]
+    with pytest.raises(DataError, match=r"row 1, column 'rejected': chosen and rejected are identical"):
+        normalize_preference(implicit)
+
+
+def test_bad_role_and_missing_content(tmp_path):
+    bad_role = rows_from(
+        tmp_path, [{"prompt": [user("q"), {"role": "bot", "content": "x"}], "chosen": "a", "rejected": "b"}]
+    )
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl, line 1, column 'prompt', message 2: role 'bot' is not one of system, user, assistant, tool",
+    ):
+        normalize_preference(bad_role)
+    # Arrow fills the missing key with null; that still reads as missing content.
+    no_content = rows_from(
+        tmp_path,
+        [{"prompt": [user("q")], "chosen": [assistant("a")], "rejected": [{"role": "assistant"}]}],
+        name="c.jsonl",
+    )
+    with pytest.raises(
+        DataError, match=r"c\.jsonl, line 1, column 'rejected', message 1 \(assistant\): missing 'content'"
+    ):
+        normalize_preference(no_content)
+
+
+def test_normalize_preference_mixed_forms_and_margin():
+    rows = normalize_preference([{"prompt": "q", "chosen": [assistant("a")], "rejected": "b", "margin": 2}])
+    assert rows == [
+        {
+            "prompt": [user("q")],
+            "chosen": [assistant("a")],
+            "rejected": [assistant("b")],
+            "margin": 2.0,
+            "__source__": "dataset",
+            "__row__": 1,
+        }
+    ]
+    with pytest.raises(DataError, match=r"row 1, column 'margin': expected a finite number, got 'big'"):
+        normalize_preference([{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}])
+
+
+# ----------------------------------------------------------------------------- implicit prompt
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "expected"),
+    [
+        ("Q: 2+2? A: 4", "Q: 2+2? A: 5", ("Q: 2+2? A:", " 4", " 5")),  # cut before the last whitespace
+        ("I like cats", "I like cars", ("I like", " cats", " cars")),  # never inside a word
+        ("x=12", "x=15", ("x=1", "2", "5")),  # no whitespace: the whole common prefix
+        ("abc", "xyz", ("", "abc", "xyz")),  # nothing shared: empty prompt
+    ],
+)
+def test_implicit_prompt_strings(chosen, rejected, expected):
+    assert split_implicit_prompt(chosen, rejected) == expected
+
+
+def test_implicit_prompt_messages():
+    chosen = [user("q"), assistant("a"), user("q2"), assistant("good")]
+    rejected = [user("q"), assistant("a"), user("q2"), assistant("bad")]
+    assert split_implicit_prompt(chosen, rejected) == (chosen[:3], chosen[3:], rejected[3:])
+    # Differing at a user turn: back up so the completions start with the assistant speaking.
+    other = [user("q"), assistant("a"), user("other"), assistant("x")]
+    assert split_implicit_prompt(chosen, other) == (chosen[:1], chosen[1:], other[1:])
+
+
+def test_normalize_preference_without_prompt_column(tmp_path):
+    rows = rows_from(
+        tmp_path, [{"chosen": [user("q"), assistant("yes")], "rejected": [user("q"), assistant("no")]}]
+    )
+    normalized = normalize_preference(rows)
+    assert normalized[0]["prompt"] == [user("q")]
+    assert normalized[0]["chosen"] == [assistant("yes")] and normalized[0]["rejected"] == [assistant("no")]
+
+
+# ----------------------------------------------------------------------------- SFT and prompt-only
+
+
+def test_sft_from_messages_and_columns():
+    from_messages = normalize_sft(
+        [{"messages": [{"role": "system", "content": "s"}, user("q"), assistant("a")]}]
+    )
+    assert from_messages[0]["prompt"] == [{"role": "system", "content": "s"}, user("q")]
+    assert from_messages[0]["completion"] == [assistant("a")]
+    assert normalize_sft([{"prompt": "q", "completion": "a"}])[0]["completion"] == "a"
+    with pytest.raises(
+        DataError, match=r"row 1, column 'messages': expected a conversation that ends with an assistant turn"
+    ):
+        normalize_sft([{"messages": [user("q")]}])
+
+
+def test_prompt_only_keeps_extra_columns():
+    rows = normalize_prompts([{"prompt": "2+2=", "answer": "4", "level": 1}])
+    assert rows[0]["answer"] == "4" and rows[0]["level"] == 1
+    with pytest.raises(
+        DataError, match=r"prompt-only data needs column\(s\) 'prompt'.*columns present: question"
+    ):
+        normalize_prompts([{"question": "x"}])
+    with pytest.raises(DataError, match=r"row 1, column 'prompt': empty prompt"):
+        normalize_prompts([{"prompt": ""}])
