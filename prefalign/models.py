@@ -1,0 +1,209 @@
+"""Loading and saving models: policy, reference (LoRA adapters off), sequence classifiers; HF folders out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from prefalign.config import ModelConfig
+from prefalign.errors import ModelError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls are hundreds of times slower than fp32 on most CPUs.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`builtin` means the built-in task's base model, built (or reused from the cache) on demand."""
+    if name_or_path == "builtin":
+        from prefalign.tasks.base import ensure_base_model
+
+        return str(ensure_base_model())
+    return name_or_path
+
+
+def _explain_load_failure(kind: str, path: str, error: Exception) -> ModelError:
+    where = "a local folder" if Path(path).exists() else "a hub name (needs network) or a local folder"
+    return ModelError(
+        f"could not load the {kind} from {path!r} (read as {where}): {type(error).__name__}: {error}. "
+        "Point model.name_or_path at a folder saved with save_pretrained (config.json, weights, tokenizer files)."
+    )
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one actionable message
+        raise _explain_load_failure("tokenizer", path, error) from error
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked, so reusing EOS as pad changes no result.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(config: ModelConfig, *, trainable: bool = True):
+    """(model, tokenizer) on the configured device and dtype, with LoRA adapters when asked."""
+    path = resolve_model_path(config.name_or_path)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as error:  # noqa: BLE001
+        raise _explain_load_failure("causal language model", path, error) from error
+    return prepare_model(model, config, device, trainable=trainable), tokenizer
+
+
+def load_sequence_classifier(config: ModelConfig, *, num_labels: int = 1, trainable: bool = True):
+    """(model, tokenizer) with a scalar head, e.g. a reward model."""
+    path = resolve_model_path(config.name_or_path)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
+            dtype=resolve_dtype(config.dtype, device),
+            trust_remote_code=config.trust_remote_code,
+        )
+    except Exception as error:  # noqa: BLE001
+        raise _explain_load_failure("sequence-classification model", path, error) from error
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return prepare_model(model, config, device, trainable=trainable, task_type="SEQ_CLS"), tokenizer
+
+
+def prepare_model(model, config: ModelConfig, device: torch.device, *, trainable: bool, task_type: str = "CAUSAL_LM"):
+    model.to(device)
+    # Dropout off everywhere: RL and preference losses compare log-probs across passes.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.lora:
+        model = apply_lora(model, config, task_type=task_type)
+    model.train()
+    return model
+
+
+def apply_lora(model, config: ModelConfig, *, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = config.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type=task_type,
+    )
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config)
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """The frozen reference of a LoRA policy is the same network with its adapters switched off."""
+    if not is_peft_model(model):
+        raise ModelError("reference_mode needs a LoRA (peft) model; load a separate reference model otherwise")
+    with model.disable_adapter():
+        yield model
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def count_parameters(model, *, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:
+    total = 0
+    seen: set[int] = set()
+    embedding_ids = set()
+    if exclude_embeddings:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                embedding_ids.add(id(module.weight))
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if output is not None:
+            embedding_ids.add(id(output.weight))
+    for parameter in model.parameters():
+        if id(parameter) in seen or id(parameter) in embedding_ids:
+            continue
+        if trainable_only and not parameter.requires_grad:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    return total
+
+
+def model_card(title: str, lines: dict[str, Any]) -> str:
+    body = "\n".join(f"- **{key}**: {value}" for key, value in lines.items())
+    return f"---\nlibrary_name: transformers\ntags: [prefalign]\n---\n\n# {title}\n\nTrained with prefalign.\n\n{body}\n"
+
+
+def save_model(model, tokenizer, out_dir: str | Path, *, card: str | None = None, merge_lora: bool = False, extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a Hugging Face folder atomically (temporary folder, then rename).
+
+    For a LoRA model the folder holds the adapter; with `merge_lora` a full merged model is written to
+    `<out_dir>/merged` as well. `extra_files` (name -> JSON-able object) are written beside the weights.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if is_peft_model(model) and merge_lora:
+            merged = _merged_copy(model)
+            merged.save_pretrained(staging / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(staging / "merged")
+        if card:
+            (staging / "README.md").write_text(card)
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_text(json.dumps(content, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _merged_copy(peft_model):
+    """A merged full model without touching the live adapter-carrying one."""
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
