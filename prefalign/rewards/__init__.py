@@ -1,0 +1,17 @@
+"""Reward functions and scorers.
+
+A reward function has the signature TRL users already have:
+`fn(prompts, completions, **columns) -> list[float | None]`, dataset columns (such as `answer`) passed by
+name; None means "not applicable to this sample". Functions are looked up by name here, or given as an
+import path `package.module:function`.
+"""
+
+from prefalign.rewards.functions import (
+    REWARD_FUNCTIONS,
+    RewardFunction,
+    WeightedRewards,
+    get_reward_function,
+    register_reward_function,
+)
+
+__all__ = ["REWARD_FUNCTIONS", "RewardFunction", "WeightedRewards", "get_reward_function", "register_reward_function"]

@@ -1,0 +1,106 @@
+"""Supervised fine-tuning: maximise the log-likelihood of completions given prompts.
+
+The SFT runtime also builds the built-in base model, which proves the shared runtime before DPO and RL
+stand on it. Loss: summed completion-token NLL / completion tokens in the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.data import collate_sft, tokenize_sft
+from prefalign.models import load_causal_lm, model_card, save_model
+from prefalign.train.common import log_stats, resolve_rows
+from prefalign.train.forward import completion_logps, count_tokens
+from prefalign.train.runtime import LossOutput, TrainResult, prepare_run_dir, seed_everything, set_threads, train_on_examples
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = option(help="The model to fine-tune.", factory=ModelConfig)
+    data: DataConfig = option(help="prompt/completion or messages rows.", factory=DataConfig)
+    train: TrainConfig = option(help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5))
+
+
+def _builtin_sft(split: str):
+    from prefalign.tasks.arithmetic import sft_dataset
+
+    return sft_dataset(split)
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
+    scored = completion_logps(model, batch)
+    nll = -scored.token_logps.sum()
+    return LossOutput(loss_sum=nll, metrics={}, tokens=count_tokens(batch))
+
+
+def completion_tokens(batch: dict[str, torch.Tensor]) -> float:
+    return float(batch["completion_mask"].sum())
+
+
+def make_evaluator(examples, pad_token_id: int, batch_size: int):
+    """Held-out mean token NLL of completions."""
+
+    @torch.no_grad()
+    def evaluate(model) -> dict[str, float]:
+        model.eval()
+        total, tokens = 0.0, 0.0
+        for start in range(0, len(examples), batch_size):
+            batch = collate_sft(examples[start:start + batch_size], pad_token_id)
+            scored = completion_logps(model, batch)
+            total -= float(scored.token_logps.sum())
+            tokens += float(scored.mask.sum())
+        return {"loss": total / max(tokens, 1.0)}
+
+    return evaluate
+
+
+def sft(config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True) -> TrainResult:
+    """Run SFT as configured; returns the training result (the model is saved to <run>/final)."""
+    set_threads(config.train.num_threads)
+    seed_everything(config.train.seed)
+    run_dir = prepare_run_dir(config, "sft")
+    if model is None:
+        model, tokenizer = load_causal_lm(config.model)
+    train_rows, eval_rows = resolve_rows(config.data, builtin=_builtin_sft, dataset=dataset, eval_dataset=eval_dataset)
+    train_data, stats = tokenize_sft(train_rows, tokenizer, config.data)
+    data_stats = {"train": log_stats("train", stats)}
+    examples = train_data.to_list()
+    evaluate = None
+    if eval_rows is not None:
+        eval_data, eval_stats = tokenize_sft(eval_rows, tokenizer, config.data)
+        data_stats["eval"] = log_stats("eval", eval_stats)
+        evaluate = make_evaluator(eval_data.to_list(), tokenizer.pad_token_id, config.train.batch_size)
+    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
+    result = train_on_examples(
+        model=model,
+        examples=examples,
+        collate=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
+        loss_fn=sft_loss,
+        units_of=completion_tokens,
+        config=config.train,
+        run_dir=run_dir,
+        evaluate=evaluate,
+        description="sft",
+    )
+    if save:
+        card = model_card("SFT model", _card_lines(config, result))
+        save_model(model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora)
+    return result
+
+
+def _card_lines(config: SFTConfig, result: TrainResult) -> dict[str, Any]:
+    last = next((m for m in reversed(result.metrics) if "loss" in m), {})
+    return {
+        "method": "supervised fine-tuning (completion-token NLL)",
+        "base model": config.model.name_or_path,
+        "data": ", ".join(config.data.path),
+        "steps": result.step,
+        "learning rate": config.train.learning_rate,
+        "final train loss": f"{last.get('loss', float('nan')):.4f}",
+    }
