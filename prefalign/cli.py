@@ -1,0 +1,101 @@
+"""`prefalign <command> [--config file.yaml] [--key value ...]`: a thin layer over the Python API.
+
+Each command is a function taking its config dataclass; this file only parses arguments into that
+config. Commands are imported lazily so `prefalign env` and `--help` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+from prefalign.config import help_text, load_config
+from prefalign.errors import PrefalignError
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    function: str
+    config: str
+    summary: str
+
+    def load(self):
+        module = importlib.import_module(self.module)
+        return getattr(module, self.function), getattr(module, self.config)
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command("prefalign.train.sft", "sft", "SFTConfig", "supervised fine-tuning on prompt/completion data"),
+    "base": Command("prefalign.tasks.base", "base", "BaseConfig", "build (or reuse) the built-in task's tiny base model"),
+    "eval": Command("prefalign.eval", "evaluate", "EvalConfig", "accuracy, pass@k and KL of a model on a prompt set"),
+    "demo": Command("prefalign.demo", "demo", "DemoConfig", "the whole stage on the built-in task, with a report"),
+    "env": Command("prefalign.env", "env", "EnvConfig", "versions and hardware, for bug reports"),
+}
+
+USAGE = "usage: prefalign <command> [--config FILE.yaml] [--key value ...]   (prefalign <command> --help lists every key)"
+
+
+def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], bool]:
+    """--config path, {key: raw string}, and whether --help was asked. A bare --flag means true."""
+    config_path, overrides, wants_help = None, {}, False
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if argument in ("-h", "--help"):
+            wants_help = True
+            index += 1
+            continue
+        if not argument.startswith("--"):
+            raise PrefalignError(f"unexpected argument {argument!r}: options look like --key value. {USAGE}")
+        key, has_value, value = argument[2:].partition("=")
+        if not has_value:
+            if index + 1 < len(arguments) and not arguments[index + 1].startswith("--"):
+                value = arguments[index + 1]
+                index += 1
+            else:
+                value = "true"
+        if key == "config":
+            config_path = value
+        else:
+            overrides[key] = value
+        index += 1
+    return config_path, overrides, wants_help
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0] in ("-h", "--help", "help"):
+        print(USAGE + "\n\ncommands:")
+        for name, command in COMMANDS.items():
+            print(f"  {name:<12} {command.summary}")
+        return 0
+    name, rest = arguments[0], arguments[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"prefalign: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "") + f"\n{USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        function, config_class = COMMANDS[name].load()
+        config_path, overrides, wants_help = parse_overrides(rest)
+        if wants_help:
+            print(f"prefalign {name}: {COMMANDS[name].summary}\n\noptions:\n{help_text(config_class)}")
+            return 0
+        config = load_config(config_class, config_path, overrides, from_string=True)
+        function(config)
+    except PrefalignError as error:
+        print(f"prefalign {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prefalign {name}: interrupted; checkpoints already written are whole", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
