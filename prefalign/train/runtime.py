@@ -223,6 +223,7 @@ class MetricsLogger:
     """metrics.jsonl in the run folder, a tqdm progress bar, and optional accelerate trackers."""
 
     def __init__(self, run_dir: Path, total_steps: int, config: TrainConfig, *, initial_step: int = 0, description: str = "train"):
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
         self.progress = None
