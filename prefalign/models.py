@@ -36,13 +36,20 @@ def resolve_model_path(name_or_path: str) -> str:
         from prefalign.tasks.base import ensure_base_model
 
         return str(ensure_base_model())
+    folder = Path(name_or_path)
+    if folder.is_dir() and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+        raise ModelError(
+            f"model folder {name_or_path!r} has no config.json: it is not a Hugging Face model folder. "
+            "Point model.name_or_path at a folder written by save_pretrained (config.json, weights, tokenizer files)."
+        )
     return name_or_path
 
 
 def _explain_load_failure(kind: str, path: str, error: Exception) -> ModelError:
     where = "a local folder" if Path(path).exists() else "a hub name (needs network) or a local folder"
+    detail = " ".join(str(error).split())[:300]
     return ModelError(
-        f"could not load the {kind} from {path!r} (read as {where}): {type(error).__name__}: {error}. "
+        f"could not load the {kind} from {path!r} (read as {where}): {type(error).__name__}: {detail}. "
         "Point model.name_or_path at a folder saved with save_pretrained (config.json, weights, tokenizer files)."
     )
 
