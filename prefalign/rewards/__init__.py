@@ -8,10 +8,22 @@ import path `package.module:function`.
 
 from prefalign.rewards.functions import (
     REWARD_FUNCTIONS,
+    GroupScores,
+    RewardFailure,
     RewardFunction,
     WeightedRewards,
+    describe_failures,
     get_reward_function,
     register_reward_function,
 )
 
-__all__ = ["REWARD_FUNCTIONS", "RewardFunction", "WeightedRewards", "get_reward_function", "register_reward_function"]
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "GroupScores",
+    "RewardFailure",
+    "RewardFunction",
+    "WeightedRewards",
+    "describe_failures",
+    "get_reward_function",
+    "register_reward_function",
+]

@@ -1,8 +1,22 @@
-"""The registry of reward functions and their weighted combination."""
+"""The registry of reward functions, their weighted combination, and scoring of sample groups.
+
+A reward function (or any scorer, such as a reward model) is a callable with TRL's signature,
+`fn(prompts, completions, **columns) -> list[float | None]`. Rules every caller relies on:
+
+- None means "not applicable to this sample": it is left out of the weighted sum, as in TRL. A sample
+  where every scorer returned None has no score (it is counted, never scored 0).
+- A scorer that raises, returns NaN / inf, or returns something that is not a number fails for that
+  sample only: the failure names the scorer, the prompt index and the reason, the sample gets no score,
+  and the other samples keep theirs. When a call over the whole batch raises, the scorer is called again
+  one sample at a time to find which samples fail.
+- A scorer only receives the columns its signature names (all of them when it takes `**kwargs`), so a
+  plain `fn(prompts, completions, answer)` works next to TRL-style functions.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,15 +53,41 @@ class RewardFailure:
     """A sample whose reward could not be computed: it is dropped and counted, never scored 0."""
 
     function: str
-    prompt_index: int
+    prompt_index: int  # the prompt's row (for a flat call: the position in the call)
     reason: str
+    sample_index: int | None = None  # which of that prompt's samples, when scoring groups
+
+    def describe(self) -> str:
+        sample = f", sample {self.sample_index}" if self.sample_index is not None else ""
+        return f"reward function {self.function!r} on prompt {self.prompt_index}{sample}: {self.reason}"
+
+
+def describe_failures(failures: Sequence[RewardFailure], limit: int = 5) -> str:
+    """'3 samples failed: <first few>' for logs and error messages."""
+    shown = "; ".join(failure.describe() for failure in failures[:limit])
+    more = f"; and {len(failures) - limit} more" if len(failures) > limit else ""
+    return f"{len(failures)} reward failure(s) (samples dropped, not scored 0): {shown}{more}"
+
+
+@dataclass
+class GroupScores:
+    """Scores of n samples per prompt. Every list is indexed [prompt][sample]."""
+
+    scores: list[list[float | None]]  # weighted total; None = no score (failed, or every scorer returned None)
+    per_function: dict[str, list[list[float | None]]]
+    failures: list[RewardFailure]
+    failed: list[list[bool]]  # True where a scorer failed on that sample
 
 
 @dataclass
 class WeightedRewards:
-    """Several reward functions combined with weights; None results are left out of the sum (as in TRL)."""
+    """Several scorers combined with weights; None results are left out of the sum (as in TRL).
 
-    names: list[str]
+    `names` holds registry names, import paths 'module:function', or the callables themselves (a reward
+    model scorer, say); a callable is named by its `name` attribute, else its `__name__`, else its class.
+    """
+
+    names: list[Any]
     weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -57,7 +97,8 @@ class WeightedRewards:
             self.weights = [1.0] * len(self.names)
         if len(self.weights) != len(self.names):
             raise ConfigError(f"reward_weights has {len(self.weights)} values for {len(self.names)} reward functions")
-        self.functions = [get_reward_function(name) for name in self.names]
+        self.functions = [get_reward_function(name) if isinstance(name, str) else name for name in self.names]
+        self.names = [name if isinstance(name, str) else _callable_name(name) for name in self.names]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Sequence[Any]):
         """-> (total: list[float | None], per_function: dict[name, list[float | None]], failures).
@@ -67,7 +108,7 @@ class WeightedRewards:
         per_function: dict[str, list[float | None]] = {}
         failures: list[RewardFailure] = []
         for name, function in zip(self.names, self.functions, strict=True):
-            per_function[name] = self._call_one(name, function, prompts, completions, columns, failures)
+            per_function[name] = _call_one(name, function, prompts, completions, columns, failures)
         failed = {failure.prompt_index for failure in failures}
         total: list[float | None] = []
         for index in range(len(completions)):
@@ -76,29 +117,109 @@ class WeightedRewards:
             total.append(None if index in failed or not present else sum(w * v for w, v in present))
         return total, per_function, failures
 
-    @staticmethod
-    def _call_one(name, function, prompts, completions, columns, failures) -> list[float | None]:
-        try:
-            values = list(function(prompts=list(prompts), completions=list(completions), **columns))
-        except Exception:  # noqa: BLE001 - a user's function failing is reported, not fatal
-            # Call it once per sample to find which ones fail; the others keep their rewards.
-            values = [_call_single(name, function, prompts, completions, columns, i, failures) for i in range(len(completions))]
+    def score_groups(
+        self, prompts: Sequence[Any], groups: Sequence[Sequence[Any]], columns: dict[str, Sequence[Any]] | None = None
+    ) -> GroupScores:
+        """Score n completions per prompt in one call per scorer.
+
+        prompts: one per group; groups[i]: prompt i's completions; columns: one value per prompt (such as
+        `answer`), repeated for each of its completions. Failures name the prompt and sample index.
+        """
+        columns = columns or {}
+        owner = [(group_index, sample_index) for group_index, group in enumerate(groups) for sample_index in range(len(group))]
+        flat_prompts = [prompts[group_index] for group_index, _ in owner]
+        flat_completions = [completion for group in groups for completion in group]
+        flat_columns = {name: [values[group_index] for group_index, _ in owner] for name, values in columns.items()}
+        total, per_function, failures = self(flat_prompts, flat_completions, **flat_columns)
+        failed_flat = {failure.prompt_index for failure in failures}
+        for failure in failures:  # flat position -> (prompt, sample)
+            failure.prompt_index, failure.sample_index = owner[failure.prompt_index]
+        offsets = [0]
+        for group in groups:
+            offsets.append(offsets[-1] + len(group))
+
+        def regroup(values: Sequence[Any]) -> list[list[Any]]:
+            return [list(values[offsets[i] : offsets[i + 1]]) for i in range(len(groups))]
+
+        return GroupScores(
+            scores=regroup(total),
+            per_function={name: regroup(values) for name, values in per_function.items()},
+            failures=failures,
+            failed=regroup([index in failed_flat for index in range(len(flat_completions))]),
+        )
+
+
+def _callable_name(function: Any) -> str:
+    return getattr(function, "name", None) or getattr(function, "__name__", None) or type(function).__name__
+
+
+def _accepted_columns(function: Any, columns: dict[str, Sequence[Any]]) -> dict[str, Sequence[Any]]:
+    """The columns `function` declares, or all of them when it takes **kwargs (or hides its signature)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return columns
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+        return columns
+    names = {parameter.name for parameter in parameters}
+    return {name: values for name, values in columns.items() if name in names}
+
+
+def _call_one(name, function, prompts, completions, columns, failures) -> list[float | None]:
+    columns = _accepted_columns(function, columns)
+    try:
+        returned = function(prompts=list(prompts), completions=list(completions), **columns)
+        if returned is None or isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__len__"):
+            raise ConfigError(
+                f"reward function {name!r} returned {_short(returned)}; it must return a list with one value "
+                "(a number, or None for 'not applicable') per completion"
+            )
+        values = list(returned)
         if len(values) != len(completions):
-            raise ConfigError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
-        cleaned: list[float | None] = []
-        for index, value in enumerate(values):
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(float(value))):
-                failures.append(RewardFailure(name, index, f"returned {value!r}"))
-                cleaned.append(None)
-            else:
-                cleaned.append(None if value is None else float(value))
-        return cleaned
+            raise ConfigError(
+                f"reward function {name!r} returned {len(values)} values for {len(completions)} completions; "
+                "it must return one value (or None) per completion"
+            )
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a user's function failing is reported, not fatal
+        # Call it once per sample to find which ones fail; the others keep their rewards.
+        values = [_call_single(name, function, prompts, completions, columns, i, failures) for i in range(len(completions))]
+    cleaned: list[float | None] = []
+    already_failed = {failure.prompt_index for failure in failures if failure.function == name}
+    for index, value in enumerate(values):
+        if index in already_failed:
+            cleaned.append(None)
+        elif value is not None and not _is_finite_number(value):
+            failures.append(RewardFailure(name, index, f"returned {value!r}, not a finite number"))
+            cleaned.append(None)
+        else:
+            cleaned.append(None if value is None else float(value))
+    return cleaned
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A number (bools count as 0/1; numpy and 0-d torch scalars too), not NaN or inf; never a string."""
+    if isinstance(value, (str, bytes)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _call_single(name, function, prompts, completions, columns, index, failures):
     try:
         single = {key: [value[index]] for key, value in columns.items()}
-        return function(prompts=[prompts[index]], completions=[completions[index]], **single)[0]
+        values = list(function(prompts=[prompts[index]], completions=[completions[index]], **single))
+        if len(values) != 1:
+            raise ValueError(f"returned {len(values)} values for 1 completion")
+        return values[0]
     except Exception as error:  # noqa: BLE001
         failures.append(RewardFailure(name, index, f"raised {type(error).__name__}: {error}"))
         return None

@@ -1,0 +1,136 @@
+"""Scorers: weighted sums with None left out, failures dropped and counted (never scored 0), groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from prefalign.errors import ConfigError
+from prefalign.rewards import WeightedRewards, describe_failures, register_reward_function
+from prefalign.rewards.functions import REWARD_FUNCTIONS
+
+
+def ones_or_none(prompts, completions, **_):
+    return [None if completion == "skip" else 1.0 for completion in completions]
+
+
+def length_reward(prompts, completions, **_):
+    return [float(len(completion)) for completion in completions]
+
+
+def fails_on_boom(prompts, completions, **_):
+    # Raises for the whole batch whenever one completion is "boom": the per-sample retry finds which.
+    if "boom" in completions:
+        raise RuntimeError("cannot score boom")
+    return [0.5] * len(completions)
+
+
+def nan_on_bad(prompts, completions, **_):
+    return [math.nan if completion == "bad" else 2.0 for completion in completions]
+
+
+def test_weighted_sum_leaves_none_out():
+    rewards = WeightedRewards([ones_or_none, length_reward], [2.0, 0.5])
+    total, per_function, failures = rewards(["p"] * 3, ["ab", "skip", "abcd"])
+    # "ab": 2*1 + 0.5*2 = 3; "skip": only the length term 0.5*4 = 2; "abcd": 2*1 + 0.5*4 = 4.
+    assert total == [3.0, 2.0, 4.0]
+    assert per_function["ones_or_none"] == [1.0, None, 1.0]
+    assert failures == []
+
+
+def test_all_none_means_no_score_not_zero():
+    rewards = WeightedRewards([ones_or_none])
+    total, _, failures = rewards(["p", "p"], ["skip", "x"])
+    assert total == [None, 1.0]
+    assert failures == []
+
+
+def test_raising_function_drops_only_the_failing_sample():
+    rewards = WeightedRewards([fails_on_boom, length_reward])
+    total, per_function, failures = rewards(["p"] * 3, ["a", "boom", "abc"])
+    # The failing sample has no score at all, even though length_reward worked for it.
+    assert total == [1.5, None, 3.5]
+    assert per_function["fails_on_boom"] == [0.5, None, 0.5]
+    assert len(failures) == 1
+    assert failures[0].function == "fails_on_boom" and failures[0].prompt_index == 1
+    assert "RuntimeError: cannot score boom" in failures[0].reason
+
+
+def test_nan_and_non_numbers_are_failures():
+    def strings(prompts, completions, **_):
+        return ["1.0" if completion == "text" else 1.0 for completion in completions]
+
+    total, _, failures = WeightedRewards([nan_on_bad])(["p", "p"], ["bad", "good"])
+    assert total == [None, 2.0]
+    assert [failure.prompt_index for failure in failures] == [0]
+    assert "nan" in failures[0].reason
+    total, _, failures = WeightedRewards([strings])(["p", "p"], ["text", "x"])
+    assert total == [None, 1.0] and len(failures) == 1
+
+
+def test_bools_count_as_zero_and_one():
+    def is_long(prompts, completions, **_):
+        return [len(completion) > 2 for completion in completions]
+
+    total, _, failures = WeightedRewards([is_long], [3.0])(["p", "p"], ["abc", "a"])
+    assert total == [3.0, 0.0] and failures == []
+
+
+def test_wrong_length_or_none_is_a_config_error():
+    def too_few(prompts, completions, **_):
+        return [1.0]
+
+    def returns_none(prompts, completions, **_):
+        return None
+
+    with pytest.raises(ConfigError, match="returned 1 values for 2 completions"):
+        WeightedRewards([too_few])(["p", "p"], ["a", "b"])
+    with pytest.raises(ConfigError, match="returned None"):
+        WeightedRewards([returns_none])(["p"], ["a"])
+
+
+def test_columns_follow_the_signature():
+    seen = {}
+
+    def plain(prompts, completions, answer):  # no **kwargs: extra columns must not be passed
+        seen["answer"] = answer
+        return [float(completion == expected) for completion, expected in zip(completions, answer, strict=True)]
+
+    total, _, failures = WeightedRewards([plain])(["p", "p"], ["3", "4"], answer=["3", "5"], difficulty=[1, 2])
+    assert total == [1.0, 0.0] and failures == []
+    assert seen["answer"] == ["3", "5"]
+
+
+def test_registry_and_import_path():
+    register_reward_function("test_length", length_reward)
+    try:
+        total, _, _ = WeightedRewards(["test_length", "tests.test_rewards:ones_or_none"])(["p"], ["abc"])
+        assert total == [4.0]
+    finally:
+        REWARD_FUNCTIONS.pop("test_length")
+    with pytest.raises(ConfigError, match="unknown reward function 'nope'"):
+        WeightedRewards(["nope"])
+    with pytest.raises(ConfigError, match="2 values for 1 reward functions"):
+        WeightedRewards(["exact_match"], [1.0, 2.0])
+
+
+def test_score_groups_names_prompt_and_sample():
+    rewards = WeightedRewards([fails_on_boom, nan_on_bad])
+    groups = [["a", "b", "c"], ["d", "bad", "boom"]]
+    scored = rewards.score_groups(["p0", "p1"], groups, {"answer": ["1", "2"]})
+    # fails_on_boom 0.5 + nan_on_bad 2.0 = 2.5 for the good samples.
+    assert scored.scores == [[2.5, 2.5, 2.5], [2.5, None, None]]
+    assert scored.failed == [[False, False, False], [False, True, True]]
+    where = sorted((f.function, f.prompt_index, f.sample_index) for f in scored.failures)
+    assert where == [("fails_on_boom", 1, 2), ("nan_on_bad", 1, 1)]
+    text = describe_failures(scored.failures)
+    assert text.startswith("2 reward failure(s)") and "prompt 1, sample 2" in text
+
+
+def test_score_groups_repeats_columns_per_sample():
+    def match(prompts, completions, answer, **_):
+        return [float(completion == expected) for completion, expected in zip(completions, answer, strict=True)]
+
+    scored = WeightedRewards([match]).score_groups(["x", "y"], [["1", "2"], ["2", "2", "3"]], {"answer": ["1", "3"]})
+    assert scored.scores == [[1.0, 0.0], [0.0, 0.0, 1.0]]
