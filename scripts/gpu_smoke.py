@@ -1,0 +1,106 @@
+"""GPU smoke test: a few steps of each command on CUDA with bf16, for when a GPU machine is lent.
+
+    python scripts/gpu_smoke.py [--out DIR]
+
+Each check runs on its own and reports PASS/FAIL with the error; the exit code is the number of failures.
+Commands that do not exist yet in this checkout are reported as SKIP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+
+def check_cuda() -> str:
+    import torch
+
+    assert torch.cuda.is_available(), "CUDA is not available"
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    tflops = 20 * 2 * 2048**3 / (time.perf_counter() - started) / 1e12
+    return f"{torch.cuda.get_device_name()} bf16 matmul {tflops:.0f} TFLOP/s"
+
+
+def small_train(output_dir: Path, **train):
+    from prefalign.config import TrainConfig
+
+    return TrainConfig(output_dir=str(output_dir), max_steps=3, batch_size=8, progress=False, overwrite=True, **train)
+
+
+def check_sft(out: Path) -> str:
+    from prefalign.train.sft import SFTConfig, sft
+
+    config = SFTConfig(train=small_train(out / "sft", learning_rate=1e-4))
+    config.data.max_samples = 64
+    result = sft(config)
+    return f"{result.step} steps, loss {result.metrics[-1].get('loss', result.metrics[-2].get('loss')):.3f}"
+
+
+def check_generation(out: Path) -> str:
+    from prefalign.config import ModelConfig
+    from prefalign.generation import LocalEngine, SamplingParams
+    from prefalign.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(ModelConfig(), trainable=False)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "12+34"}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    samples = LocalEngine(model, tokenizer).generate([ids] * 4, SamplingParams(n=8, max_new_tokens=8, seed=0))
+    return f"{sum(len(s) for s in samples)} samples on {next(model.parameters()).device}, dtype {next(model.parameters()).dtype}"
+
+
+def check_command(module: str, function: str, config_class: str, configure) -> str:
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError:
+        return "SKIP"
+    config = getattr(loaded, config_class)()
+    configure(config)
+    result = getattr(loaded, function)(config)
+    return f"ran: {type(result).__name__}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="prefalign-gpu-"))
+
+    def limit(config, name: str, **train) -> None:
+        config.train = small_train(out / name, **train)
+        config.data.max_samples = 64
+
+    checks = {
+        "cuda": check_cuda,
+        "env": lambda: importlib.import_module("prefalign.env").env() and "ok",
+        "generation": lambda: check_generation(out),
+        "sft": lambda: check_sft(out),
+        "dpo": lambda: check_command("prefalign.train.dpo", "dpo", "DPOConfig", lambda c: limit(c, "dpo")),
+        "reward": lambda: check_command("prefalign.train.reward_model", "train_reward_model", "RewardConfig", lambda c: limit(c, "reward")),
+        "grpo": lambda: check_command("prefalign.train.grpo", "grpo", "GRPOConfig", lambda c: limit(c, "grpo")),
+    }
+    failures = 0
+    for name, check in checks.items():
+        started = time.perf_counter()
+        try:
+            message = check()
+            status = "SKIP" if message == "SKIP" else "PASS"
+        except Exception as error:  # noqa: BLE001 - report every failure and go on
+            status, message = "FAIL", f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+            failures += 1
+        print(f"[{status}] {name} ({time.perf_counter() - started:.1f} s): {message}", flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
