@@ -6,6 +6,7 @@ name; None means "not applicable to this sample". Functions are looked up by nam
 import path `package.module:function`.
 """
 
+from prefalign.rewards import math as _math_rewards  # noqa: F401 - registers math_answer, format, length_penalty, ...
 from prefalign.rewards.functions import (
     REWARD_FUNCTIONS,
     GroupScores,

@@ -1,0 +1,189 @@
+"""Math-answer, format and length reward functions; the math reward on real GSM8K references."""
+
+from __future__ import annotations
+
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from prefalign.rewards import WeightedRewards, get_reward_function
+from prefalign.rewards.math import (
+    extract_final_answer,
+    format_reward,
+    length_penalty,
+    make_overlong_reward,
+    math_answer_reward,
+    math_answer_strict_reward,
+    parse_number,
+    think_format_reward,
+)
+
+
+def math_reward(completion, answer):
+    return math_answer_reward(["q"], [completion], [answer])[0]
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "She makes 9 * 2 = $18 every day.\n#### 18",
+        "#### 18.0",
+        "The answer is 18.",
+        "so the final answer is $18.00",
+        "Answer: 18 dollars",
+        "Step one.\nA: 18",
+        "We get \\boxed{18}.",
+        "<think>9*2</think><answer>18</answer>",
+        "9 times 2 gives 18",  # no marker: the last number
+    ],
+)
+def test_math_answer_formats_score_correct(completion):
+    assert math_reward(completion, "18") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        ("#### 70,000", "70000"),
+        ("The answer is $70000", "70,000"),
+        ("#### 1,450,000", "1450000"),
+        ("\\boxed{\\frac{3}{4}}", "0.75"),
+        ("\\boxed{\\dfrac{1}{2}}", "1/2"),
+        ("The answer is 3/4", "0.75"),
+        ("#### -5", "-5"),
+        ("The answer is \u22125", "-5"),  # typographic minus
+        ("\\boxed{-12}", "-12.0"),
+        ("A: 0.5", ".5"),
+        ("#### 50%", "50"),
+        ("It costs 3 + 4 = 7 dollars.\n#### 7", "Reference: 3 + 4 = <<3+4=7>>7\n#### 7"),  # whole solution as answer
+    ],
+)
+def test_numbers_compare_robustly(completion, answer):
+    assert math_reward(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        ("#### 19", "18"),
+        ("#### -18", "18"),
+        ("The answer is 1.8", "18"),
+        ("\\boxed{18} was wrong, so \\boxed{19}", "18"),  # the last box counts
+        ("I computed 18 first.\n#### 17", "18"),  # the marker wins over earlier numbers
+        ("#### 1,800", "18"),
+        ("no number at all", "18"),
+        ("cut off inside \\boxed{1", "18"),  # unbalanced box: falls back to the last number, 1
+    ],
+)
+def test_wrong_or_missing_answers_score_zero(completion, answer):
+    assert math_reward(completion, answer) == 0.0
+
+
+def test_strict_variant_needs_a_marked_answer():
+    assert math_answer_strict_reward(["q"], ["9 times 2 gives 18"], ["18"]) == [0.0]
+    assert math_answer_strict_reward(["q"], ["The answer is 18"], ["18"]) == [1.0]
+
+
+def test_extraction_and_parsing_pieces():
+    assert extract_final_answer("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
+    assert extract_final_answer("x\n#### 42\n") == "42"
+    assert extract_final_answer("nothing here", fallback_last_number=False) is None
+    assert parse_number("$1,234.50") == Fraction(2469, 2)
+    assert parse_number("\\frac{6}{8}") == Fraction(3, 4)
+    assert parse_number("1, 2") == 1  # a list, not a thousands separator
+    assert parse_number("no digits") is None
+
+
+def test_conversational_completions_are_read_as_text():
+    completion = [{"role": "assistant", "content": "The answer is 18"}]
+    assert math_answer_reward(["q"], [completion], ["18"]) == [1.0]
+
+
+def test_reference_without_a_number_is_a_counted_failure():
+    rewards = WeightedRewards(["math_answer"])
+    total, _, failures = rewards(["q", "q"], ["#### 1", "#### 2"], answer=["1", "no number"])
+    assert total == [1.0, None]
+    assert len(failures) == 1 and "holds no number" in failures[0].reason
+
+
+def test_format_rewards():
+    completions = [
+        "<think>3+4</think> <answer>7</answer>",
+        "<answer>7</answer>",
+        "<answer> </answer>",
+        "7",
+        "<think>x</think><answer>7</answer> trailing",
+    ]
+    assert format_reward([None] * 5, completions) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert think_format_reward([None] * 5, completions) == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_length_penalty_counts_tokens_when_given_else_characters():
+    assert length_penalty([None, None], ["abc", "a"], completion_ids=[[5, 6], [7, 8, 9, 10]]) == [-2.0, -4.0]
+    assert length_penalty([None, None], ["abc", "a"]) == [-3.0, -1.0]
+
+
+def test_overlong_reward_is_dapo_soft_penalty():
+    reward = make_overlong_reward(max_length=10, buffer=4)
+    # soft zone starts at 10 − 4 = 6: |y| = 6 → 0; 8 → (6 − 8)/4 = −0.5; 10 → −1; 12 → −1
+    assert reward([None] * 4, ["", "", "", ""], completion_ids=[[0] * 6, [0] * 8, [0] * 10, [0] * 12]) == [0.0, -0.5, -1.0, -1.0]
+
+
+def test_registered_by_name():
+    for name in ("math_answer", "math_answer_strict", "format", "think_format", "length_penalty"):
+        assert callable(get_reward_function(name))
+    rewards = WeightedRewards(["math_answer", "format"], [1.0, 0.5])
+    total, per_function, _ = rewards(["q"], ["<answer>7</answer>"], answer=["7"])
+    assert total == [1.5] and per_function["format"] == [1.0]
+
+
+# ----------------------------------------------------------------------------- real GSM8K references
+
+
+def gsm8k_dir() -> Path:
+    root = os.environ.get("PREFALIGN_DATA_DIR")
+    if not root or not (Path(root) / "gsm8k" / "test.jsonl").exists():
+        reason = "PREFALIGN_DATA_DIR is not set (or has no gsm8k/): skipping the GSM8K reward checks"
+        print(reason)
+        pytest.skip(reason)
+    return Path(root) / "gsm8k"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def altered(solution: str, gold: str) -> str:
+    """The reference with its final number changed by one."""
+    body, _, _ = solution.rpartition("####")
+    return f"{body}#### {int(gold.replace(',', '')) + 1}"
+
+
+def test_every_gsm8k_reference_scores_correct_and_altered_ones_wrong():
+    folder = gsm8k_dir()
+    rows = read_jsonl(folder / "test.jsonl") + read_jsonl(folder / "train.jsonl")
+    golds = [row["answer"].rpartition("####")[2].strip() for row in rows]  # e.g. "18", "70,000", "-3"
+    solutions = [row["answer"] for row in rows]
+    prompts = [row["question"] for row in rows]
+    assert math_answer_reward(prompts, solutions, golds) == [1.0] * len(rows)
+    wrong = [altered(solution, gold) for solution, gold in zip(solutions, golds, strict=True)]
+    assert math_answer_reward(prompts, wrong, golds) == [0.0] * len(rows)
+    # The answer column may also be the whole reference solution.
+    assert math_answer_reward(prompts[:200], solutions[:200], solutions[:200]) == [1.0] * 200
+
+
+def test_gsm8k_model_solutions_agree_with_their_correctness_labels():
+    folder = gsm8k_dir()
+    agree, total = 0, 0
+    for row in read_jsonl(folder / "example_model_solutions.jsonl"):
+        reference = row["ground_truth"]  # ends in "A: <number>"
+        assert math_reward(reference, reference) == 1.0
+        for value in row.values():
+            if isinstance(value, dict) and "is_correct" in value:
+                total += 1
+                agree += math_reward(value["solution"], reference) == float(value["is_correct"])
+    assert total == 4 * 1319
+    assert agree == total
