@@ -1,0 +1,426 @@
+"""`prefalign sample`: rejection sampling, the policy's own answers turned into training data.
+
+For each prompt the policy draws n samples (the rollout engine: one shared prefill, full-vocabulary
+log-probs), the scorers rank them (reward functions and/or a reward model, weighted), and then either
+
+- pairs by strategy (preference data for DPO / reward training):
+  `best_vs_worst`  the best sample against the worst;
+  `best_vs_random` the best against a random sample scoring lower by at least the margin;
+  `all_pairs`      every pair whose scores differ by at least the margin (identical pairs once);
+- or `best_of_n`: the best sample as an SFT completion (rejection-sampling fine-tuning).
+
+What is dropped is counted, never silent (`SampleStats`): a prompt too long for the model's context,
+a sample whose scorer raised or returned NaN (reported with its prompt index), a sample with no score,
+an empty completion (the data layer refuses it as chosen or rejected), a group whose scores are all
+equal (no preference to learn), a gap below the margin, a best score below `min_best_score`.
+Ties: the first sample (lowest index) with the best / worst score is taken, so reruns are identical.
+
+Rows come out in the formats the trainers read (prompt/chosen/rejected or prompt/completion, as
+conversations when the prompt is one), with the scores, the prompt's index and its extra columns,
+and provenance.json (model, seed, sampling settings, counts) beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+
+import prefalign
+from prefalign.config import DataConfig, ModelConfig, option, save_config
+from prefalign.data import tokenize_prompts
+from prefalign.errors import ConfigError, DataError
+from prefalign.generation import FINISH_LENGTH, LocalEngine, SamplingParams
+from prefalign.models import load_causal_lm, resolve_model_path
+from prefalign.rewards import WeightedRewards, describe_failures
+from prefalign.train.common import log_stats, resolve_rows
+from prefalign.train.runtime import seed_everything, set_threads
+
+logger = logging.getLogger("prefalign")
+
+PAIR_STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
+OUTPUT_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet", "hf": ""}
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """How samples are drawn, scored and turned into rows (shared by `sample` and `dpo --rounds K`)."""
+
+    n: int = option(8, "Samples per prompt (at least 2 for a pair strategy).")
+    temperature: float = option(1.0, "Sampling temperature (0 = greedy, which makes n identical samples).")
+    top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.")
+    top_k: int = option(0, "Keep only the k most likely tokens (0 = off).")
+    max_new_tokens: int = option(64, "Longest completion in tokens.")
+    stop_strings: list[str] = option(help="Extra strings that end a completion (EOS always does).", factory=list)
+    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs", "best_of_n"] = option(
+        "best_vs_worst", "Pairs by strategy (preference data), or best_of_n (SFT data: each prompt's best sample)."
+    )
+    score_margin: float = option(0.0, "A pair needs chosen score - rejected score >= this (and > 0: ties never pair).")
+    min_best_score: float | None = option(None, "Keep a prompt only when its best sample scores at least this (e.g. 1.0: only right answers are chosen); None = no floor.")
+    drop_truncated: bool = option(False, "Leave out samples cut at max_new_tokens (counted); otherwise they are scored as they are.")
+    reward_functions: list[str] = option(help="Reward functions by registry name or 'module:function'.", factory=lambda: ["exact_match"])
+    reward_weights: list[float] = option(help="One weight per reward function (default all 1).", factory=list)
+    reward_model: str | None = option(None, "A reward model folder scored alongside the functions (prefalign.rewards.RewardModelScorer).")
+    reward_model_weight: float = option(1.0, "Weight of the reward model's score in the sum.")
+    generation_batch_size: int = option(64, "Sequences (prompts x n) the engine decodes together.")
+
+
+@dataclass
+class SampleConfig:
+    model: ModelConfig = option(help="The policy that samples.", factory=ModelConfig)
+    data: DataConfig = option(help="Prompt-only rows (extra columns such as `answer` go to the reward functions); builtin = the task's training prompts.", factory=lambda: DataConfig(max_length=256))
+    sampling: RejectionSamplingConfig = option(help="Sampling, scoring and pairing.", factory=RejectionSamplingConfig)
+    seed: int = option(0, "Sampling seed (the same seed and settings give the same samples).")
+    output_dir: str = option("runs/sample", "Folder for the rows, samples.jsonl, stats and provenance.")
+    output_format: Literal["jsonl", "parquet", "hf"] = option("jsonl", "Rows as JSON Lines, Parquet, or a datasets.save_to_disk folder.")
+    save_samples: bool = option(True, "Also write every sample with its scores and finish reason (samples.jsonl).")
+    overwrite: bool = option(False, "Replace rows already in output_dir.")
+    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
+
+
+@dataclass
+class SampleStats:
+    """Counts of what was kept and dropped; `summary()` is logged, `as_dict()` goes to metrics."""
+
+    prompts: int = 0
+    dropped_over_context: int = 0  # prompt + max_new_tokens beyond the model's context
+    samples: int = 0
+    reward_failures: int = 0  # samples a scorer raised on or returned NaN for
+    unscored_samples: int = 0  # every scorer returned None
+    empty_samples: int = 0
+    truncated_samples: int = 0
+    groups_too_few_scored: int = 0
+    groups_all_equal: int = 0
+    groups_below_margin: int = 0
+    groups_below_min_score: int = 0
+    tied_pairs: int = 0  # all_pairs: pairs skipped because their scores are equal
+    duplicate_pairs: int = 0  # all_pairs: the same (chosen, rejected) texts again
+    rows: int = 0
+    prompts_with_rows: int = 0
+    mean_score: float = 0.0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+    score_by_function: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.prompts} prompts x samples -> {self.rows} rows from {self.prompts_with_rows} prompts; mean score "
+            f"{self.mean_score:.4f}; dropped: {self.dropped_over_context} prompts over the context, "
+            f"{self.reward_failures} samples a scorer failed on, {self.unscored_samples} unscored, "
+            f"{self.empty_samples} empty, groups: {self.groups_all_equal} all-equal, {self.groups_below_margin} "
+            f"below the margin, {self.groups_below_min_score} below min_best_score, {self.groups_too_few_scored} "
+            f"with too few scored samples; {self.truncated_samples} samples hit max_new_tokens"
+        )
+
+
+@dataclass
+class SampleOutput:
+    rows: list[dict[str, Any]]  # preference or SFT rows, ready for datasets.Dataset.from_list
+    samples: list[dict[str, Any]]  # every sample with its scores
+    stats: SampleStats
+
+
+# ----------------------------------------------------------------------------- choosing rows from scores
+
+
+def choose_pairs(
+    scores: list[float], strategy: str, margin: float, rng: random.Random
+) -> tuple[list[tuple[int, int]], str | None, int]:
+    """Pairs (chosen, rejected) as positions in `scores`, why none (or None), and tied pairs skipped.
+
+    scores: one prompt's usable samples (at least 2). Ties never pair; the first index wins a tie.
+    """
+    best, worst = max(scores), min(scores)
+    if best == worst:
+        return [], "all_equal", 0
+    best_index = scores.index(best)
+    if strategy == "best_vs_worst":
+        pairs = [(best_index, scores.index(worst))] if best - worst >= margin else []
+        return pairs, None if pairs else "below_margin", 0
+    if strategy == "best_vs_random":
+        lower = [index for index, score in enumerate(scores) if score < best and best - score >= margin]
+        return ([(best_index, rng.choice(lower))], None, 0) if lower else ([], "below_margin", 0)
+    if strategy == "all_pairs":
+        pairs, ties = [], 0
+        for chosen, chosen_score in enumerate(scores):
+            for rejected, rejected_score in enumerate(scores[chosen + 1 :], start=chosen + 1):
+                if chosen_score == rejected_score:
+                    ties += 1
+                    continue
+                high, low = (chosen, rejected) if chosen_score > rejected_score else (rejected, chosen)
+                if abs(chosen_score - rejected_score) >= margin:
+                    pairs.append((high, low))
+        return pairs, None if pairs else "below_margin", ties
+    raise ConfigError(f"unknown pair strategy {strategy!r}; use one of {PAIR_STRATEGIES} or best_of_n")
+
+
+def _usable(group: list[dict[str, Any]], settings: RejectionSamplingConfig, stats: SampleStats) -> list[dict[str, Any]]:
+    """The samples that can take part in a row: scored, non-empty, and not truncated when asked."""
+    usable = []
+    for sample in group:
+        if sample["reward_failed"]:
+            stats.reward_failures += 1
+        elif sample["score"] is None:
+            stats.unscored_samples += 1
+        elif not sample["text"].strip():
+            stats.empty_samples += 1
+        elif not (settings.drop_truncated and sample["finish_reason"] == FINISH_LENGTH):
+            usable.append(sample)
+    return usable
+
+
+def rows_for_prompt(
+    prompt_row: dict[str, Any], group: list[dict[str, Any]], settings: RejectionSamplingConfig, rng: random.Random, stats: SampleStats
+) -> list[dict[str, Any]]:
+    """One prompt's scored samples -> its preference or SFT rows (possibly none, counted in stats)."""
+    usable = _usable(group, settings, stats)
+    needed = 1 if settings.strategy == "best_of_n" else 2
+    if len(usable) < needed:
+        stats.groups_too_few_scored += 1
+        return []
+    scores = [sample["score"] for sample in usable]
+    if settings.min_best_score is not None and max(scores) < settings.min_best_score:
+        stats.groups_below_min_score += 1
+        return []
+    extra = {name: value for name, value in prompt_row.items() if name not in ("prompt", "prompt_ids")}
+    prompt = prompt_row["prompt"]
+    if settings.strategy == "best_of_n":
+        best = usable[scores.index(max(scores))]
+        return [{"prompt": prompt, "completion": _as_completion(prompt, best["text"]), "score": best["score"], **extra}]
+    pairs, reason, ties = choose_pairs(scores, settings.strategy, settings.score_margin, rng)
+    stats.tied_pairs += ties
+    if reason == "all_equal":
+        stats.groups_all_equal += 1
+    elif reason == "below_margin":
+        stats.groups_below_margin += 1
+    rows, seen = [], set()
+    for chosen_index, rejected_index in pairs:
+        chosen, rejected = usable[chosen_index], usable[rejected_index]
+        if (chosen["text"], rejected["text"]) in seen or chosen["text"] == rejected["text"]:
+            stats.duplicate_pairs += 1  # a scorer that is not a function of the text, or a repeated pair
+            continue
+        seen.add((chosen["text"], rejected["text"]))
+        rows.append({
+            "prompt": prompt,
+            "chosen": _as_completion(prompt, chosen["text"]),
+            "rejected": _as_completion(prompt, rejected["text"]),
+            "chosen_score": chosen["score"],
+            "rejected_score": rejected["score"],
+            **extra,
+        })
+    return rows
+
+
+def _as_completion(prompt: Any, text: str) -> Any:
+    # A conversational prompt gets an assistant turn, as TRL's formats (and our tokenizers) expect.
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+
+
+def build_rewards(settings: RejectionSamplingConfig, *, device: str = "auto") -> WeightedRewards:
+    """The weighted scorers: reward functions, plus the reward model when one is configured."""
+    names: list[Any] = list(settings.reward_functions)
+    weights = list(settings.reward_weights) or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ConfigError(f"reward_weights has {len(weights)} values for {len(names)} reward functions")
+    if settings.reward_model:
+        try:
+            from prefalign.rewards import RewardModelScorer  # written alongside the reward-model command
+        except ImportError as error:
+            raise ConfigError(
+                "reward_model is set, but this prefalign has no prefalign.rewards.RewardModelScorer; "
+                "score with reward_functions instead, or update prefalign"
+            ) from error
+        names.append(RewardModelScorer(resolve_model_path(settings.reward_model), device=device))
+        weights.append(settings.reward_model_weight)
+    if not names:
+        raise ConfigError("no scorer: set reward_functions and/or reward_model")
+    return WeightedRewards(names, weights)
+
+
+def check_settings(settings: RejectionSamplingConfig) -> None:
+    if settings.strategy in PAIR_STRATEGIES and settings.n < 2:
+        raise ConfigError(
+            f"config key 'sampling.n' is {settings.n}, but the pair strategy {settings.strategy!r} needs at least "
+            "2 samples per prompt to compare; raise sampling.n or use strategy=best_of_n"
+        )
+    if settings.n < 1:
+        raise ConfigError(f"config key 'sampling.n' must be at least 1, got {settings.n}")
+    if settings.score_margin < 0:
+        raise ConfigError(f"config key 'sampling.score_margin' must be >= 0, got {settings.score_margin}")
+    if settings.generation_batch_size < 1:
+        raise ConfigError(f"config key 'sampling.generation_batch_size' must be at least 1, got {settings.generation_batch_size}")
+
+
+def fit_context(prompts: datasets.Dataset, model, settings: RejectionSamplingConfig, too_long: str, stats: SampleStats) -> datasets.Dataset:
+    """Drop (counted) or refuse prompts that leave no room for max_new_tokens in the model's context."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not context:
+        return prompts
+    lengths = [len(ids) for ids in prompts["prompt_ids"]]
+    over = [index for index, length in enumerate(lengths) if length + settings.max_new_tokens > context]
+    if over and too_long == "error":
+        raise DataError(
+            f"prompt {over[0]} is {lengths[over[0]]} tokens; with sampling.max_new_tokens={settings.max_new_tokens} it "
+            f"exceeds the model's context of {context} tokens ({len(over)} prompts do). Shorten the prompts "
+            "(data.max_prompt_length), lower max_new_tokens, or set data.too_long_prompt=drop."
+        )
+    stats.dropped_over_context += len(over)
+    if over:
+        logger.warning("dropped %d prompts longer than the context (%d tokens) minus max_new_tokens", len(over), context)
+        keep = sorted(set(range(len(lengths))) - set(over))
+        if not keep:
+            raise DataError(f"every prompt exceeds the model's context of {context} tokens with max_new_tokens={settings.max_new_tokens}")
+        prompts = prompts.select(keep)
+    return prompts
+
+
+def rejection_sample(
+    model, tokenizer, prompts: datasets.Dataset, rewards: WeightedRewards, settings: RejectionSamplingConfig,
+    *, seed: int, too_long_prompt: str = "drop",
+) -> SampleOutput:
+    """Sample n completions per tokenized prompt (`prompt_ids`, `prompt`, extra columns), score, build rows."""
+    check_settings(settings)
+    stats = SampleStats(prompts=len(prompts))
+    prompts = fit_context(prompts, model, settings, too_long_prompt, stats)
+    params = SamplingParams(
+        n=settings.n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        max_new_tokens=settings.max_new_tokens, stop_strings=list(settings.stop_strings) or None, seed=seed,
+    )
+    engine = LocalEngine(model, tokenizer, batch_size=settings.generation_batch_size)
+    generated = engine.generate([list(ids) for ids in prompts["prompt_ids"]], params)  # [prompt][sample]
+    prompt_rows = prompts.remove_columns(["prompt_ids"]).to_list()
+    raw_prompts = [row["prompt"] for row in prompt_rows]
+    columns = {name: [row[name] for row in prompt_rows] for name in prompt_rows[0] if name != "prompt"} if prompt_rows else {}
+    completions = [[_as_completion(prompt, sample.text) for sample in group] for prompt, group in zip(raw_prompts, generated, strict=True)]
+    scored = rewards.score_groups(raw_prompts, completions, columns)
+    if scored.failures:
+        logger.warning(describe_failures(scored.failures))
+    samples = _sample_records(generated, scored)
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for prompt_index, prompt_row in enumerate(prompt_rows):
+        group = samples[prompt_index * settings.n : (prompt_index + 1) * settings.n]  # the engine returns n each
+        new_rows = rows_for_prompt(prompt_row, group, settings, rng, stats)
+        stats.prompts_with_rows += bool(new_rows)
+        rows.extend({**row, "prompt_index": prompt_index} for row in new_rows)
+    _fill_sample_stats(stats, samples, scored.per_function)
+    stats.rows = len(rows)
+    return SampleOutput(rows=rows, samples=samples, stats=stats)
+
+
+def _sample_records(generated, scored) -> list[dict[str, Any]]:
+    return [
+        {
+            "prompt_index": prompt_index,
+            "sample_index": sample_index,
+            "text": sample.text,
+            "num_tokens": len(sample.token_ids),
+            "logprob_sum": sum(sample.logprobs),
+            "finish_reason": sample.finish_reason,
+            "score": scored.scores[prompt_index][sample_index],
+            "reward_failed": scored.failed[prompt_index][sample_index],
+            **{f"score/{name}": values[prompt_index][sample_index] for name, values in scored.per_function.items()},
+        }
+        for prompt_index, group in enumerate(generated)
+        for sample_index, sample in enumerate(group)
+    ]
+
+
+def _fill_sample_stats(stats: SampleStats, samples: list[dict[str, Any]], per_function: dict[str, Any]) -> None:
+    stats.samples = len(samples)
+    stats.truncated_samples = sum(sample["finish_reason"] == FINISH_LENGTH for sample in samples)
+    stats.finish_reasons = dict(Counter(sample["finish_reason"] for sample in samples))
+    scores = [sample["score"] for sample in samples if sample["score"] is not None]
+    stats.mean_score = sum(scores) / len(scores) if scores else 0.0
+    for name, groups in per_function.items():
+        values = [value for group in groups for value in group if value is not None]
+        stats.score_by_function[name] = sum(values) / len(values) if values else 0.0
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path, output_format: str) -> Path:
+    """Rows as JSONL, Parquet or a save_to_disk folder (written beside, then renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    if output_format == "jsonl":
+        with staging.open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    elif output_format == "parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(staging))
+    elif output_format == "hf":
+        datasets.Dataset.from_list(rows).save_to_disk(str(staging))
+    else:
+        raise ConfigError(f"config key 'output_format' must be one of {list(OUTPUT_SUFFIX)}, got {output_format!r}")
+    if path.is_dir():
+        import shutil
+
+        shutil.rmtree(path)
+    staging.replace(path)
+    return path
+
+
+def _builtin_prompts(split: str) -> datasets.Dataset:
+    from prefalign.tasks.arithmetic import prompt_dataset
+
+    return prompt_dataset(split)
+
+
+def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, model=None, tokenizer=None) -> SampleOutput:
+    """`prefalign sample`: write rows (pairs or best-of-n), samples, stats and provenance to output_dir."""
+    set_threads(config.num_threads)
+    seed_everything(config.seed)
+    check_settings(config.sampling)
+    out = Path(config.output_dir)
+    name = "best_of_n" if config.sampling.strategy == "best_of_n" else "pairs"
+    rows_path = out / f"{name}{OUTPUT_SUFFIX[config.output_format]}"
+    if rows_path.exists() and not config.overwrite:
+        raise ConfigError(f"{rows_path} already exists; set output_dir to a new folder or pass --overwrite true")
+    if model is None:
+        model, tokenizer = load_causal_lm(config.model, trainable=False)
+    rewards = build_rewards(config.sampling, device=config.model.device)
+    # The built-in split for sampling is the task's training prompts; held-out prompts stay unseen.
+    rows, _ = resolve_rows(config.data, builtin=_builtin_prompts, dataset=dataset)
+    prompts, tokenize_stats = tokenize_prompts(rows, tokenizer, config.data)
+    started = time.perf_counter()
+    output = rejection_sample(model, tokenizer, prompts, rewards, config.sampling, seed=config.seed, too_long_prompt=config.data.too_long_prompt)
+    seconds = time.perf_counter() - started
+    logger.info("sample: %s", output.stats.summary())
+    if not output.rows:
+        raise DataError(f"no rows to write: {output.stats.summary()}. Sample more (sampling.n), lower score_margin or min_best_score.")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    write_rows(output.rows, rows_path, config.output_format)
+    if config.save_samples:
+        write_rows(output.samples, out / "samples.jsonl", "jsonl")
+    provenance = {
+        "prefalign": prefalign.__version__,
+        "model": resolve_model_path(config.model.name_or_path) if config.model.name_or_path == "builtin" else config.model.name_or_path,
+        "data": list(config.data.path),
+        "seed": config.seed,
+        "sampling": dataclasses.asdict(config.sampling),
+        "rows_file": rows_path.name,
+        "format": "preference" if name == "pairs" else "sft",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 2),
+        "data_stats": log_stats("prompts", tokenize_stats),
+        "stats": output.stats.as_dict(),
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+    print(f"{output.stats.rows} rows -> {rows_path} ({output.stats.summary()})")
+    return output

@@ -1,0 +1,247 @@
+"""Rejection sampling: pair strategies on hand-made scores, drops counted, rows the trainers read."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import datasets
+import pytest
+import torch
+
+from prefalign.cli import main
+from prefalign.config import DataConfig, ModelConfig
+from prefalign.data import load_rows, tokenize_preference, tokenize_prompts, tokenize_sft
+from prefalign.errors import ConfigError, DataError
+from prefalign.rewards import WeightedRewards
+from prefalign.tasks.tokenizer import build_char_tokenizer
+from prefalign.train.sampling import (
+    RejectionSamplingConfig,
+    SampleConfig,
+    SampleStats,
+    choose_pairs,
+    rejection_sample,
+    rows_for_prompt,
+    sample,
+)
+from tests.helpers import save_tiny_model, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def digit_count(prompts, completions, **_):
+    """A deterministic score of the text: how many digits it holds."""
+    return [float(sum(character.isdigit() for character in completion)) for completion in completions]
+
+
+def fails_for_bad_prompt(prompts, completions, **_):
+    if any("bad" in prompt for prompt in prompts):
+        raise ValueError("this scorer cannot handle 'bad'")
+    return [1.0] * len(completions)
+
+
+def _prompts(tokenizer, texts):
+    rows = datasets.Dataset.from_list([{"prompt": text, "answer": str(index)} for index, text in enumerate(texts)])
+    prompts, _ = tokenize_prompts(rows, tokenizer, DataConfig())
+    return prompts
+
+
+# ----------------------------------------------------------------------------- strategies on literal scores
+
+
+def test_best_vs_worst_takes_first_of_ties():
+    pairs, reason, ties = choose_pairs([0.2, 0.9, 0.5, 0.9, 0.2], "best_vs_worst", 0.0, random.Random(0))
+    assert pairs == [(1, 0)] and reason is None and ties == 0
+
+
+def test_all_equal_and_margin_drop_the_group():
+    assert choose_pairs([1.0, 1.0, 1.0], "best_vs_worst", 0.0, random.Random(0))[:2] == ([], "all_equal")
+    assert choose_pairs([1.0, 1.0], "all_pairs", 0.0, random.Random(0))[:2] == ([], "all_equal")
+    # gap 0.3 < margin 0.5
+    assert choose_pairs([0.0, 0.3], "best_vs_worst", 0.5, random.Random(0))[:2] == ([], "below_margin")
+    assert choose_pairs([0.0, 0.3], "best_vs_random", 0.5, random.Random(0))[:2] == ([], "below_margin")
+
+
+def test_best_vs_random_only_draws_below_the_margin():
+    # best 1.0 at index 0; with margin 0.6 only index 1 (gap 1.0) qualifies: 0.5 (gap 0.5) and the tie do not.
+    for seed in range(5):
+        pairs, reason, _ = choose_pairs([1.0, 0.0, 0.5, 1.0], "best_vs_random", 0.6, random.Random(seed))
+        assert pairs == [(0, 1)] and reason is None
+    # Without a margin the rejected side is drawn from {1, 2}: both appear over a few seeds.
+    drawn = {choose_pairs([1.0, 0.0, 0.5, 1.0], "best_vs_random", 0.0, random.Random(seed))[0][0][1] for seed in range(20)}
+    assert drawn == {1, 2}
+
+
+def test_all_pairs_counts_ties_and_respects_the_margin():
+    scores = [1.0, 0.0, 1.0, 0.5]
+    pairs, reason, ties = choose_pairs(scores, "all_pairs", 0.0, random.Random(0))
+    # 6 index pairs; (0, 2) is a tie; the others oriented high -> low.
+    assert sorted(pairs) == [(0, 1), (0, 3), (2, 1), (2, 3), (3, 1)]
+    assert ties == 1 and reason is None
+    pairs, _, _ = choose_pairs(scores, "all_pairs", 0.6, random.Random(0))
+    assert sorted(pairs) == [(0, 1), (2, 1)]
+
+
+def _group(*entries):
+    return [
+        {"text": text, "score": score, "reward_failed": failed, "finish_reason": reason}
+        for text, score, failed, reason in entries
+    ]
+
+
+def test_rows_for_prompt_drops_failed_unscored_empty_and_counts_them():
+    settings = RejectionSamplingConfig(strategy="best_vs_worst")
+    stats = SampleStats()
+    group = _group(
+        ("12", 2.0, False, "eos"),
+        ("oops", None, True, "eos"),  # a scorer raised: dropped, even though its score would be lowest
+        ("n/a", None, False, "eos"),  # every scorer said not applicable
+        ("  ", 0.0, False, "eos"),  # empty: the data layer refuses it as a completion
+        ("1", 1.0, False, "length"),
+    )
+    rows = rows_for_prompt({"prompt": "p", "prompt_ids": [1], "answer": "12"}, group, settings, random.Random(0), stats)
+    assert rows == [{"prompt": "p", "chosen": "12", "rejected": "1", "chosen_score": 2.0, "rejected_score": 1.0, "answer": "12"}]
+    assert (stats.reward_failures, stats.unscored_samples, stats.empty_samples) == (1, 1, 1)
+    stats = SampleStats()
+    dropped = RejectionSamplingConfig(drop_truncated=True)
+    assert rows_for_prompt({"prompt": "p"}, group, dropped, random.Random(0), stats) == []
+    assert stats.groups_too_few_scored == 1
+
+
+def test_best_of_n_and_min_best_score_and_conversations():
+    settings = RejectionSamplingConfig(strategy="best_of_n", min_best_score=1.0)
+    prompt = [{"role": "user", "content": "1+1"}]
+    stats = SampleStats()
+    rows = rows_for_prompt({"prompt": prompt}, _group(("3", 0.0, False, "eos"), ("2", 1.0, False, "eos")), settings, random.Random(0), stats)
+    assert rows == [{"prompt": prompt, "completion": [{"role": "assistant", "content": "2"}], "score": 1.0}]
+    rows = rows_for_prompt({"prompt": prompt}, _group(("3", 0.0, False, "eos"), ("4", 0.5, False, "eos")), settings, random.Random(0), stats)
+    assert rows == [] and stats.groups_below_min_score == 1
+
+
+def test_all_pairs_writes_a_repeated_pair_once():
+    stats = SampleStats()
+    group = _group(("2", 1.0, False, "eos"), ("3", 0.0, False, "eos"), ("2", 1.0, False, "eos"), ("3", 0.0, False, "eos"))
+    rows = rows_for_prompt({"prompt": "1+1"}, group, RejectionSamplingConfig(strategy="all_pairs"), random.Random(0), stats)
+    # 4 ordered pairs of ("2", "3") collapse to one row; the two ties are counted.
+    assert [(row["chosen"], row["rejected"]) for row in rows] == [("2", "3")]
+    assert stats.duplicate_pairs == 3 and stats.tied_pairs == 2
+
+
+# ----------------------------------------------------------------------------- with a model
+
+
+def test_rejection_sample_end_to_end_is_deterministic_and_trainable():
+    model, tokenizer = tiny_model()
+    prompts = _prompts(tokenizer, ["12+3", "4+56", "7+8"])
+    settings = RejectionSamplingConfig(n=6, max_new_tokens=5, temperature=1.5)
+    rewards = WeightedRewards([digit_count])
+    first = rejection_sample(model, tokenizer, prompts, rewards, settings, seed=3)
+    again = rejection_sample(model, tokenizer, prompts, rewards, settings, seed=3)
+    assert first.rows == again.rows and first.rows
+    assert first.stats.samples == 18 and len(first.samples) == 18
+    for row in first.rows:
+        assert row["chosen_score"] > row["rejected_score"]
+        assert row["chosen_score"] == sum(c.isdigit() for c in row["chosen"])
+        assert row["answer"] == str(row["prompt_index"])  # extra columns follow their prompt
+    data, _ = tokenize_preference(first.rows, tokenizer, DataConfig())
+    assert len(data) == len(first.rows)
+
+
+def test_failing_scorer_is_dropped_with_its_prompt_index(caplog):
+    model, tokenizer = tiny_model()
+    prompts = _prompts(tokenizer, ["good one", "bad one", "good two"])
+    settings = RejectionSamplingConfig(n=3, max_new_tokens=3, strategy="best_of_n")
+    output = rejection_sample(model, tokenizer, prompts, WeightedRewards([fails_for_bad_prompt]), settings, seed=0)
+    assert output.stats.reward_failures == 3  # all three samples of prompt 1
+    assert sorted(row["prompt_index"] for row in output.rows) == [0, 2]
+    assert [s["reward_failed"] for s in output.samples if s["prompt_index"] == 1] == [True, True, True]
+    assert "on prompt 1, sample 0" in caplog.text
+
+
+def test_n_below_two_with_a_pair_strategy_is_a_config_error():
+    model, tokenizer = tiny_model()
+    with pytest.raises(ConfigError, match="needs at least 2 samples"):
+        rejection_sample(model, tokenizer, _prompts(tokenizer, ["1+1"]), WeightedRewards([digit_count]), RejectionSamplingConfig(n=1), seed=0)
+
+
+def test_prompt_longer_than_the_context_is_dropped_or_an_error():
+    model, tokenizer = tiny_model()  # context: 128 positions
+    prompts = _prompts(tokenizer, ["1+1", "9" * 126])  # 126 + BOS = 127 tokens, + 4 new tokens > 128
+    settings = RejectionSamplingConfig(n=2, max_new_tokens=4)
+    output = rejection_sample(model, tokenizer, prompts, WeightedRewards([digit_count]), settings, seed=0)
+    assert output.stats.dropped_over_context == 1 and output.stats.samples == 2
+    with pytest.raises(DataError, match="exceeds the model's context of 128 tokens"):
+        rejection_sample(model, tokenizer, prompts, WeightedRewards([digit_count]), settings, seed=0, too_long_prompt="error")
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _config(tmp_path, model_dir, **sampling) -> SampleConfig:
+    return SampleConfig(
+        model=ModelConfig(name_or_path=str(model_dir), device="cpu"),
+        data=DataConfig(path=[str(tmp_path / "prompts.jsonl")]),
+        sampling=RejectionSamplingConfig(
+            n=4, max_new_tokens=4, temperature=1.5, reward_functions=["tests.test_sampling:digit_count"], **sampling
+        ),
+        output_dir=str(tmp_path / "out"),
+    )
+
+
+def _write_prompts(tmp_path, prompts):
+    with (tmp_path / "prompts.jsonl").open("w") as handle:
+        for prompt in prompts:
+            handle.write(json.dumps({"prompt": prompt}) + "\n")
+
+
+@pytest.mark.parametrize("output_format", ["jsonl", "parquet", "hf"])
+def test_sample_command_writes_rows_the_dpo_data_layer_reads(tmp_path, output_format):
+    model_dir = save_tiny_model(tmp_path / "model")
+    _write_prompts(tmp_path, [f"{a}+{a + 1}" for a in range(6)])
+    config = _config(tmp_path, model_dir)
+    config.output_format = output_format
+    output = sample(config)
+    rows_path = tmp_path / "out" / {"jsonl": "pairs.jsonl", "parquet": "pairs.parquet", "hf": "pairs"}[output_format]
+    rows = load_rows([str(rows_path)])
+    assert len(rows) == output.stats.rows > 0
+    tokenize_preference(rows, build_char_tokenizer(), DataConfig())
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert provenance["seed"] == 0 and provenance["sampling"]["n"] == 4 and provenance["model"] == str(model_dir)
+    assert provenance["stats"]["rows"] == output.stats.rows
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 24
+    with pytest.raises(ConfigError, match="already exists"):
+        sample(config)
+
+
+def test_best_of_n_command_writes_sft_rows(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    _write_prompts(tmp_path, ["1+2", "3+4"])
+    output = sample(_config(tmp_path, model_dir, strategy="best_of_n"))
+    rows = load_rows([str(tmp_path / "out" / "best_of_n.jsonl")])
+    data, _ = tokenize_sft(rows, build_char_tokenizer(), DataConfig())
+    assert len(data) == output.stats.rows == 2
+
+
+def test_empty_prompt_is_a_data_error_naming_the_row(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    _write_prompts(tmp_path, ["1+2", "  "])
+    with pytest.raises(DataError, match="line 2.*empty prompt"):
+        sample(_config(tmp_path, model_dir))
+
+
+def test_cli_sample_is_registered(tmp_path, capsys):
+    assert main(["sample", "--help"]) == 0
+    assert "--sampling.strategy" in capsys.readouterr().out
+    model_dir = save_tiny_model(tmp_path / "model")
+    _write_prompts(tmp_path, ["1+2", "3+4", "5+6"])
+    code = main([
+        "sample", "--model.name_or_path", str(model_dir), "--data.path", str(tmp_path / "prompts.jsonl"),
+        "--n", "1", "--output_dir", str(tmp_path / "cli"),
+    ])
+    assert code == 2 and "needs at least 2 samples" in capsys.readouterr().err
