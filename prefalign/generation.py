@@ -6,6 +6,8 @@
   repeated n times along the batch, so the n samples share one prefill;
 - decoding runs one token per step for the whole batch with the model's KV cache, and rows that have
   finished are dropped from the batch (and the cache) so they cost nothing afterwards;
+- the KV cache is the model's DynamicCache with its full-attention layers preallocated for
+  prompt + max_new_tokens, so a decode step writes one slice instead of re-concatenating the cache;
 - every sampled token comes back with its log-prob under log_softmax(logits / T) over the full
   vocabulary: the number GRPO / PPO need as log π_old, not the top-k / top-p renormalised draw.
 
@@ -20,6 +22,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
 
@@ -96,6 +99,9 @@ class LocalEngine:
     `batch_size` caps the sequences (prompts x n) decoded together. A prompt's n samples always run
     in the same batch, because they share its prefill: a batch holds max(1, batch_size // n) prompts.
     After a call, `last_stats` counts the tokens the model actually ran on.
+
+    A fixed seed gives the same samples for the same prompts, params and batch_size (the batch
+    layout decides which random numbers each row draws).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64):
@@ -215,7 +221,7 @@ class LocalEngine:
         # Positions count real tokens only, so a padded prompt is computed exactly as if it were alone.
         position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # (prompts, width)
 
-        cache = DynamicCache(config=self.model.config)
+        cache = _preallocated_cache(self.model.config, capacity=width + max_new)
         logits = self._forward(input_ids, prompt_mask, position_ids, cache, last_only=True)
         self.last_stats["prefill_tokens"] += sum(len(prompt) for prompt in prompts)
         self.last_stats["prefill_padded_tokens"] += input_ids.numel()
@@ -336,6 +342,7 @@ def sample_next_tokens(
     # Same law as torch.multinomial, but with no host sync and a local generator.
     probs = torch.softmax(draw, dim=-1)
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a 0 would turn a filtered-out 0 / 0 into a NaN "winner"
     tokens = probs.div_(noise).argmax(dim=-1)
     return tokens, _token_logprobs(scaled, tokens)
 
@@ -363,6 +370,76 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     remove_sorted = mass_before >= top_p
     remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_index, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
+
+
+# ---- KV cache ----------------------------------------------------------------------------------------------
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes into a buffer sized for prompt + max_new_tokens.
+
+    DynamicLayer concatenates the whole cache with each new token (O(length^2) copying over a
+    completion); here a token is one slice write. `keys` / `values` stay views of the filled part.
+    """
+
+    is_croppable = False  # `crop` from DynamicLayer would not know about the buffer
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, head_dim)
+        self.value_buffer = value_states.new_empty(
+            batch, value_states.shape[1], self.capacity, value_states.shape[-1]
+        )
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} positions for a buffer of {self.capacity}")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+            self._refresh_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer = self.key_buffer[indices]
+            self.value_buffer = self.value_buffer[indices]
+            self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+
+def _preallocated_cache(config, capacity: int) -> DynamicCache:
+    """The model's DynamicCache, with plain full-attention layers swapped for preallocated ones.
+
+    Other layer kinds (sliding window, linear attention, ...) keep their own behaviour.
+    """
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        _PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
