@@ -31,6 +31,7 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("prefalign.train.sft", "sft", "SFTConfig", "supervised fine-tuning on prompt/completion data"),
     "sample": Command("prefalign.train.sampling", "sample", "SampleConfig", "rejection sampling: n samples per prompt, scored, as pairs or best-of-n"),
     "base": Command("prefalign.tasks.base", "base", "BaseConfig", "build (or reuse) the built-in task's tiny base model"),
+    "dpo": Command("prefalign.train.dpo", "dpo", "DPOConfig", "DPO and its family (IPO, cDPO, robust, hinge, SimPO, RPO) on preference pairs"),
     "eval": Command("prefalign.eval", "evaluate", "EvalConfig", "accuracy, pass@k and KL of a model on a prompt set"),
     "demo": Command("prefalign.demo", "demo", "DemoConfig", "the whole stage on the built-in task, with a report"),
     "env": Command("prefalign.env", "env", "EnvConfig", "versions and hardware, for bug reports"),

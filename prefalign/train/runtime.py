@@ -308,8 +308,13 @@ def train_on_examples(
     run_dir: Path,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     description: str = "train",
+    prepare_step: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> TrainResult:
-    """Optimise `loss_fn` over shuffled micro-batches of `examples` with the shared runtime."""
+    """Optimise `loss_fn` over shuffled micro-batches of `examples` with the shared runtime.
+
+    `prepare_step`, when given, sees the collated micro-batches of each optimizer step before the first
+    forward pass, to add step-wide totals a loss needs (for example the chosen-token count of RPO's SFT term).
+    """
     if config.batch_size < 1 or config.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
     total_steps = total_steps_for(len(examples), config)
@@ -333,6 +338,8 @@ def train_on_examples(
             micro_batches = [collate([examples[next(stream)] for _ in range(config.batch_size)]) for _ in range(config.grad_accum)]
             position += config.batch_size * config.grad_accum
             try:
+                if prepare_step is not None:
+                    prepare_step(micro_batches)
                 metrics = _accumulate(model, micro_batches, loss_fn, units_of, step)
                 metrics["grad_norm"] = clip_and_step(model, optimizer, scheduler, config.max_grad_norm)
             except TrainingError as error:
