@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 import torch
@@ -59,6 +59,7 @@ from prefalign.train.runtime import (
     set_threads,
     train_on_examples,
 )
+from prefalign.train.sampling import RoundSamplingConfig
 
 logger = logging.getLogger("prefalign")
 
@@ -82,6 +83,9 @@ class DPOConfig:
     precompute_ref_logps: bool = option(True, "Compute the frozen reference's log-probs once before training (then free the reference) instead of one reference forward per step.")
     reference: str | None = option(None, "Reference model folder or hub name; None = the policy before training (LoRA: adapters off). Must share the policy's tokenizer.")
     ref_batch_size: int = option(64, "Pairs per no-grad batch when computing reference log-probs and eval metrics.")
+    rounds: int = option(1, "Iterative (on-policy) DPO: rounds of sample -> pairs -> DPO with the current policy (train.max_steps per round); 1 = offline DPO on data.path's pairs.")
+    round_reference: Literal["original", "previous"] = option("original", "With rounds > 1: each round's reference is the original model, or the policy as it starts the round.")
+    sampling: RoundSamplingConfig = option(help="With rounds > 1: how each round samples (prompts from data.path or sampling.prompt_path), scores and pairs.", factory=RoundSamplingConfig)
 
 
 def _builtin_pairs(split: str):
@@ -332,6 +336,10 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
 
     `model`/`tokenizer` replace config.model; `reference` (a model object) replaces config.reference.
     """
+    if config.rounds != 1:
+        from prefalign.train.iterative import iterative_dpo
+
+        return iterative_dpo(config, dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, reference=reference, save=save)
     check_config(config)
     set_threads(config.train.num_threads)
     seed_everything(config.train.seed)
