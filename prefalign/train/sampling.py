@@ -74,6 +74,16 @@ class RejectionSamplingConfig:
 
 
 @dataclass
+class RoundSamplingConfig(RejectionSamplingConfig):
+    """The sampling of each round of iterative DPO (`prefalign dpo --rounds K`): the above, plus where
+    the prompts come from, how many each round uses, and the per-round held-out check."""
+
+    prompt_path: list[str] = option(help="Prompt-only rows to sample from; empty = the prompts (and extra columns) of data.path.", factory=list)
+    prompts_per_round: int = option(0, "Prompts sampled per round, taken in turn from the shuffled pool (0 = every prompt, every round).")
+    eval_prompts: int = option(200, "Held-out prompts (from the eval rows) scored greedily after each round; 0 = skip.")
+
+
+@dataclass
 class SampleConfig:
     model: ModelConfig = option(help="The policy that samples.", factory=ModelConfig)
     data: DataConfig = option(help="Prompt-only rows (extra columns such as `answer` go to the reward functions); builtin = the task's training prompts.", factory=lambda: DataConfig(max_length=256))
@@ -243,7 +253,8 @@ def build_rewards(settings: RejectionSamplingConfig, *, device: str = "auto") ->
                 "reward_model is set, but this prefalign has no prefalign.rewards.RewardModelScorer; "
                 "score with reward_functions instead, or update prefalign"
             ) from error
-        names.append(RewardModelScorer(resolve_model_path(settings.reward_model), device=device))
+        scorer = RewardModelScorer(resolve_model_path(settings.reward_model), device=device, batch_size=settings.generation_batch_size)
+        names.append(scorer.as_reward_function())  # NaN/inf scores come back as per-sample failures
         weights.append(settings.reward_model_weight)
     if not names:
         raise ConfigError("no scorer: set reward_functions and/or reward_model")
