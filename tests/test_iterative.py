@@ -161,3 +161,30 @@ def test_reference_choice(tmp_path, monkeypatch, mode, lora):
     expected, other = (under_initial, under_round_one) if mode == "original" else (under_round_one, under_initial)
     assert torch.allclose(cached, expected, atol=1e-4)
     assert not torch.allclose(cached, other, atol=1e-2)
+
+
+@needs_rounds
+def test_cli_dpo_lists_the_round_options(capsys):
+    from prefalign.cli import main
+
+    assert main(["dpo", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--rounds" in text and "--round_reference" in text and "--sampling.strategy" in text
+
+
+@needs_rounds
+@pytest.mark.slow
+def test_demo_stage_reports_accuracy_per_round(tmp_path, monkeypatch):
+    """On the built-in base model (built once into the cache, 1-2 minutes, if missing), with a tiny budget."""
+    from prefalign.demo import DemoConfig, DemoContext
+    from prefalign.tasks.base import ensure_base_model
+
+    monkeypatch.setattr(iterative, "DEMO_STEPS_PER_ROUND", 2)
+    monkeypatch.setattr(iterative, "DEMO_PROMPTS_PER_ROUND", 64)
+    context = DemoContext(config=DemoConfig(output_dir=str(tmp_path), eval_prompts=40, num_threads=1), run_dir=tmp_path)
+    context.base_path = ensure_base_model()
+    result = iterative.iterative_stage(context)
+    assert len(result["accuracy_per_round"]) == 3  # round 0 (the base) and two rounds
+    assert all(0.0 <= value <= 1.0 for value in result["accuracy_per_round"])
+    assert result["steps"] == 4 and len(result["pairs_per_round"]) == 2
+    assert context.lines[-1].startswith("| rejection sampling + iterative DPO") and " → " in context.lines[-1]
