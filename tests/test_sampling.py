@@ -245,3 +245,38 @@ def test_cli_sample_is_registered(tmp_path, capsys):
         "--n", "1", "--output_dir", str(tmp_path / "cli"),
     ])
     assert code == 2 and "needs at least 2 samples" in capsys.readouterr().err
+
+
+def _saved_reward_model(folder):
+    """A random one-label Llama sequence classifier with the char tokenizer: a stand-in reward model."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_reward_model_scores_next_to_reward_functions(tmp_path):
+    pytest.importorskip("prefalign.rewards.scorer", reason="the reward-model scorer is not in this checkout")
+    from prefalign.train.sampling import build_rewards
+
+    folder = _saved_reward_model(tmp_path / "rm")
+    settings = RejectionSamplingConfig(
+        n=3, max_new_tokens=4, temperature=1.5, reward_functions=["tests.test_sampling:digit_count"],
+        reward_weights=[0.0], reward_model=str(folder), reward_model_weight=2.0,
+    )  # fmt: skip
+    rewards = build_rewards(settings, device="cpu")
+    assert len(rewards.names) == 2 and rewards.weights == [0.0, 2.0]
+    model, tokenizer = tiny_model()
+    output = rejection_sample(model, tokenizer, _prompts(tokenizer, ["1+2", "3+4"]), rewards, settings, seed=0)
+    model_scores = [s[f"score/{rewards.names[1]}"] for s in output.samples]
+    assert all(isinstance(value, float) for value in model_scores)
+    # digit_count has weight 0, so each total is exactly twice the reward model's score.
+    assert [s["score"] for s in output.samples] == pytest.approx([2.0 * value for value in model_scores])
+    assert len(set(model_scores)) > 1  # distinct completions get distinct scores: pairs can form
