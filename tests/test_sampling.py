@@ -162,6 +162,7 @@ def test_failing_scorer_is_dropped_with_its_prompt_index(caplog):
     assert sorted(row["prompt_index"] for row in output.rows) == [0, 2]
     assert [s["reward_failed"] for s in output.samples if s["prompt_index"] == 1] == [True, True, True]
     assert "on prompt 1, sample 0" in caplog.text
+    assert output.stats.failure_examples[0].startswith("reward function 'fails_for_bad_prompt' on prompt 1, sample 0: raised ValueError")
 
 
 def test_n_below_two_with_a_pair_strategy_is_a_config_error():

@@ -118,6 +118,7 @@ class SampleStats:
     mean_score: float = 0.0
     finish_reasons: dict[str, int] = field(default_factory=dict)
     score_by_function: dict[str, float] = field(default_factory=dict)
+    failure_examples: list[str] = field(default_factory=list)  # the first few scorer failures, with prompt index
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -319,6 +320,7 @@ def rejection_sample(
     scored = rewards.score_groups(raw_prompts, completions, columns)
     if scored.failures:
         logger.warning(describe_failures(scored.failures))
+        stats.failure_examples = [failure.describe() for failure in scored.failures[:5]]
     samples = _sample_records(generated, scored)
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
