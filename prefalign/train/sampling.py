@@ -125,7 +125,7 @@ class SampleStats:
 
     def summary(self) -> str:
         return (
-            f"{self.prompts} prompts x samples -> {self.rows} rows from {self.prompts_with_rows} prompts; mean score "
+            f"{self.prompts} prompts, {self.samples} samples -> {self.rows} rows from {self.prompts_with_rows} prompts; mean score "
             f"{self.mean_score:.4f}; dropped: {self.dropped_over_context} prompts over the context, "
             f"{self.reward_failures} samples a scorer failed on, {self.unscored_samples} unscored, "
             f"{self.empty_samples} empty, groups: {self.groups_all_equal} all-equal, {self.groups_below_margin} "
@@ -410,6 +410,7 @@ def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, mod
     # The built-in split for sampling is the task's training prompts; held-out prompts stay unseen.
     rows, _ = resolve_rows(config.data, builtin=_builtin_prompts, dataset=dataset)
     prompts, tokenize_stats = tokenize_prompts(rows, tokenizer, config.data)
+    data_stats = log_stats("prompts", tokenize_stats)
     started = time.perf_counter()
     output = rejection_sample(model, tokenizer, prompts, rewards, config.sampling, seed=config.seed, too_long_prompt=config.data.too_long_prompt)
     seconds = time.perf_counter() - started
@@ -431,7 +432,7 @@ def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, mod
         "format": "preference" if name == "pairs" else "sft",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 2),
-        "data_stats": log_stats("prompts", tokenize_stats),
+        "data_stats": data_stats,
         "stats": output.stats.as_dict(),
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
