@@ -33,6 +33,9 @@ COMMANDS: dict[str, Command] = {
     "base": Command("prefalign.tasks.base", "base", "BaseConfig", "build (or reuse) the built-in task's tiny base model"),
     "dpo": Command("prefalign.train.dpo", "dpo", "DPOConfig", "DPO and its family (IPO, cDPO, robust, hinge, SimPO, RPO) on preference pairs"),
     "eval": Command("prefalign.eval", "evaluate", "EvalConfig", "accuracy, pass@k and KL of a model on a prompt set"),
+    "reward": Command("prefalign.train.reward_model", "reward", "RewardConfig", "train a reward model on preference pairs (Bradley-Terry); --eval-only to evaluate one"),
+    "score": Command("prefalign.score", "score", "ScoreConfig", "score a file of completions (or pairs) with a reward model; writes a copy with reward columns"),
+    "eval-reward": Command("prefalign.train.reward_model", "eval_reward", "EvalRewardConfig", "pairwise accuracy (95% CI), margin and length correlation of a reward model"),
     "demo": Command("prefalign.demo", "demo", "DemoConfig", "the whole stage on the built-in task, with a report"),
     "env": Command("prefalign.env", "env", "EnvConfig", "versions and hardware, for bug reports"),
 }

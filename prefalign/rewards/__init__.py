@@ -27,4 +27,14 @@ __all__ = [
     "describe_failures",
     "get_reward_function",
     "register_reward_function",
+    "RewardModelScorer",
 ]
+
+
+def __getattr__(name: str):
+    # The reward-model scorer pulls in transformers: imported on first use, not with the registry.
+    if name == "RewardModelScorer":
+        from prefalign.rewards.scorer import RewardModelScorer
+
+        return RewardModelScorer
+    raise AttributeError(f"module 'prefalign.rewards' has no attribute {name!r}")

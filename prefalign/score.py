@@ -1,0 +1,72 @@
+"""`prefalign score --model DIR --data FILE`: a copy of the data with reward-model scores.
+
+Prompt/completion rows get a `reward` column; preference rows (chosen/rejected, explicit or implicit prompt)
+get `reward_chosen` and `reward_rejected`. Every original column is kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefalign.config import option
+from prefalign.errors import ConfigError
+from prefalign.rewards.scorer import RewardModelScorer
+
+
+@dataclass
+class ScoreConfig:
+    model: str = option("runs/reward/final", "Reward-model folder: the final/ folder of `prefalign reward`, or any one-label sequence classifier.")
+    data: str = option("", "File to score (JSONL/JSON/Parquet/CSV or a save_to_disk folder): prompt/completion rows get a `reward` column, preference rows `reward_chosen` and `reward_rejected`.")
+    columns: dict[str, str] = option(help="Rename source columns to ours, e.g. {question: prompt, answer: completion}.", factory=dict)
+    output: str = option("", "Where the scored copy is written (.jsonl, .json, .parquet or .csv); empty = runs/score/<data name>.scored.jsonl.")
+    batch_size: int = option(64, "Sequences per forward pass.")
+    device: str = option("auto", "Device: auto, cpu, cuda, ...")
+    normalize: bool = option(False, "Write (score - mean) / std with the training data's statistics.")
+    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
+
+
+def score(config: ScoreConfig) -> Path:
+    """`prefalign score`: write a copy of the data with reward column(s); returns the output path."""
+    from prefalign.data import load_rows, normalize_preference, normalize_sft
+    from prefalign.data.sources import visible_columns
+    from prefalign.train.runtime import set_threads
+
+    set_threads(config.num_threads)
+    if not config.data:
+        raise ConfigError("score needs --data FILE (the rows to score)")
+    rows = load_rows([config.data], columns=config.columns)
+    scorer = RewardModelScorer(config.model, batch_size=config.batch_size, device=config.device, normalize=config.normalize)
+    names = visible_columns(rows)
+    output = rows.select_columns(names)
+    if "chosen" in names or "rejected" in names:
+        pairs = normalize_preference(rows)
+        prompts = [row["prompt"] for row in pairs]
+        output = output.add_column("reward_chosen", scorer.score(prompts, [row["chosen"] for row in pairs]))
+        output = output.add_column("reward_rejected", scorer.score(prompts, [row["rejected"] for row in pairs]))
+    else:
+        singles = normalize_sft(rows)
+        output = output.add_column("reward", scorer.score([row["prompt"] for row in singles], [row["completion"] for row in singles]))
+    path = Path(config.output or f"runs/score/{Path(config.data.rstrip('/')).name.split('.')[0]}.scored.jsonl")
+    _write_rows(output, path)
+    print(f"scored {len(output)} rows with {config.model}: {path}")
+    return path
+
+
+def _write_rows(dataset: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        dataset.to_parquet(str(path))
+    elif name.endswith(".csv"):
+        dataset.to_csv(str(path), index=False)
+    elif name.endswith(".json"):
+        path.write_text(json.dumps(dataset.to_list(), indent=1))
+    elif name.endswith(".jsonl"):
+        with path.open("w") as handle:
+            for record in dataset.to_list():
+                handle.write(json.dumps(record) + "\n")
+    else:
+        raise ConfigError(f"score: output {str(path)!r} must end in .jsonl, .json, .parquet or .csv")
