@@ -70,6 +70,17 @@ def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], b
     return config_path, overrides, wants_help
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar and log lines are enough; silence per-file loading bars of the libraries."""
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if not arguments or arguments[0] in ("-h", "--help", "help"):
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prefalign: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "") + f"\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     try:
         function, config_class = COMMANDS[name].load()
         config_path, overrides, wants_help = parse_overrides(rest)

@@ -93,11 +93,12 @@ def demo(config: DemoConfig) -> dict[str, Any]:
         config.stages.insert(0, "base")  # every stage starts from the base model
     started = time.perf_counter()
     timings = {}
-    for name in config.stages:
-        if name not in STAGES:
-            from prefalign.errors import ConfigError
+    unknown = [name for name in config.stages if name not in STAGES]
+    if unknown:
+        from prefalign.errors import ConfigError
 
-            raise ConfigError(f"unknown demo stage {name!r}; stages: {list(STAGES)}")
+        raise ConfigError(f"unknown demo stage {unknown[0]!r}; stages: {list(STAGES)}")
+    for name in config.stages:
         module_name, _, function_name = STAGES[name].partition(":")
         stage = getattr(importlib.import_module(module_name), function_name)
         print(f"\n== demo stage: {name}", flush=True)
