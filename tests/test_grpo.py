@@ -18,7 +18,7 @@ from prefalign.rewards import register_reward_function
 from prefalign.tasks.arithmetic import prompt_dataset
 from prefalign.tasks.base import BaseConfig, new_model
 from prefalign.tasks.tokenizer import build_char_tokenizer
-from prefalign.train.forward import completion_logps
+from prefalign.train.forward import completion_logps, grouped_completion_logps
 from prefalign.train.grpo import (
     GRPOConfig,
     aligned,
@@ -212,13 +212,41 @@ def test_engine_logprobs_line_up_with_the_training_forward(model_dir, tokenizer)
     torch.testing.assert_close(old, scored.token_logps, atol=1e-5, rtol=0)  # so ρ starts at 1 when μ > 1
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_accumulation_gives_the_gradient_of_one_batch(tmp_path, model_dir, tokenizer, loss_type):
+def per_row(scored) -> list[list[float]]:
+    """Each row's completion-token log-probs as a list (the two forwards lay their columns out differently)."""
+    values, mask = scored.token_logps.tolist(), scored.mask.tolist()
+    return [[v for v, m in zip(row, row_mask, strict=True) if m] for row, row_mask in zip(values, mask, strict=True)]
+
+
+def test_shared_prompt_forward_matches_the_full_forward(model_dir, tokenizer):
+    """Each prompt once, its cache shared by its G rows: the same log-probs and the same gradients."""
+    model, examples = rollout_examples(model_dir, tokenizer)
+    batch = collate_rollout(examples, tokenizer.pad_token_id)
+    results = []
+    for forward in (
+        lambda: completion_logps(model, batch),
+        lambda: grouped_completion_logps(model, batch["prompt_ids"], batch["completion_ids"], tokenizer.pad_token_id),
+    ):
+        model.zero_grad()
+        scored = forward()
+        weights = aligned([[1.0 + 0.1 * t for t in range(len(ids))] for ids in batch["completion_ids"]], scored.mask)
+        (scored.token_logps * weights).sum().backward()  # position-dependent, so a shifted column would show
+        results.append((per_row(scored), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (full_values, full_gradient), (shared_values, shared_gradient) = results
+    assert [len(row) for row in shared_values] == [len(e["completion_ids"]) for e in examples]
+    for full_row, shared_row in zip(full_values, shared_values, strict=True):
+        assert shared_row == pytest.approx(full_row, abs=1e-5)
+    assert full_gradient.abs().max() > 0
+    torch.testing.assert_close(shared_gradient, full_gradient, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("loss_type", "share_prompt"), [("grpo", True), ("dapo", True), ("dr_grpo", True), ("dapo", False)])
+def test_accumulation_gives_the_gradient_of_one_batch(tmp_path, model_dir, tokenizer, loss_type, share_prompt):
     """Micro-batches of 5, 5 and 2 completions update exactly like one batch of 12 (plain SGD, no clipping)."""
     updates = []
     for micro in (12, 5):
         model, examples = rollout_examples(model_dir, tokenizer)
-        config = make_config(model_dir, tmp_path, loss_type=loss_type, max_new_tokens=6, train={"batch_size": micro, "max_grad_norm": 0.0})
+        config = make_config(model_dir, tmp_path, loss_type=loss_type, share_prompt=share_prompt, max_new_tokens=6, train={"batch_size": micro, "max_grad_norm": 0.0})
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -47,3 +47,44 @@ def completion_logps(model, batch: dict[str, torch.Tensor], *, temperature: floa
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-pad tokens in a batch, for tokens_per_second."""
     return int(batch["attention_mask"].sum())
+
+
+def grouped_completion_logps(
+    model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, *, temperature: float = 1.0, keep_logits: bool = False
+) -> CompletionLogps:
+    """`completion_logps` for rows that share prompts (GRPO's G samples, DPO's chosen/rejected): each distinct
+    prompt goes through the model once, and its KV cache (with its autograd graph) is repeated for its rows.
+
+    Same values and gradients as one forward over every prompt + completion, with the prompt tokens computed
+    once per distinct prompt instead of once per row. Needs the model's KV cache, so not with gradient
+    checkpointing (transformers turns the cache off there); use completion_logps then.
+    Returns token_logps / mask of shape (rows, longest completion): row i's tokens in columns [0, |y_i|).
+    """
+    from transformers import DynamicCache
+
+    from prefalign.data import pad_sequences
+    from prefalign.generation import _cache_keyword
+
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]  # row -> its prompt
+    device = next(model.parameters()).device
+    prompts = [list(ids) for ids in distinct]
+    # Left-padded prompts end at the same column, so the cache lines up with the completions that follow.
+    prompt_input = pad_sequences(prompts, pad_token_id, padding_side="left").to(device)  # (prompts, P)
+    prompt_mask = pad_sequences([[1] * len(ids) for ids in prompts], 0, padding_side="left").to(device)
+    cache = DynamicCache(config=model.config)
+    cache_argument = {_cache_keyword(model): cache}
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # positions count real tokens only
+    last_logits = model(input_ids=prompt_input, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_argument).logits[:, -1]  # (prompts, vocab)
+    rows = torch.tensor(owner, device=device)
+    cache.batch_select_indices(rows)  # (rows, ...): indexing keeps the graph back to the shared prompt pass
+    completions = pad_sequences([list(ids) for ids in completion_ids], pad_token_id).to(device)  # (rows, C)
+    completion_mask = pad_sequences([[1] * len(ids) for ids in completion_ids], 0).to(device)
+    completion_positions = prompt_mask.sum(dim=1)[rows].unsqueeze(1) + torch.arange(completions.shape[1], device=device)
+    attention_mask = torch.cat([prompt_mask[rows], completion_mask], dim=1)  # (rows, P + C)
+    logits = model(input_ids=completions, attention_mask=attention_mask, position_ids=completion_positions, use_cache=True, **cache_argument).logits
+    # The prompt's last logit scores the first completion token; completion logit t scores token t + 1.
+    scoring = torch.cat([last_logits[rows].unsqueeze(1), logits[:, :-1]], dim=1)  # (rows, C, vocab)
+    mask = completion_mask.to(scoring.dtype)
+    token_logps = token_logprobs(scoring, completions, temperature=temperature) * mask
+    return CompletionLogps(token_logps=token_logps, mask=mask, logits=scoring if keep_logits else None)

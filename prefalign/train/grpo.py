@@ -36,7 +36,7 @@ from prefalign.models import is_peft_model, load_causal_lm, model_card, referenc
 from prefalign.rewards import WeightedRewards, describe_failures
 from prefalign.train import runtime
 from prefalign.train.common import log_stats, resolve_rows
-from prefalign.train.forward import completion_logps
+from prefalign.train.forward import completion_logps, grouped_completion_logps
 
 logger = logging.getLogger("prefalign")
 
@@ -56,6 +56,7 @@ class GRPOConfig:
     top_p: float = option(1.0, "Nucleus sampling.")
     top_k: int = option(0, "Top-k sampling (0 = off).")
     generation_batch_size: int = option(0, "Sequences decoded together (0 = the whole rollout batch).")
+    share_prompt: bool = option(True, "Training forward: run each prompt once and share its KV cache with its G completions (same values; off with gradient checkpointing).")
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = option("dapo", "Token aggregation: grpo (per-sequence mean), dapo (token mean over the step), dr_grpo (token sum / (sequences × max_new_tokens)).")
     importance_sampling_level: Literal["token", "sequence"] = option("token", "token = GRPO's per-token ratio; sequence = GSPO's length-normalised sequence ratio.")
     scale_rewards: Literal["group", "batch", "none"] = option("group", "Advantage scaling: group std (GRPO, sample std, δ = 1e-4), batch std, or none (Dr. GRPO).")
@@ -131,13 +132,13 @@ def reference_scorer(config: GRPOConfig, model, reference):
 
         def adapters_off(batch):  # the LoRA policy's base weights are the reference: no second copy
             with reference_mode(model):
-                return completion_logps(model, batch, temperature=config.temperature)
+                return score_completions(model, batch, config)
 
         return adapters_off
     if reference is None:
         # The policy before its first update is the reference: a frozen copy costs no second load.
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return lambda batch: completion_logps(reference, batch, temperature=config.temperature)
+    return lambda batch: score_completions(reference, batch, config)
 
 
 def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, run_dir: Path):
@@ -298,6 +299,7 @@ def build_examples(rollout: Rollout, kept, config: GRPOConfig) -> None:
 
 def collate_rollout(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     batch = collate_sft(examples, pad_token_id)  # input_ids, attention_mask, completion_mask: (B, L)
+    batch.update(pad_token_id=pad_token_id, prompt_ids=[e["prompt_ids"] for e in examples], completion_ids=[e["completion_ids"] for e in examples])
     batch["advantages"] = torch.tensor([e["advantage"] for e in examples], dtype=torch.float32)  # (B,)
     batch["trained"] = torch.tensor([float(e["trained"]) for e in examples])  # (B,)
     batch["old_logps"] = [e["old_logps"] for e in examples]  # per row: one value per completion token
@@ -322,9 +324,16 @@ def add_reference_logps(score_reference, examples, config: GRPOConfig, pad_token
             example["ref_logps"] = values[row_mask.bool()].tolist()
 
 
+def score_completions(model, batch, config: GRPOConfig, keep_logits: bool = False):
+    """Completion log-probs at the sampling temperature: CompletionLogps with (batch, T) token_logps and mask."""
+    if config.share_prompt and not config.model.gradient_checkpointing:
+        return grouped_completion_logps(model, batch["prompt_ids"], batch["completion_ids"], batch["pad_token_id"], temperature=config.temperature, keep_logits=keep_logits)
+    return completion_logps(model, batch, temperature=config.temperature, keep_logits=keep_logits)
+
+
 def policy_loss(model, batch, totals: dict[str, int], config: GRPOConfig, use_rollout_logps: bool):
     """This micro-batch's share of the optimizer-step loss, its metrics (token means) and trained tokens."""
-    scored = completion_logps(model, batch, temperature=config.temperature, keep_logits=True)
+    scored = score_completions(model, batch, config, keep_logits=True)
     logps = scored.token_logps  # (batch, T)
     mask = scored.mask * batch["trained"].unsqueeze(1)  # (batch, T): trained completion tokens
     old_logps = aligned(batch["old_logps"], scored.mask) if use_rollout_logps else logps.detach()
@@ -349,7 +358,7 @@ def optimizer_step(model, optimizer, scheduler, examples, config: GRPOConfig, pa
     """Accumulate over micro-batches of train.batch_size completions, clip, step. Normalisers span the step."""
     size = config.train.batch_size
     batches = [collate_rollout(examples[i : i + size], pad_token_id) for i in range(0, len(examples), size)]
-    trained = [b["completion_mask"].sum(dim=1) * b["trained"] for b in batches]  # per row: trained tokens
+    trained = [torch.tensor([len(ids) for ids in b["completion_ids"]]) * b["trained"] for b in batches]  # per row: trained tokens
     totals = {"tokens": int(sum(t.sum() for t in trained)), "sequences": max(1, int(sum((t > 0).sum() for t in trained)))}
     sums: dict[str, float] = {"loss": 0.0}
     for batch in batches:
