@@ -74,3 +74,15 @@ def test_evaluate_policy_counts_and_kl():
     random_model = evaluate_policy(model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=4, max_new_tokens=4, reference=other)
     assert random_model["accuracy"] == 0.0  # an untrained model does not add numbers
     assert random_model["kl"] > 0.01  # two different random models
+
+
+def test_base_build_is_deterministic_for_a_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    config = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=3, batch_size=8, eval_prompts=4)
+    first = ensure_base_model(BaseConfig(**config, output_dir=str(tmp_path / "a")))
+    second = ensure_base_model(BaseConfig(**config, output_dir=str(tmp_path / "b")))
+    other_seed = ensure_base_model(BaseConfig(**config, seed=7, output_dir=str(tmp_path / "c")))
+    weights = [load_file(str(path / "model.safetensors")) for path in (first, second, other_seed)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert not all(torch.equal(weights[0][name], weights[2][name]) for name in weights[0])
