@@ -42,6 +42,8 @@ def make_config(run_dir, *, steps=2, batch_size=4, grad_accum=1, learning_rate=1
         output_dir=str(run_dir), learning_rate=learning_rate, batch_size=batch_size, grad_accum=grad_accum,
         max_steps=steps, progress=False, schedule="constant", seed=0,
     )  # fmt: skip
+    fields.setdefault("mixed_precision", "off")  # exact comparisons; the bf16 path has its own test
+    fields.setdefault("rpo_alpha", 0.0)  # plain DPO unless a test asks for the SFT term
     return DPOConfig(model=ModelConfig(device="cpu"), data=DataConfig(max_length=64), train=train, **fields)
 
 
@@ -194,6 +196,14 @@ def test_a_separate_reference_model_is_used(tmp_path):
     assert train_records(result)[0]["loss"] != pytest.approx(0.693147, abs=1e-3)
 
 
+def test_bf16_autocast_keeps_the_first_step_near_log_two(tmp_path):
+    model, result = run(tmp_path, steps=2, mixed_precision="bf16", eval_pairs=0)
+    first = train_records(result)[0]
+    # Reference and policy both run under autocast; bf16 rounding leaves h close to, not exactly, 0.
+    assert first["loss"] == pytest.approx(0.693147, abs=2e-2)
+    assert next(model.parameters()).dtype == torch.float32  # weights and optimizer stay float32
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -218,7 +228,7 @@ def test_cli_runs_dpo_on_a_jsonl_file(tmp_path, capsys):
     code = main([
         "dpo", "--model.name_or_path", str(model_dir), "--data.path", str(data), "--output_dir", str(tmp_path / "run"),
         "--max_steps", "1", "--batch_size", "2", "--loss_type", "sigmoid,ipo", "--loss_weights", "1,0.1",
-        "--progress", "false",
+        "--progress", "false", "--mixed_precision", "off", "--rpo_alpha", "0",
     ])  # fmt: skip
     assert code == 0
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
