@@ -68,7 +68,8 @@ def run_arm(arguments) -> dict:
     rounds = [record.get("heldout/accuracy") for record in result.metrics if "round" in record]
     return {
         "arm": arguments.arm, "seed": arguments.seed, "steps": result.step, "seconds": round(seconds, 1),
-        "accuracy": metrics["accuracy"], "pass@8": metrics["pass@8"], "accuracy_per_round": rounds,
+        "accuracy": metrics["accuracy"], "pass@8": metrics["pass@8"], "mean_length": metrics["mean_length"],
+        "accuracy_per_round": rounds,
     }  # fmt: skip
 
 
@@ -111,10 +112,11 @@ def main() -> None:
 
     print(f"\nbuilt-in task, {len(arguments.seeds)} seeds, {arguments.rounds} x {arguments.steps} DPO steps each arm, "
           f"rpo_alpha={arguments.rpo_alpha}, reference={arguments.round_reference}")  # fmt: skip
-    print("| arm | held-out greedy accuracy | held-out pass@8 | wall time (s) |")
-    print("| --- | --- | --- | --- |")
+    print("| arm | held-out greedy accuracy | held-out pass@8 | greedy length (tokens) | wall time (s, median) |")
+    print("| --- | --- | --- | --- | --- |")
     for arm, records in results.items():
         print(f"| {arm} | {summary([r['accuracy'] for r in records])} | {summary([r['pass@8'] for r in records])} | "
+              f"{summary([r.get('mean_length', float('nan')) for r in records])} | "
               f"{statistics.median(r['seconds'] for r in records):.0f} |")  # fmt: skip
     offline = statistics.mean(r["accuracy"] for r in results["offline"])
     iterative = statistics.mean(r["accuracy"] for r in results["iterative"])

@@ -165,7 +165,8 @@ def held_out_metrics(model, tokenizer, prompts, rewards, config) -> dict[str, fl
         model, tokenizer, prompts, rewards, k=0, max_new_tokens=config.sampling.max_new_tokens,
         batch_size=config.sampling.generation_batch_size, seed=config.train.seed,
     )
-    return {"heldout/accuracy": metrics["accuracy"], "heldout/mean_reward": metrics["mean_reward"]}
+    # The mean greedy length shows a policy that stops ending its answers (a known DPO failure: EOS pushed down).
+    return {"heldout/accuracy": metrics["accuracy"], "heldout/mean_reward": metrics["mean_reward"], "heldout/mean_length": metrics["mean_length"]}
 
 
 def iterative_dpo(config, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None, save: bool = True) -> TrainResult:
@@ -261,14 +262,15 @@ def report(config, history: list[dict[str, Any]]) -> str:
         "",
         "Held-out accuracy: share of held-out prompts whose greedy completion scores at least 1.",
         "",
-        "| round | DPO steps (total) | prompts | pairs | all-equal groups | sample mean score | train loss | eval pair accuracy | held-out accuracy | held-out mean score |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| round | DPO steps (total) | prompts | pairs | all-equal groups | sample mean score | samples cut at max_new_tokens | train loss | eval pair accuracy | held-out accuracy | held-out mean score | held-out mean length |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for record in history:
         lines.append(
             f"| {record['round']} | {record['step']} | {cell(record, 'sample/prompts')} | {cell(record, 'sample/pairs')} | "
-            f"{cell(record, 'sample/groups_all_equal')} | {cell(record, 'sample/mean_score')} | {cell(record, 'train/loss')} | "
-            f"{cell(record, 'eval/rewards/accuracies')} | {cell(record, 'heldout/accuracy')} | {cell(record, 'heldout/mean_reward')} |"
+            f"{cell(record, 'sample/groups_all_equal')} | {cell(record, 'sample/mean_score')} | {cell(record, 'sample/truncated')} | "
+            f"{cell(record, 'train/loss')} | {cell(record, 'eval/rewards/accuracies')} | {cell(record, 'heldout/accuracy')} | "
+            f"{cell(record, 'heldout/mean_reward')} | {cell(record, 'heldout/mean_length', 2)} |"
         )
     return "\n".join(lines) + "\n"
 
