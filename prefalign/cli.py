@@ -32,6 +32,7 @@ COMMANDS: dict[str, Command] = {
     "sample": Command("prefalign.train.sampling", "sample", "SampleConfig", "rejection sampling: n samples per prompt, scored, as pairs or best-of-n"),
     "base": Command("prefalign.tasks.base", "base", "BaseConfig", "build (or reuse) the built-in task's tiny base model"),
     "dpo": Command("prefalign.train.dpo", "dpo", "DPOConfig", "DPO and its family (IPO, cDPO, robust, hinge, SimPO, RPO) on preference pairs"),
+    "grpo": Command("prefalign.train.grpo", "grpo", "GRPOConfig", "GRPO (and Dr. GRPO, DAPO, GSPO): group-relative RL with reward functions and/or a reward model"),
     "eval": Command("prefalign.eval", "evaluate", "EvalConfig", "accuracy, pass@k and KL of a model on a prompt set"),
     "reward": Command("prefalign.train.reward_model", "reward", "RewardConfig", "train a reward model on preference pairs (Bradley-Terry); --eval-only to evaluate one"),
     "score": Command("prefalign.score", "score", "ScoreConfig", "score a file of completions (or pairs) with a reward model; writes a copy with reward columns"),

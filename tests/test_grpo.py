@@ -372,3 +372,15 @@ def test_lora_policy_trains_only_adapters(tmp_path, model_dir, tokenizer):
     config = make_config(model_dir, tmp_path / "lora-only", train={"max_steps": 1})
     grpo(config, dataset=prompts(), model=model, tokenizer=tokenizer, save=False)
     assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_cli_runs_grpo_and_reports_config_errors(tmp_path, model_dir, capsys):
+    from prefalign.cli import main
+
+    assert main(["grpo", "--num_generations", "1"]) == 2
+    assert "num_generations (G) must be at least 2" in capsys.readouterr().err
+    out = tmp_path / "cli"
+    arguments = ["--model.name_or_path", model_dir, "--data.max_length", "32", "--max_eval_samples", "8", "--max_new_tokens", "4",
+                 "--num_generations", "4", "--batch_size", "8", "--max_steps", "1", "--output_dir", str(out), "--progress", "false"]  # fmt: skip
+    assert main(["grpo", *arguments]) == 0
+    assert (out / "final" / "config.json").exists() and len(read_metrics(out)) == 2  # the step, then the final eval

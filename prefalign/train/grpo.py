@@ -503,3 +503,32 @@ def _card_lines(config: GRPOConfig, result: runtime.TrainResult) -> dict[str, An
         "learning rate": config.train.learning_rate,
         "final train reward": f"{last.get('reward', float('nan')):.4f}",
     }
+
+
+# ----------------------------------------------------------------------------- the demo stage
+
+DEMO = {"steps": 400, "max_time": 270.0, "learning_rate": 1e-4, "prompts": 16, "generations": 8}
+
+
+def grpo_stage(context) -> dict[str, Any]:
+    """`prefalign demo`: GRPO with the exact-match reward from the base model; held-out accuracy before and after."""
+    base = ModelConfig(name_or_path=str(context.base_path))
+    model, tokenizer = load_causal_lm(base)
+    config = GRPOConfig(model=base, data=DataConfig(max_length=64), max_new_tokens=8, num_generations=DEMO["generations"], max_time=DEMO["max_time"], log_completions_every=50)
+    config.train = TrainConfig(
+        output_dir=str(context.run_dir / "grpo"), overwrite=True, learning_rate=DEMO["learning_rate"], batch_size=DEMO["prompts"] * DEMO["generations"],
+        max_steps=DEMO["steps"], schedule="constant", seed=context.config.seed, num_threads=context.config.num_threads, progress=False,
+    )  # fmt: skip
+    started = time.perf_counter()
+    result = grpo(config, model=model, tokenizer=tokenizer)
+    reference, _ = load_causal_lm(base, trainable=False)
+    after = context.evaluate(model, tokenizer, reference=reference)
+    wall = time.perf_counter() - started
+    before = context.base_metrics
+    stopped = f" (stopped by the {DEMO['max_time']:.0f} s budget)" if result.step < DEMO["steps"] else ""
+    context.lines.append(
+        f"| GRPO (exact-match reward) | held-out greedy accuracy {before.get('accuracy', float('nan')):.3f} → {after['accuracy']:.3f}, "
+        f"pass@8 {before.get('pass@8', float('nan')):.3f} → {after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats | {result.step} steps{stopped} × "
+        f"{DEMO['prompts']} prompts × G={DEMO['generations']}, lr {DEMO['learning_rate']:g}, loss {config.loss_type}, β {config.beta:g}; {wall:.0f} s |"
+    )
+    return {"after": after, "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}
