@@ -19,7 +19,14 @@ from prefalign.data import collate_preference
 from prefalign.errors import ConfigError, DataError, ModelError
 from prefalign.models import reference_mode
 from prefalign.tasks.arithmetic import preference_dataset
-from prefalign.train.dpo import REF_LOGPS_FILE, DPOConfig, dpo, precompute_reference, tokenized_pairs
+from prefalign.train.dpo import (
+    REF_LOGPS_FILE,
+    DPOConfig,
+    PairForward,
+    dpo,
+    precompute_reference,
+    tokenized_pairs,
+)
 from prefalign.train.forward import completion_logps
 from tests.helpers import save_tiny_model, tiny_model
 
@@ -106,6 +113,16 @@ def test_precomputed_reference_matches_reference_on_the_fly(tmp_path):
     assert train_records(cached_result)[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-6)
 
 
+def test_shared_prompt_forward_matches_the_padded_batch(tmp_path):
+    shared, shared_result = run(tmp_path / "shared", steps=3, share_prompt=True)
+    padded, padded_result = run(tmp_path / "padded", steps=3, share_prompt=False)
+    for a, b in zip(train_records(shared_result), train_records(padded_result), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["tokens_per_second"] > 0
+    for (name, a), (_, b) in zip(shared.named_parameters(), padded.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
     from prefalign.models import apply_lora
 
@@ -147,11 +164,11 @@ def test_cached_reference_is_reused_only_for_the_same_data(tmp_path):
     other, _ = tiny_model(1)
     data = DataConfig(max_length=64)
     pairs, _ = tokenized_pairs(preference_dataset("train", limit=6), tokenizer, data, "train")
-    first = precompute_reference(tmp_path, model, None, {"train": pairs}, tokenizer.pad_token_id, 4)
-    again = precompute_reference(tmp_path, other, None, {"train": pairs}, tokenizer.pad_token_id, 4)
+    first = precompute_reference(tmp_path, model, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 4)
+    again = precompute_reference(tmp_path, other, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 4)
     assert torch.equal(first["train"]["chosen"], again["train"]["chosen"])  # same data: read back, not recomputed
     changed, _ = tokenized_pairs(preference_dataset("train", limit=6, seed=1), tokenizer, data, "train")
-    fresh = precompute_reference(tmp_path, other, None, {"train": changed}, tokenizer.pad_token_id, 4)
+    fresh = precompute_reference(tmp_path, other, None, {"train": changed}, PairForward(tokenizer.pad_token_id), 4)
     assert not torch.equal(first["train"]["rejected"], fresh["train"]["rejected"])
 
 

@@ -10,8 +10,10 @@ reward model (Rafailov et al. 2023; the loss variants live in `prefalign.losses.
    is freed. The reference is, in order: `reference=` / `config.reference` (a separate model, which must
    share the policy's tokenizer), the base network with LoRA adapters off, or the policy's own weights
    before the first update (so full fine-tuning needs no copy of the model at all);
-3. training through the shared runtime: chosen and rejected rows of a micro-batch go through the model
-   in one forward pass (`collate_preference`), only completion positions reach the output head;
+3. training through the shared runtime: chosen and rejected of a micro-batch go through the model
+   together, each prompt once with its KV cache shared by both completions (`share_prompt`; otherwise one
+   padded forward of chosen and rejected rows, `collate_preference`), only completion positions reaching the
+   output head, under bf16 autocast where the hardware runs it natively (`mixed_precision`);
 4. the same metrics on the eval pairs, then the model is saved to `<run>/final`.
 
 Metrics keep TRL's names: `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
@@ -50,7 +52,7 @@ from prefalign.models import (
     save_model,
 )
 from prefalign.train.common import log_stats, resolve_rows
-from prefalign.train.forward import completion_logps, count_tokens
+from prefalign.train.forward import CompletionLogps, completion_logps, grouped_completion_logps
 from prefalign.train.runtime import (
     LossOutput,
     TrainResult,
@@ -86,6 +88,7 @@ class DPOConfig:
     rounds: int = option(1, "Iterative (on-policy) DPO: rounds of sample -> pairs -> DPO with the current policy (train.max_steps per round); 1 = offline DPO on data.path's pairs.")
     round_reference: Literal["original", "previous"] = option("original", "With rounds > 1: each round's reference is the original model, or the policy as it starts the round.")
     sampling: RoundSamplingConfig = option(help="With rounds > 1: how each round samples (prompts from data.path or sampling.prompt_path), scores and pairs.", factory=RoundSamplingConfig)
+    share_prompt: bool = option(True, "Run each prompt once for its chosen and rejected (its KV cache serves both): fewer tokens per pair, same values. Off under gradient checkpointing.")
     mixed_precision: Literal["auto", "bf16", "off"] = option("auto", "bf16 autocast of forward passes (weights and optimizer stay in their dtype). auto = on for CUDA and for CPUs with native bf16 (AVX512-BF16 or AMX), where a training step runs about twice as fast; off elsewhere.")
 
 
@@ -119,10 +122,35 @@ def use_bf16(config: DPOConfig, device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def logps_of(model, batch: dict[str, Any], bf16: bool):
-    """completion_logps under bf16 autocast when asked (log-softmax itself runs in float32)."""
-    with torch.autocast(model_device(model).type, dtype=torch.bfloat16, enabled=bf16):
-        return completion_logps(model, batch)
+@dataclass(frozen=True)
+class PairForward:
+    """How pairs go through a model: collation, bf16 autocast, and whether each prompt is computed once."""
+
+    pad_token_id: int
+    bf16: bool = False
+    share_prompt: bool = True
+
+    def collate(self, pairs: list[dict[str, Any]], ref_logps: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, Any]:
+        """One batch: the pairs, their padded chosen rows [0, B) and rejected rows [B, 2B) (collate_preference)
+        unless prompts are shared, and their precomputed reference log-probs, (B,) each."""
+        batch: dict[str, Any] = {} if self.share_prompt else {k: v.to(device) for k, v in collate_preference(pairs, self.pad_token_id).items()}
+        batch["pairs"] = pairs
+        if ref_logps is not None:
+            index = torch.tensor([pair["index"] for pair in pairs])
+            batch["ref_chosen_logps"] = ref_logps["chosen"][index].to(device)
+            batch["ref_rejected_logps"] = ref_logps["rejected"][index].to(device)
+        return batch
+
+    def __call__(self, model, batch: dict[str, Any]) -> CompletionLogps:
+        """Completion log-probs of the chosen rows then the rejected rows: token_logps, mask (2B, length)."""
+        with torch.autocast(model_device(model).type, dtype=torch.bfloat16, enabled=self.bf16):
+            if not self.share_prompt:
+                return completion_logps(model, batch)
+            pairs = batch["pairs"]
+            # Chosen and rejected share their prompt: it goes through the model once and its KV cache (with its
+            # graph) serves both rows, so a pair costs |x| + |y_w| + |y_l| tokens instead of 2|x| + |y_w| + |y_l|.
+            completions = [pair["chosen_ids"] for pair in pairs] + [pair["rejected_ids"] for pair in pairs]
+            return grouped_completion_logps(model, [pair["prompt_ids"] for pair in pairs] * 2, completions, self.pad_token_id)
 
 
 def check_config(config: DPOConfig) -> None:
@@ -205,15 +233,9 @@ def fingerprint(pairs: list[dict[str, Any]]) -> str:
     return digest.hexdigest()[:32]
 
 
-def collate_pairs(pairs: list[dict[str, Any]], pad_token_id: int, ref_logps: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, Any]:
-    """One batch: chosen rows [0, B), rejected [B, 2B) (see collate_preference), plus the precomputed
-    reference log-probs of these pairs, (B,) each, all on `device`."""
-    batch = collate_preference(pairs, pad_token_id)
-    if ref_logps is not None:
-        index = torch.tensor([pair["index"] for pair in pairs])
-        batch["ref_chosen_logps"] = ref_logps["chosen"][index]
-        batch["ref_rejected_logps"] = ref_logps["rejected"][index]
-    return {key: value.to(device) for key, value in batch.items()}
+def pair_tokens(pairs: list[dict[str, Any]]) -> int:
+    """Non-pad tokens of the chosen and rejected sequences (prompt counted in both), for tokens_per_second."""
+    return sum(2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"]) for pair in pairs)
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -232,7 +254,7 @@ def reference_network(policy, reference):
 
 
 @torch.no_grad()
-def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int, bf16: bool = False) -> dict[str, torch.Tensor]:
+def sequence_logps(network, pairs: list[dict[str, Any]], forward: PairForward, batch_size: int) -> dict[str, torch.Tensor]:
     """Summed completion log-probs of every pair's chosen and rejected, {chosen, rejected}: (num_pairs,) each."""
     was_training = network.training
     network.eval()
@@ -243,18 +265,17 @@ def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batc
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt_ids"]) + max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"])))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        batch = collate_preference([pairs[i] for i in chunk], pad_token_id)
-        sums = logps_of(network, {k: v.to(device) for k, v in batch.items()}, bf16).sums.float().cpu()  # (2B,)
+        sums = forward(network, forward.collate([pairs[i] for i in chunk], None, device)).sums.float().cpu()  # (2B,)
         chosen[chunk] = sums[: len(chunk)]
         rejected[chunk] = sums[len(chunk):]
     network.train(was_training)
     return {"chosen": chosen, "rejected": rejected}
 
 
-def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, list[dict[str, Any]]], pad_token_id: int, batch_size: int, bf16: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, list[dict[str, Any]]], forward: PairForward, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
     """Reference log-probs of every split, from `<run>/ref_logps.safetensors` when it matches the data."""
     path = run_dir / REF_LOGPS_FILE
-    prints = {name: fingerprint(pairs) for name, pairs in splits.items()} | {"bf16": str(bf16)}
+    prints = {name: fingerprint(pairs) for name, pairs in splits.items()} | {"bf16": str(forward.bf16)}
     if path.exists():
         from safetensors import safe_open
 
@@ -267,7 +288,7 @@ def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, lis
     results = {}
     with reference_network(policy, reference) as network:
         for name, pairs in splits.items():
-            results[name] = sequence_logps(network, pairs, pad_token_id, batch_size, bf16)
+            results[name] = sequence_logps(network, pairs, forward, batch_size)
     tensors = {f"{name}/{side}": values for name, sides in results.items() for side, values in sides.items()}
     save_file(tensors, str(path), metadata=prints)
     return results
@@ -276,13 +297,13 @@ def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, lis
 # ----------------------------------------------------------------------------- the loss
 
 
-def make_loss(config: DPOConfig, reference_on_the_fly: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None, bf16: bool = False):
+def make_loss(config: DPOConfig, forward: PairForward, reference_on_the_fly: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None):
     """loss_fn(model, batch) -> LossOutput for the runtime: sums over the micro-batch's pairs."""
     names = loss_types(config)
     weights = list(config.loss_weights) or None
 
     def loss_fn(model, batch: dict[str, Any]) -> LossOutput:
-        scored = logps_of(model, batch, bf16)  # token_logps, mask: (2B, scored_len)
+        scored = forward(model, batch)  # token_logps, mask: (2B, scored_len)
         sums, lengths = scored.sums, scored.lengths  # (2B,)
         pairs = sums.shape[0] // 2
         if "ref_chosen_logps" in batch:
@@ -305,29 +326,26 @@ def make_loss(config: DPOConfig, reference_on_the_fly: Callable[[dict[str, Any]]
             chosen_nll = -scored.token_logps[:pairs].sum()
             loss_sum = loss_sum + sft_term(chosen_nll, step_tokens, alpha=config.rpo_alpha) * step_pairs
             metrics["nll_loss"] = float(chosen_nll.detach()) / max(step_tokens, 1) * step_pairs
-        return LossOutput(loss_sum=loss_sum, metrics=metrics, tokens=count_tokens(batch))
+        return LossOutput(loss_sum=loss_sum, metrics=metrics, tokens=pair_tokens(batch["pairs"]))
 
     return loss_fn
 
 
 def count_pairs(batch: dict[str, Any]) -> float:
-    return float(batch["input_ids"].shape[0] // 2)
+    return float(len(batch["pairs"]))
 
 
 def annotate_step(micro_batches: list[dict[str, Any]]) -> None:
     """Step-wide totals RPO's SFT term needs before the first backward of the step."""
     pairs = sum(count_pairs(batch) for batch in micro_batches)
-    tokens = 0.0
-    for batch in micro_batches:
-        half = batch["input_ids"].shape[0] // 2
-        tokens += float(batch["completion_mask"][:half].sum())
+    tokens = float(sum(len(pair["chosen_ids"]) for batch in micro_batches for pair in batch["pairs"]))
     for batch in micro_batches:
         batch["step_pairs"], batch["step_chosen_tokens"] = pairs, tokens
 
 
-def make_evaluator(config: DPOConfig, pairs, ref_logps, pad_token_id: int, reference_on_the_fly, bf16: bool = False) -> Callable[[Any], dict[str, float]]:
+def make_evaluator(config: DPOConfig, pairs, ref_logps, forward: PairForward, reference_on_the_fly) -> Callable[[Any], dict[str, float]]:
     """The training metrics on held-out pairs (pair-weighted means), no gradient."""
-    loss_fn = make_loss(config, reference_on_the_fly, bf16)
+    loss_fn = make_loss(config, forward, reference_on_the_fly)
 
     @torch.no_grad()
     def evaluate(model) -> dict[str, float]:
@@ -336,7 +354,7 @@ def make_evaluator(config: DPOConfig, pairs, ref_logps, pad_token_id: int, refer
         totals: dict[str, float] = {}
         for start in range(0, len(pairs), config.ref_batch_size):
             chunk = pairs[start:start + config.ref_batch_size]
-            batch = collate_pairs(chunk, pad_token_id, ref_logps, device)
+            batch = forward.collate(chunk, ref_logps, device)
             if config.rpo_alpha > 0:
                 annotate_step([batch])
             output = loss_fn(model, batch)
@@ -377,23 +395,25 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
     (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
 
     reference = load_reference(config, model, tokenizer, reference)
-    bf16 = use_bf16(config, model_device(model))
+    # The KV cache that shares prompts is off under gradient checkpointing (transformers disables it there).
+    share_prompt = config.share_prompt and not config.model.gradient_checkpointing
+    forward = PairForward(tokenizer.pad_token_id, use_bf16(config, model_device(model)), share_prompt)
     ref_logps: dict[str, dict[str, torch.Tensor]] = {}
     reference_on_the_fly = None
     if needs_reference(config) and config.precompute_ref_logps:
-        ref_logps = precompute_reference(run_dir, model, reference, splits, tokenizer.pad_token_id, config.ref_batch_size, bf16)
+        ref_logps = precompute_reference(run_dir, model, reference, splits, forward, config.ref_batch_size)
         reference = None  # freed: training reads the cached numbers
     elif needs_reference(config):
-        reference_on_the_fly = on_the_fly_reference(model, reference, bf16)
+        reference_on_the_fly = on_the_fly_reference(model, reference, forward)
 
     evaluate = None
     if "eval" in splits:
-        evaluate = make_evaluator(config, splits["eval"], ref_logps.get("eval"), tokenizer.pad_token_id, reference_on_the_fly, bf16)
+        evaluate = make_evaluator(config, splits["eval"], ref_logps.get("eval"), forward, reference_on_the_fly)
     result = train_on_examples(
         model=model,
         examples=train_pairs,
-        collate=lambda chunk: collate_pairs(chunk, tokenizer.pad_token_id, ref_logps.get("train"), model_device(model)),
-        loss_fn=make_loss(config, reference_on_the_fly, bf16),
+        collate=lambda chunk: forward.collate(chunk, ref_logps.get("train"), model_device(model)),
+        loss_fn=make_loss(config, forward, reference_on_the_fly),
         units_of=count_pairs,
         config=config.train,
         run_dir=run_dir,
@@ -439,7 +459,7 @@ def load_reference(config: DPOConfig, policy, tokenizer, reference):
     return network
 
 
-def on_the_fly_reference(policy, reference, bf16: bool = False):
+def on_the_fly_reference(policy, reference, forward: PairForward):
     """Reference log-probs per micro-batch (precompute_ref_logps off): a frozen network kept for the whole run."""
     if reference is None and not is_peft_model(policy):
         # Full fine-tuning: the reference is the policy's starting point, so keep a frozen copy of it.
@@ -450,7 +470,7 @@ def on_the_fly_reference(policy, reference, bf16: bool = False):
         with reference_network(policy, reference) as network:
             was_training = network.training
             network.eval()
-            sums = logps_of(network, batch, bf16).sums  # (2B,)
+            sums = forward(network, batch).sums  # (2B,)
             network.train(was_training)
         pairs = sums.shape[0] // 2
         return sums[:pairs], sums[pairs:]
