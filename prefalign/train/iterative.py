@@ -195,11 +195,13 @@ def iterative_dpo(config, *, dataset=None, eval_dataset=None, model=None, tokeni
     for round_index in range(1, config.rounds + 1):
         single = round_config(config, run_dir, round_index)
         round_dir = Path(single.train.output_dir)
+        sampling_started = time.perf_counter()
         sampled = rejection_sample(
             model, tokenizer, round_prompts(pool, round_index, config.sampling.prompts_per_round), rewards,
             config.sampling, seed=config.train.seed * 1000 + round_index, too_long_prompt=config.data.too_long_prompt,
         )  # fmt: skip
-        logger.info("round %d sampling: %s", round_index, sampled.stats.summary())
+        sampling_seconds = time.perf_counter() - sampling_started
+        logger.info("round %d sampling (%.1f s): %s", round_index, sampling_seconds, sampled.stats.summary())
         if not sampled.rows:
             raise DataError(
                 f"round {round_index}: sampling gave no pairs ({sampled.stats.summary()}). The policy's samples all "
@@ -212,6 +214,7 @@ def iterative_dpo(config, *, dataset=None, eval_dataset=None, model=None, tokeni
         result = dpo(single, eval_dataset=eval_rows, model=model, tokenizer=tokenizer, reference=round_reference, save=False)
         total_steps += result.step
         record = {"round": round_index, "step": total_steps, **_sample_metrics(sampled.stats), **_dpo_metrics(result)}
+        record["sample/seconds"], record["dpo/train_seconds"] = sampling_seconds, result.wall_time
         if held_out is not None:
             record.update(held_out_metrics(model, tokenizer, held_out, rewards, config))
         history.append(record)
