@@ -254,8 +254,10 @@ def reference_network(policy, reference):
 
 
 @torch.no_grad()
-def sequence_logps(network, pairs: list[dict[str, Any]], forward: PairForward, batch_size: int) -> dict[str, torch.Tensor]:
-    """Summed completion log-probs of every pair's chosen and rejected, {chosen, rejected}: (num_pairs,) each."""
+def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int, forward: PairForward | None = None) -> dict[str, torch.Tensor]:
+    """Summed completion log-probs of every pair's chosen and rejected, {chosen, rejected}: (num_pairs,) each.
+    `forward` (default: float32, prompts shared) says how the pairs go through the network."""
+    forward = forward or PairForward(pad_token_id)
     was_training = network.training
     network.eval()
     device = model_device(network)
@@ -288,7 +290,7 @@ def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, lis
     results = {}
     with reference_network(policy, reference) as network:
         for name, pairs in splits.items():
-            results[name] = sequence_logps(network, pairs, forward, batch_size)
+            results[name] = sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward)
     tensors = {f"{name}/{side}": values for name, sides in results.items() for side, values in sides.items()}
     save_file(tensors, str(path), metadata=prints)
     return results
