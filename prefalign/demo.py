@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "base": "prefalign.demo:base_stage",
     "dpo": "prefalign.train.dpo:dpo_stage",
     "iterative": "prefalign.train.iterative:iterative_stage",
+    "grpo": "prefalign.train.grpo:grpo_stage",
 }
 
 
