@@ -179,8 +179,7 @@ def test_demo_stage_reports_accuracy_per_round(tmp_path, monkeypatch):
     from prefalign.demo import DemoConfig, DemoContext
     from prefalign.tasks.base import ensure_base_model
 
-    monkeypatch.setattr(iterative, "DEMO_STEPS_PER_ROUND", 2)
-    monkeypatch.setattr(iterative, "DEMO_PROMPTS_PER_ROUND", 64)
+    monkeypatch.setattr(dpo_module, "DEMO_RECIPE", {**dpo_module.DEMO_RECIPE, "train.max_steps": 4, "sampling.prompts_per_round": 64})
     context = DemoContext(config=DemoConfig(output_dir=str(tmp_path), eval_prompts=40, num_threads=1), run_dir=tmp_path)
     context.base_path = ensure_base_model()
     result = iterative.iterative_stage(context)

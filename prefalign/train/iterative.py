@@ -294,38 +294,40 @@ def _card_lines(config, history: list[dict[str, Any]], total_steps: int) -> dict
 
 # ----------------------------------------------------------------------------- demo stage
 
-DEMO_ROUNDS, DEMO_STEPS_PER_ROUND, DEMO_PROMPTS_PER_ROUND = 2, 125, 3000
+DEMO_ROUNDS = 2
 
 
 def iterative_stage(context) -> dict[str, Any]:
-    """`prefalign demo`: rejection sampling + 2 rounds of on-policy DPO from the base model; held-out accuracy per round."""
-    from prefalign.config import ModelConfig
-    from prefalign.train.dpo import DPOConfig
+    """`prefalign demo`: rejection sampling + on-policy DPO rounds from the base model; held-out accuracy per round.
+
+    The DPO stage's recipe (DPO + RPO term) and its total step count, split over the rounds, so the two
+    stages compare at equal DPO steps (see BENCHMARKS.md, "Iterative DPO").
+    """
+    from prefalign.config import ModelConfig, apply_overrides
+    from prefalign.train.dpo import DEMO_RECIPE, DPOConfig
 
     started = time.perf_counter()
     base = ModelConfig(name_or_path=str(context.base_path))
     model, tokenizer = load_causal_lm(base)
-    config = DPOConfig(model=base, rounds=DEMO_ROUNDS)
+    config = apply_overrides(DPOConfig(model=base, rounds=DEMO_ROUNDS), DEMO_RECIPE)
+    config.train.max_steps = max(1, config.train.max_steps // DEMO_ROUNDS)
     config.train.output_dir, config.train.overwrite = str(context.run_dir / "iterative_dpo"), True
     config.train.seed, config.train.num_threads = context.config.seed, context.config.num_threads
-    config.train.max_steps = DEMO_STEPS_PER_ROUND
     config.sampling.max_new_tokens = 8  # the context's evaluation length: answers are 1-3 digits
-    config.sampling.prompts_per_round = DEMO_PROMPTS_PER_ROUND
     config.sampling.eval_prompts = context.config.eval_prompts
     result = iterative_dpo(config, model=model, tokenizer=tokenizer)
     reference, _ = load_causal_lm(base, trainable=False)
     after = context.evaluate(model, tokenizer, reference=reference)
     rounds = [record for record in result.metrics if "heldout/accuracy" in record]
     per_round = " → ".join(f"{record['heldout/accuracy']:.3f}" for record in rounds)
-    pairs = ", ".join(str(record["sample/pairs"]) for record in result.metrics if "sample/pairs" in record)
+    pairs = [record["sample/pairs"] for record in result.metrics if "sample/pairs" in record]
     wall = time.perf_counter() - started
     context.lines.append(
-        f"| rejection sampling + iterative DPO ({config.rounds} rounds, reference: {config.round_reference}) "
-        f"| held-out greedy accuracy per round {per_round}; pass@8 {context.base_metrics.get('pass@8', float('nan')):.3f} → "
-        f"{after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats | each round: {config.sampling.n} samples × "
-        f"{DEMO_PROMPTS_PER_ROUND} training prompts, best vs worst, pairs per round {pairs}, {config.train.max_steps} DPO steps; "
-        f"{wall:.0f} s; report: `{result.run_dir / 'report.md'}` |"
+        f"| rejection sampling + iterative DPO ({config.rounds} rounds, RPO α={config.rpo_alpha:g}, β={config.beta:g}, "
+        f"reference: {config.round_reference}) | held-out greedy accuracy per round {per_round}; pass@8 "
+        f"{context.base_metrics.get('pass@8', float('nan')):.3f} → {after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats "
+        f"| each round: {config.sampling.n} samples per training prompt, best vs worst, {', '.join(map(str, pairs))} pairs, "
+        f"{config.train.max_steps} DPO steps × {config.train.batch_size}; {wall:.0f} s; report: `{result.run_dir / 'report.md'}` |"
     )
     return {"accuracy_per_round": [record["heldout/accuracy"] for record in rounds], "after": after,
-            "pairs_per_round": [record["sample/pairs"] for record in result.metrics if "sample/pairs" in record],
-            "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}
+            "pairs_per_round": pairs, "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}
