@@ -245,6 +245,8 @@ def collect_rollout(engine, prompts, stream, rewards, config: GRPOConfig, progre
     if not kept:
         reason = describe_failures(failures) if failures else "every group had all-equal rewards"
         raise TrainingError(f"no usable group in the rollout batch before optimizer step {progress['step'] + 1} ({rounds} sampling round(s)): {reason}")
+    if config.dynamic_sampling and len(kept) < wanted:
+        logger.warning("dynamic sampling: %d of %d groups after %d rounds (max_sampling_rounds); training on those", len(kept), wanted, rounds)
     kept = kept[:wanted]
     rollout = Rollout(generation_time=time.perf_counter() - started)
     rollout.metrics = rollout_metrics(torch.cat(all_scores), all_samples, per_function, failures, config)
@@ -445,7 +447,7 @@ def grpo(config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tok
                     metrics_logger.log(step, record)
                 history.append({"step": step, **record})
                 metrics_logger.advance()
-            every = config.train.save_every
+            every = config.train.save_every  # checkpoints fall on rollout boundaries: no half-used rollout to save
             if every and progress["step"] // every > first_step // every and progress["step"] < total_steps:
                 runtime.save_checkpoint(run_dir, progress["step"], model, optimizer, scheduler, dict(progress), keep=config.train.keep_checkpoints)
         if progress["step"] < total_steps:
