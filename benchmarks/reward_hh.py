@@ -233,8 +233,8 @@ def prepare(args, work: Path) -> dict:
     (work / "spec.json").write_text(json.dumps(spec))
     lengths = [len(e["chosen_ids"]) for e in train_ids] + [len(e["rejected_ids"]) for e in train_ids]
     print(
-        f"HH-RLHF harmless-base: {len(train_rows) + len(held_rows)} pairs used ({skipped} unparseable or identical "
-        f"transcripts skipped before the split); train {train_stats.summary()}; held out {held_stats.summary()}; "
+        f"HH-RLHF harmless-base: {len(train_rows) + len(held_rows)} pairs used ({skipped} rows skipped before the split: "
+        f"a transcript that does not parse or has an empty turn); train {train_stats.summary()}; held out {held_stats.summary()}; "
         f"train sequence length mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens"
     )
     print(f"backbone MiniLM-L6 (BERT encoder, {backbone}); batch {args.batch_size} pairs, {steps} steps, lr {args.learning_rate}, {args.threads} thread(s)")

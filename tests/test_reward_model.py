@@ -177,6 +177,7 @@ def test_train_save_and_reload_with_plain_transformers_same_scores(tmp_path, lor
     config = _config(tmp_path, backbone)
     config.model.lora = lora
     config.model.lora_r = 4
+    config.group_by_length = not lora  # both batching paths
     result = train_reward_model(config, dataset=_pairs(24), eval_dataset=_pairs(8))
     assert result.step == 6 and result.model_dir == tmp_path / "run" / "final"
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -238,3 +239,63 @@ def test_backbone_errors(tmp_path):
     config.train.output_dir = str(tmp_path / "run2")
     with pytest.raises(ModelError, match="2 labels"):
         train_reward_model(config, dataset=_pairs(4))
+
+
+def test_example_config_is_the_builtin_recipe():
+    from pathlib import Path
+
+    from prefalign.config import load_config
+    from prefalign.train.reward_model import builtin_reward_config
+
+    loaded = load_config(RewardConfig, Path(__file__).resolve().parents[1] / "examples" / "reward.yaml")
+    recipe = builtin_reward_config("runs/reward")
+    assert (loaded.model.name_or_path, loaded.data.path, loaded.data.max_length) == ("builtin", ["builtin"], recipe.data.max_length)
+    for key in ("learning_rate", "batch_size", "max_steps", "warmup_ratio", "schedule"):
+        assert getattr(loaded.train, key) == getattr(recipe.train, key), key
+    assert (loaded.rendering, loaded.group_by_length, loaded.mixed_precision) == ("auto", True, "auto")
+
+
+def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
+    from prefalign.train.reward_model import length_grouped_batches
+
+    examples = [{"chosen_ids": [1] * (index % 7 + 2), "rejected_ids": [1] * 3, "index": index} for index in range(50)]
+    batches = length_grouped_batches(examples, batch_size=4, seed=0, group=5)  # groups of 20 pairs
+    assert sorted(e["index"] for batch in batches for e in batch) == list(range(50))
+    assert [len(batch) for batch in batches] == [4] * 5 + [4] * 5 + [4, 4, 2]
+    for batch in batches:  # sorted inside each group, so a batch spans few lengths
+        lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in batch]
+        assert lengths == sorted(lengths)
+    assert batches == length_grouped_batches(examples, batch_size=4, seed=0, group=5)  # seeded
+
+
+def test_bf16_autocast_decision():
+    from prefalign.train.reward_model import cpu_has_native_bf16, use_bf16_autocast
+
+    cpu = torch.device("cpu")
+    assert use_bf16_autocast("no", cpu, 4096) is False
+    assert use_bf16_autocast("bf16", cpu, 32) is True
+    assert use_bf16_autocast("auto", cpu, 128) is False  # small matmuls: casting costs more than it saves
+    assert use_bf16_autocast("auto", cpu, 384) is cpu_has_native_bf16()
+
+
+def test_demo_stage_adds_one_report_row(tmp_path, monkeypatch):
+    import prefalign.train.reward_model as reward_model
+    from prefalign.demo import STAGES, DemoConfig, DemoContext
+
+    assert STAGES["reward"] == "prefalign.train.reward_model:demo_stage" and list(STAGES)[:2] == ["base", "reward"]
+    recipe = reward_model.builtin_reward_config
+
+    def small(output_dir, *, seed=0):  # the real recipe, cut to seconds
+        config = recipe(output_dir, seed=seed)
+        config.train.max_steps, config.train.progress = 2, False
+        config.data.max_samples, config.data.max_eval_samples, config.normalization_pairs = 32, 16, 8
+        return config
+
+    monkeypatch.setattr(reward_model, "builtin_reward_config", small)
+    monkeypatch.setattr(reward_model, "DEMO_AUC_PROMPTS", 8)
+    context = DemoContext(config=DemoConfig(output_dir=str(tmp_path)), run_dir=tmp_path, base_path=save_tiny_model(tmp_path / "base"))
+    result = reward_model.demo_stage(context)
+    [line] = context.lines
+    assert line.startswith("| reward model | held-out pairwise accuracy ") and line.count(" | ") == 2 and "AUC" in line
+    assert result["evaluation"]["num_pairs"] == 16 and result["steps"] == 2 and result["sample_samples"] == 32
+    assert (tmp_path / "reward" / "final" / "prefalign_reward.json").exists()

@@ -156,6 +156,9 @@ def test_reward_function_in_weighted_rewards_and_normalisation(tmp_path):
     register_reward_function("tiny_reward_model", function)
     total, per_function, failures = WeightedRewards(["tiny_reward_model"], [2.0])(PROMPTS, COMPLETIONS)
     assert total == pytest.approx([2.0 * value for value in raw]) and not failures
+    # by folder name, as a config file would give it (the folder has no prefalign_reward.json: defaults)
+    by_name, _, _ = WeightedRewards([f"reward_model:{folder}"])(PROMPTS, COMPLETIONS)
+    assert by_name == pytest.approx(raw)
     # A policy can stop at once: the reward function scores an empty completion as prompt + EOS.
     [empty] = function(PROMPTS[:1], [""])
     prompt_then_eos = scorer.score_sequences([[BOS, USER] + ids("1+1") + [EOS, ASSISTANT, EOS]])[0]

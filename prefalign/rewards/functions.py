@@ -37,6 +37,10 @@ def register_reward_function(name: str, function: RewardFunction) -> None:
 def get_reward_function(name: str) -> RewardFunction:
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
+    if name.startswith("reward_model:"):  # 'reward_model:<folder>': a reward model's score (rewards/scorer.py)
+        from prefalign.rewards.scorer import reward_model_function
+
+        return reward_model_function(name.partition(":")[2])
     if ":" in name:
         module_name, _, attribute = name.partition(":")
         try:

@@ -240,7 +240,8 @@ def encode_completions(
         )
     config, render = _unlimited(None), renderer(settings.rendering)
     prefix, suffix = special_tokens_around(tokenizer)
-    filled = [index for index in range(len(completions)) if index not in set(empty)]
+    empty_set = set(empty)
+    filled = [index for index in range(len(completions)) if index not in empty_set]
     sequences: list[list[int]] = [[] for _ in completions]
     if filled:
         rows = [{"prompt": prompts[index], "completion": completions[index]} for index in filled]

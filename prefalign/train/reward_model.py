@@ -402,7 +402,10 @@ def builtin_reward_config(output_dir: str, *, seed: int = 0) -> RewardConfig:
     return config
 
 
-def sample_auc(scorer: RewardModelScorer, policy, tokenizer, *, num_prompts: int = 200, samples: int = 4, seed: int = 0) -> dict[str, Any]:
+DEMO_AUC_PROMPTS = 200  # held-out prompts x 4 base-model samples for the demo's AUC
+
+
+def sample_auc(scorer: RewardModelScorer, policy, tokenizer, *, num_prompts: int = DEMO_AUC_PROMPTS, samples: int = 4, seed: int = 0) -> dict[str, Any]:
     """AUC of the reward model's score against exact-match correctness on the policy's own samples of
     held-out prompts (temperature 1): the distribution rejection sampling and GRPO will feed it."""
     from prefalign.data import tokenize_prompts
@@ -432,11 +435,12 @@ def demo_stage(context) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     scorer = RewardModelScorer(str(result.model_dir))
     policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(context.base_path)), trainable=False)
-    auc = sample_auc(scorer, policy, tokenizer, seed=context.config.seed)
+    auc = sample_auc(scorer, policy, tokenizer, num_prompts=DEMO_AUC_PROMPTS, seed=context.config.seed)
+    auc_text = "n/a (every sample right or every sample wrong)" if auc["auc"] is None else f"{auc['auc']:.3f}"
     evaluation = result.evaluation
     context.lines.append(
         f"| reward model | held-out pairwise accuracy {evaluation['accuracy']:.3f} (95% CI {evaluation['accuracy_ci95_low']:.3f}-"
-        f"{evaluation['accuracy_ci95_high']:.3f}, {evaluation['num_pairs']} pairs); AUC {auc['auc']:.3f} against exact match on "
+        f"{evaluation['accuracy_ci95_high']:.3f}, {evaluation['num_pairs']} pairs); AUC {auc_text} against exact match on "
         f"{auc['samples']} base-model samples ({auc['correct_fraction']:.2f} correct) | {result.step} steps, "
         f"{train_seconds:.0f} s to train; model: `{result.model_dir}` |"
     )
