@@ -49,7 +49,7 @@ def train_seed(args, seed: int, base_path: Path, prompts) -> dict:
             data=DataConfig(max_length=64),
             train=TrainConfig(
                 output_dir=run_dir, learning_rate=args.learning_rate, batch_size=args.prompts * args.generations,
-                max_steps=args.max_steps, schedule=args.schedule, eval_every=args.eval_every, progress=False, seed=seed, log_every=10,
+                max_steps=args.max_steps, schedule=args.schedule, adam_beta2=args.adam_beta2, eval_every=args.eval_every, progress=False, seed=seed, log_every=10,
             ),
             num_generations=args.generations, max_new_tokens=8, beta=args.beta, loss_type=args.loss_type,
             scale_rewards=args.scale_rewards, epsilon_high=args.epsilon_high, max_time=args.max_time, log_completions_every=0,
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--adam-beta2", type=float, default=0.999)
     parser.add_argument("--schedule", default="constant", help="constant, or cosine / linear decay over --max-steps")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step")
     parser.add_argument("--generations", type=int, default=8, help="G")

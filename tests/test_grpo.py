@@ -384,3 +384,16 @@ def test_cli_runs_grpo_and_reports_config_errors(tmp_path, model_dir, capsys):
                  "--num_generations", "4", "--batch_size", "8", "--max_steps", "1", "--output_dir", str(out), "--progress", "false"]  # fmt: skip
     assert main(["grpo", *arguments]) == 0
     assert (out / "final" / "config.json").exists() and len(read_metrics(out)) == 2  # the step, then the final eval
+
+
+def test_demo_stage_adds_its_report_line(tmp_path, model_dir, monkeypatch):
+    from prefalign import demo
+    from prefalign.train import grpo as grpo_module
+
+    monkeypatch.setitem(grpo_module.DEMO, "steps", 2)
+    assert demo.STAGES["grpo"] == "prefalign.train.grpo:grpo_stage" and list(demo.STAGES)[-1] == "grpo"
+    context = demo.DemoContext(config=demo.DemoConfig(output_dir=str(tmp_path), eval_prompts=8), run_dir=tmp_path, base_path=model_dir)
+    context.base_metrics = {"accuracy": 0.0, "pass@8": 0.0}
+    found = grpo_module.grpo_stage(context)
+    assert found["steps"] == 2 and context.lines[-1].startswith("| GRPO (exact-match reward) | held-out greedy accuracy 0.000 → ")
+    assert (tmp_path / "grpo" / "final" / "model.safetensors").exists()
