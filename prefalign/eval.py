@@ -16,7 +16,7 @@ from prefalign.models import load_causal_lm, resolve_model_path
 from prefalign.rewards import WeightedRewards
 from prefalign.train.common import resolve_rows
 from prefalign.train.forward import completion_logps
-from prefalign.train.runtime import seed_everything, set_threads
+from prefalign.train.runtime import seed_everything, set_threads, to_device
 
 
 @dataclass
@@ -109,7 +109,8 @@ def sequence_kl(reference, prompt_ids, sampled, pad_token_id: int, temperature: 
     reference.eval()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        scored = completion_logps(reference, collate_sft(chunk, pad_token_id), temperature=temperature or 1.0)
+        batch = to_device(collate_sft(chunk, pad_token_id), next(reference.parameters()).device)
+        scored = completion_logps(reference, batch, temperature=temperature or 1.0)
         total += sum(row["policy"] for row in chunk) - float(scored.sums.sum())
     reference.train(was_training)
     return total / max(len(rows), 1)

@@ -328,6 +328,7 @@ def train_on_examples(
     elif config.resume:
         raise ConfigError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
     stream = example_stream(len(examples), config.seed, start=position)
+    device = next(model.parameters()).device
     logger = MetricsLogger(run_dir, total_steps, config, initial_step=step, description=description)
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -335,7 +336,10 @@ def train_on_examples(
     try:
         while step < total_steps:
             step_started = time.perf_counter()
-            micro_batches = [collate([examples[next(stream)] for _ in range(config.batch_size)]) for _ in range(config.grad_accum)]
+            micro_batches = [
+                to_device(collate([examples[next(stream)] for _ in range(config.batch_size)]), device)
+                for _ in range(config.grad_accum)
+            ]
             position += config.batch_size * config.grad_accum
             try:
                 if prepare_step is not None:
@@ -363,6 +367,11 @@ def train_on_examples(
     finally:
         logger.close()
     return TrainResult(step=step, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors of a collated batch onto the model's device (a no-op where they already are)."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def _accumulate(model, micro_batches: list[dict[str, Any]], loss_fn, units_of, step: int) -> dict[str, float]:
