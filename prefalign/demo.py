@@ -69,8 +69,8 @@ class DemoContext:
 
 
 def base_stage(context: DemoContext) -> dict[str, Any]:
-    from prefalign.models import load_causal_lm
     from prefalign.config import ModelConfig
+    from prefalign.models import load_causal_lm
     from prefalign.tasks.base import ensure_base_model
 
     context.base_path = ensure_base_model()

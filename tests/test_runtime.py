@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from prefalign.config import TrainConfig
+from prefalign.config import DataConfig, TrainConfig
 from prefalign.data import collate_sft, tokenize_sft
-from prefalign.config import DataConfig
 from prefalign.errors import TrainingError
 from prefalign.tasks.arithmetic import sft_dataset
 from prefalign.train import runtime
