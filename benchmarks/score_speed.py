@@ -4,9 +4,9 @@ Compared, on the same model and completions, each the median of --repeats timed 
 - prefalign: `RewardModelScorer.score(prompts, completions)` (render + tokenize + batches of 64 sorted by
   length, no gradients), the whole call timed;
 - the plain transformers loop a user would write: render each whole conversation (chat template, or the
-  same plain-text rendering), `tokenizer(texts, padding=True, truncation=True)` cutting from the left,
-  forward in batches of 64 in input order under `torch.no_grad()` (the score difference is printed: 0 up
-  to rounding where both read the same ids; the plain loop loses [CLS] when it cuts an encoder's input);
+  same plain-text rendering), `tokenizer(texts, padding=True, truncation=True)` cutting from the left
+  (tokenizers add [CLS]/[SEP] after cutting), forward in batches of 64 in input order under
+  `torch.no_grad()`; the largest score difference between the two is printed (both read the same ids);
 - one completion at a time (batch 1), for scale.
 With --hh (needs $PREFALIGN_DATA_DIR) the same on HH-RLHF conversations with the MiniLM encoder at max
 length 128, where lengths vary and sorting matters.

@@ -299,3 +299,15 @@ def test_demo_stage_adds_one_report_row(tmp_path, monkeypatch):
     assert line.startswith("| reward model | held-out pairwise accuracy ") and line.count(" | ") == 2 and "AUC" in line
     assert result["evaluation"]["num_pairs"] == 16 and result["steps"] == 2 and result["sample_samples"] == 32
     assert (tmp_path / "reward" / "final" / "prefalign_reward.json").exists()
+
+
+@pytest.mark.slow
+def test_builtin_recipe_held_out_accuracy(tmp_path):
+    """The built-in recipe end to end (minutes; builds the base model when it is not cached)."""
+    from prefalign.train.reward_model import builtin_reward_config
+
+    config = builtin_reward_config(str(tmp_path / "run"))
+    config.train.progress = False
+    result = train_reward_model(config)
+    # Measured 0.862 for this recipe (seed 0, 1 thread; BENCHMARKS.md); the issue's 0.95 is not reached by this budget.
+    assert result.evaluation["num_pairs"] == 500 and result.evaluation["accuracy"] >= 0.75
