@@ -19,7 +19,7 @@ max_grad_norm 1, batch (pairs per step) and seed. Runs:
 - matched, a few steps: fp32 and no gradient checkpointing for both, throughput only (prefalign keeps its
   length-grouped batches, its default data order).
 
-    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py           # about 30-40 min on 2 cores
+    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py           # 13-18 min here (2 shared cores)
     PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py --train 48 --held-out 32 --steps 3 --matched-steps 3 --batch-size 4   # smoke
 """
 
