@@ -16,6 +16,7 @@ is ours); prefalign's comes from its metrics (`generation_time`: sampling, scori
 
     python benchmarks/grpo_step.py                  # 4 prompts x G=8 = 32 completions of up to 32 tokens
     python benchmarks/grpo_step.py --repeats 3 --steps 12
+    PREFALIGN_DATA_DIR=../shared/data python benchmarks/grpo_step.py --data gsm8k   # GSM8K questions as prompts
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def build_model(folder: Path, hidden_size: int, num_layers: int) -> int:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
-        max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
@@ -62,7 +63,15 @@ def build_model(folder: Path, hidden_size: int, num_layers: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prompt_rows(count: int) -> list[dict]:
+def prompt_rows(count: int, data: str = "task") -> list[dict]:
+    """{"prompt": [user message], "answer": ...}: the built-in task's (7-9 tokens) or GSM8K questions (~260)."""
+    if data == "gsm8k":
+        folder = os.environ.get("PREFALIGN_DATA_DIR")
+        if not folder or not (Path(folder) / "gsm8k" / "test.jsonl").is_file():
+            raise SystemExit("--data gsm8k needs PREFALIGN_DATA_DIR set to the folder holding gsm8k/test.jsonl")
+        lines = (Path(folder) / "gsm8k" / "test.jsonl").read_text().splitlines()[:count]
+        rows = [json.loads(line) for line in lines]
+        return [{"prompt": [{"role": "user", "content": row["question"]}], "answer": row["answer"]} for row in rows]
     from prefalign.tasks.arithmetic import prompt_dataset
 
     return prompt_dataset("train", limit=count).to_list()  # {"prompt": [user message], "answer": "68"}
@@ -83,11 +92,11 @@ def worker_prefalign(args) -> dict:
     register_reward_function("digit_share", digit_share)
     config = GRPOConfig(
         model=ModelConfig(name_or_path=args.model, device="cpu"),
-        data=DataConfig(max_length=256),
+        data=DataConfig(max_length=1024),
         train=TrainConfig(output_dir=args.out, overwrite=True, learning_rate=1e-5, batch_size=args.prompts * args.generations, max_steps=args.warmup + args.steps, schedule="constant", progress=False, seed=args.seed),
         reward_functions=["digit_share"], num_generations=args.generations, max_new_tokens=args.max_new_tokens, log_completions_every=0,
     )  # fmt: skip
-    rows = datasets.Dataset.from_list(prompt_rows(args.prompts * (args.warmup + args.steps)))
+    rows = datasets.Dataset.from_list(prompt_rows(args.prompts * (args.warmup + args.steps), args.data))
     result = grpo(config, dataset=rows, save=False)
     steps = [m for m in result.metrics if "step_time" in m][args.warmup :]
     return {
@@ -142,7 +151,7 @@ def worker_trl(args, matched: bool) -> dict:
     if matched:
         settings["gradient_checkpointing"] = False
     clock = StepClock()
-    rows = datasets.Dataset.from_list(prompt_rows(args.prompts * (args.warmup + args.steps)))
+    rows = datasets.Dataset.from_list(prompt_rows(args.prompts * (args.warmup + args.steps), args.data))
     trainer = GRPOTrainer(model=model, reward_funcs=digit_share, args=GRPOConfig(**settings), train_dataset=rows, processing_class=tokenizer, callbacks=[clock])
     trainer.train()
     return {
@@ -156,7 +165,7 @@ def worker_trl(args, matched: bool) -> dict:
 def run_worker(job: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"grpo-step-{job}-") as out:
         command = [sys.executable, str(HERE), "--worker", job, "--model", args.model, "--out", out]
-        for key in ("prompts", "generations", "max_new_tokens", "steps", "warmup", "threads", "seed"):
+        for key in ("prompts", "generations", "max_new_tokens", "steps", "warmup", "threads", "seed", "data"):
             command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         environment = {**os.environ, "PYTHONPATH": str(HERE.parent.parent), "TOKENIZERS_PARALLELISM": "false"}
         completed = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
@@ -187,6 +196,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=["prefalign", "trl-defaults", "trl-matched"])
     parser.add_argument("--model", default="")
     parser.add_argument("--out", default="")
+    parser.add_argument("--data", choices=["task", "gsm8k"], default="task", help="prompts: the built-in task's or GSM8K questions")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--generations", type=int, default=8, help="G")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -219,7 +229,7 @@ def main() -> None:
 
 def report(args, parameters: int, summary: dict) -> None:
     ours = summary["prefalign"]
-    print(f"\nGRPO step: {parameters / 1e6:.1f}M-parameter Llama, {args.prompts} prompts x G={args.generations} = {args.prompts * args.generations} completions of up to {args.max_new_tokens} tokens, {args.threads} thread(s), median of {ours['steps_measured']} steps per tool")
+    print(f"\nGRPO step ({args.data} prompts): {parameters / 1e6:.1f}M-parameter Llama, {args.prompts} prompts x G={args.generations} = {args.prompts * args.generations} completions of up to {args.max_new_tokens} tokens, {args.threads} thread(s), median of {ours['steps_measured']} steps per tool")
     print(f"{'tool':<14} {'step s':>8} {'generate s':>11} {'train s':>8} {'gen share':>10} {'mean len':>9}")
     for job, found in summary.items():
         print(f"{job:<14} {found['step_s']:>8.3f} {found['generation_s']:>11.3f} {found['train_s']:>8.3f} {found['generation_share']:>10.2f} {found['mean_length']:>9.1f}")
