@@ -243,7 +243,8 @@ def collect_rollout(engine, prompts, stream, rewards, config: GRPOConfig, progre
     if failures:
         logger.warning("%s", describe_failures(failures))
     if not kept:
-        reason = describe_failures(failures) if failures else "every group had all-equal rewards"
+        unscored = bool(torch.isnan(torch.cat(all_scores)).any())
+        reason = describe_failures(failures) if failures else "a sample with no score (every reward function returned None) in every group" if unscored else "every group had all-equal rewards"
         raise TrainingError(f"no usable group in the rollout batch before optimizer step {progress['step'] + 1} ({rounds} sampling round(s)): {reason}")
     if config.dynamic_sampling and len(kept) < wanted:
         logger.warning("dynamic sampling: %d of %d groups after %d rounds (max_sampling_rounds); training on those", len(kept), wanted, rounds)
