@@ -313,16 +313,16 @@ def collate_rollout(examples: list[dict[str, Any]], pad_token_id: int) -> dict[s
 def aligned(per_row: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
     """Per-completion-token values laid out like `mask` (batch, T): row i's values fill its 1s in order."""
     out = torch.zeros_like(mask, dtype=torch.float32)
-    out[mask.bool()] = torch.tensor([value for row in per_row for value in row], dtype=torch.float32)
+    out[mask.bool()] = torch.tensor([value for row in per_row for value in row], dtype=torch.float32, device=mask.device)
     return out
 
 
 @torch.no_grad()
-def add_reference_logps(score_reference, examples, config: GRPOConfig, pad_token_id: int) -> None:
+def add_reference_logps(score_reference, examples, config: GRPOConfig, pad_token_id: int, device: torch.device) -> None:
     """log π_ref of every completion token, once per rollout batch (the reference is frozen)."""
     for start in range(0, len(examples), config.train.batch_size):
         chunk = examples[start : start + config.train.batch_size]
-        scored = score_reference(collate_rollout(chunk, pad_token_id))
+        scored = score_reference(runtime.to_device(collate_rollout(chunk, pad_token_id), device))
         for example, values, row_mask in zip(chunk, scored.token_logps, scored.mask, strict=True):
             example["ref_logps"] = values[row_mask.bool()].tolist()
 
@@ -360,8 +360,9 @@ def policy_loss(model, batch, totals: dict[str, int], config: GRPOConfig, use_ro
 def optimizer_step(model, optimizer, scheduler, examples, config: GRPOConfig, pad_token_id: int, use_rollout_logps: bool) -> dict[str, float]:
     """Accumulate over micro-batches of train.batch_size completions, clip, step. Normalisers span the step."""
     size = config.train.batch_size
-    batches = [collate_rollout(examples[i : i + size], pad_token_id) for i in range(0, len(examples), size)]
-    trained = [torch.tensor([len(ids) for ids in b["completion_ids"]]) * b["trained"] for b in batches]  # per row: trained tokens
+    device = next(model.parameters()).device
+    batches = [runtime.to_device(collate_rollout(examples[i : i + size], pad_token_id), device) for i in range(0, len(examples), size)]
+    trained = [torch.tensor([len(ids) for ids in b["completion_ids"]], device=device) * b["trained"] for b in batches]  # per row: trained tokens
     totals = {"tokens": int(sum(t.sum() for t in trained)), "sequences": max(1, int(sum((t > 0).sum() for t in trained)))}
     sums: dict[str, float] = {"loss": 0.0}
     for batch in batches:
@@ -433,7 +434,7 @@ def grpo(config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tok
             first_step = progress["step"]
             rollout = collect_rollout(engine, prompts, stream, rewards, config, progress)
             if score_reference is not None:
-                add_reference_logps(score_reference, rollout.examples, config, tokenizer.pad_token_id)
+                add_reference_logps(score_reference, rollout.examples, config, tokenizer.pad_token_id, next(model.parameters()).device)
             try:
                 updates = optimise_rollout(model, optimizer, scheduler, rollout, config, tokenizer.pad_token_id, total_steps - first_step)
             except TrainingError as error:
