@@ -111,7 +111,7 @@ class LocalEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.last_stats: dict[str, int] = {}
-        self._cache_kwarg = _cache_keyword(model)
+        self._cache_kwarg = cache_keyword(model)
         self._can_keep_last_logits = "logits_to_keep" in _forward_parameters(model)
 
     # ---- public -------------------------------------------------------------------------------------
@@ -466,7 +466,7 @@ def _forward_parameters(model) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes."""
     parameters = _forward_parameters(model)
     return "cache" if "cache" in parameters or "past_key_values" not in parameters else "past_key_values"

@@ -36,14 +36,6 @@ TRL_METRICS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # equal-update comparisons need a fixed reduction order
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_config(run_dir, *, steps=2, batch_size=4, grad_accum=1, learning_rate=1e-2, **fields) -> DPOConfig:
     train = TrainConfig(
         output_dir=str(run_dir), learning_rate=learning_rate, batch_size=batch_size, grad_accum=grad_accum,

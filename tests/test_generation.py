@@ -12,15 +12,6 @@ from prefalign.tasks.tokenizer import build_char_tokenizer
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy machine OpenMP barriers stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()

@@ -82,15 +82,6 @@ for _name, _function in {
     register_reward_function(_name, _function)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CPU is shared: two threads on two busy cores only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()

@@ -22,14 +22,6 @@ DPOConfig, dpo = dpo_module.DPOConfig, dpo_module.dpo
 needs_rounds = pytest.mark.skipif(not hasattr(DPOConfig(), "rounds"), reason="DPOConfig has no `rounds` field yet")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def digit_count(prompts, completions, **_):
     return [float(sum(character.isdigit() for character in completion)) for completion in completions]
 

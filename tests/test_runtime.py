@@ -25,14 +25,6 @@ from prefalign.train.sft import completion_tokens, sft_loss
 from tests.helpers import assert_same_parameters, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-exact comparisons need a fixed reduction order
-    yield
-    torch.set_num_threads(previous)
-
-
 def _examples(tokenizer, count: int = 24):
     data, _ = tokenize_sft(sft_dataset("train", limit=count), tokenizer, DataConfig())
     return data.to_list()

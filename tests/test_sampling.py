@@ -27,14 +27,6 @@ from prefalign.train.sampling import (
 from tests.helpers import save_tiny_model, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def digit_count(prompts, completions, **_):
     """A deterministic score of the text: how many digits it holds."""
     return [float(sum(character.isdigit() for character in completion)) for completion in completions]

@@ -63,7 +63,7 @@ def grouped_completion_logps(
     from transformers import DynamicCache
 
     from prefalign.data import pad_sequences
-    from prefalign.generation import _cache_keyword
+    from prefalign.generation import cache_keyword
 
     distinct: dict[tuple[int, ...], int] = {}
     owner = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]  # row -> its prompt
@@ -73,7 +73,7 @@ def grouped_completion_logps(
     prompt_input = pad_sequences(prompts, pad_token_id, padding_side="left").to(device)  # (prompts, P)
     prompt_mask = pad_sequences([[1] * len(ids) for ids in prompts], 0, padding_side="left").to(device)
     cache = DynamicCache(config=model.config)
-    cache_argument = {_cache_keyword(model): cache}
+    cache_argument = {cache_keyword(model): cache}
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # positions count real tokens only
     last_logits = model(input_ids=prompt_input, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_argument).logits[:, -1]  # (prompts, vocab)
     rows = torch.tensor(owner, device=device)
