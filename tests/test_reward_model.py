@@ -268,6 +268,74 @@ def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
     assert batches == length_grouped_batches(examples, batch_size=4, seed=0, group=5)  # seeded
 
 
+def test_length_grouped_batches_cut_padding_on_mixed_lengths():
+    import random
+
+    from prefalign.train.reward_model import length_grouped_batches
+
+    # 96 pairs, longer sides 3..50 tokens in a scrambled order, batches of 8 pairs, groups of 4 batches.
+    widths = [3 + (index * 37) % 48 for index in range(96)]
+    examples = [{"chosen_ids": [1] * width, "rejected_ids": [2] * (width - 1), "index": index} for index, width in enumerate(widths)]
+
+    def padded_tokens(batches):  # chosen and rejected rows padded to the batch's longest
+        return sum(2 * len(batch) * max(len(e["chosen_ids"]) for e in batch) for batch in batches)
+
+    grouped = length_grouped_batches(examples, batch_size=8, seed=3, group=4)
+    order = [e["index"] for batch in grouped for e in batch]
+    assert sorted(order) == list(range(96))  # a permutation: every pair once
+    assert order == [e["index"] for batch in length_grouped_batches(examples, batch_size=8, seed=3, group=4) for e in batch]
+    assert order != [e["index"] for batch in length_grouped_batches(examples, batch_size=8, seed=4, group=4) for e in batch]
+    shuffled = list(examples)
+    random.Random(3).shuffle(shuffled)
+    plain = [shuffled[start : start + 8] for start in range(0, 96, 8)]
+    real = sum(2 * width - 1 for width in widths)
+    # Sorted inside groups of 32 pairs, a batch spans about a quarter of the length range instead of most of
+    # it: the pad tokens drop from 3,568 to 1,072 here (4,992 real ones); asserted: by more than half.
+    assert padded_tokens(grouped) - real < 0.5 * (padded_tokens(plain) - real)
+
+
+def test_grouped_training_resumes_exactly(tmp_path):
+    """Length-grouped batches: a run cut after step 3 (of 8; an epoch is 6 batches) and resumed ends with the
+    same weights and the same losses as the uninterrupted run."""
+    import shutil
+
+    backbone = save_tiny_model(tmp_path / "backbone")
+
+    def run(name, *, resume=False, save_every=0):
+        config = _config(tmp_path, backbone, max_steps=8)
+        config.train.output_dir, config.train.resume, config.train.save_every = str(tmp_path / name), resume, save_every
+        config.train.log_every, config.normalization_pairs = 1, 4
+        assert config.group_by_length
+        return train_reward_model(config, dataset=_pairs(24), save=False)
+
+    full = run("full")
+    run("cut", save_every=3)
+    checkpoints = sorted((tmp_path / "cut" / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-000003", "step-000006"]
+    shutil.rmtree(checkpoints[1])  # as if the run had stopped after step 3
+    resumed = run("cut", resume=True)
+    assert [m["step"] for m in resumed.metrics] == [4, 5, 6, 7, 8]
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics[3:]]
+    assert resumed.settings.reward_mean == full.settings.reward_mean  # same final weights, same scores
+
+
+def test_dropout_off_and_eager_attention_only_for_short_bf16_cpu_training():
+    from prefalign.train.reward_model import dropout_off, training_attention
+    from tests.helpers import tiny_model
+
+    model, _ = tiny_model()
+    model.model.layers[0].mlp.add_module("extra_dropout", torch.nn.Dropout(0.3))
+    dropout_off(model)
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.0]
+    assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, True, 128):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"  # restored
+    for autocast_bf16, max_length in ((False, 128), (True, 512), (True, None)):
+        with training_attention(model, autocast_bf16, max_length):
+            assert model.config._attn_implementation == "sdpa"
+
+
 def test_bf16_autocast_decision():
     from prefalign.train.reward_model import cpu_has_native_bf16, use_bf16_autocast
 
