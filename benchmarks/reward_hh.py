@@ -10,16 +10,20 @@ Both tools train on the SAME token ids: prefalign encodes the rows (its `encode_
 `train_reward_model` also uses); TRL receives those ids as a pre-tokenized dataset (`chosen_ids` /
 `rejected_ids`, part of its public API), because its own `max_length` drops long pairs instead of cutting
 them. Each tool runs in its own subprocess, in turn. Every run: same learning rate, linear decay, no warmup,
-max_grad_norm 1, batch (pairs per step) and seed. Runs:
-- defaults, one epoch: each tool's own speed-relevant defaults. TRL's RewardConfig: bf16 autocast and
-  gradient checkpointing (on a CPU it also needs use_cpu=True to start at all). prefalign's: bf16 autocast
-  where the CPU has native bf16 (mixed_precision=auto; this AMD EPYC has AVX512-BF16), no checkpointing,
-  length-grouped micro-batches. Held-out pairwise accuracy of each trained model (95% Wilson interval), by
-  one shared plain-transformers evaluation in fp32, and training throughput (median seconds per step);
+max_grad_norm 1, batch (pairs per step) and seed; dropout off in both (each tool's default). Runs:
+- defaults, one epoch: each tool's own speed-relevant defaults. TRL's RewardConfig: bf16 autocast, gradient
+  checkpointing, random batches (on a CPU it also needs use_cpu=True to start at all). prefalign's: bf16
+  autocast where the CPU has native bf16 (mixed_precision=auto; this AMD EPYC has AVX512-BF16), with eager
+  attention at these lengths, no checkpointing, length-grouped micro-batches. Held-out pairwise accuracy of
+  each trained model (95% Wilson interval), by one shared plain-transformers evaluation in fp32, and
+  training throughput;
 - matched, a few steps: fp32 and no gradient checkpointing for both, throughput only (prefalign keeps its
-  length-grouped batches, its default data order).
+  length-grouped batches, its default data order); and once more for TRL with its public length-grouped
+  sampler (TrainingArguments.train_sampling_strategy="group_by_length").
+Throughput = pairs per second over all measured steps (data loading included): grouped batches differ in
+width, so a median step is not an epoch's. The padded tokens per epoch of each batching are printed.
 
-    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py           # 13-18 min here (2 shared cores)
+    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py           # about 15 min here (2 shared cores)
     PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py --train 48 --held-out 32 --steps 3 --matched-steps 3 --batch-size 4   # smoke
 """
 
@@ -143,8 +147,10 @@ def run_ours(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
         "steps": len(step_times),
         "train_call_seconds": train_seconds,
         "sum_step_seconds": sum(step_times),
+        "step_seconds": step_times,
         "bf16": use_bf16_autocast(config.mixed_precision, torch.device("cpu"), 384),  # MiniLM-L6 is 384 wide
         "gradient_checkpointing": False,
+        "dropout_off": config.disable_dropout,
     }
     if spec["evaluate"]:
         model = AutoModelForSequenceClassification.from_pretrained(result.model_dir)
@@ -181,8 +187,13 @@ def run_trl(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
         use_cpu=True,  # without it TRL's default bf16=True stops at start-up on a machine without a GPU
     )
     settings.update(lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0)
-    if mode == "trl-matched":
+    if mode.startswith("trl-matched"):
         settings.update(bf16=False, gradient_checkpointing=False)
+    if mode == "trl-matched-grouped":
+        # TrainingArguments' public length-grouped sampler, on the `length` column (the longer side of each pair).
+        # remove_unused_columns=False keeps that column until the sampler reads it (TRL's collator ignores it).
+        settings.update(train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False)
+        train_ids = train_ids.map(lambda row: {"length": max(len(row["chosen_ids"]), len(row["rejected_ids"]))})
     clock = StepClock()
     trainer = RewardTrainer(model=model, args=RewardConfig(**settings), train_dataset=train_ids, processing_class=tokenizer, callbacks=[clock])
     started = time.perf_counter()
@@ -194,8 +205,10 @@ def run_trl(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
         "steps": len(step_times),
         "train_call_seconds": train_seconds,
         "sum_step_seconds": sum(step_times),
+        "step_seconds": step_times,
         "bf16": trainer.args.bf16,
         "gradient_checkpointing": trainer.args.gradient_checkpointing,
+        "dropout_off": trainer.args.disable_dropout,
     }
     if spec["evaluate"]:
         result.update(heldout_accuracy(trainer.model.float(), held_out, tokenizer.pad_token_id))
@@ -238,7 +251,43 @@ def prepare(args, work: Path) -> dict:
         f"train sequence length mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens"
     )
     print(f"backbone MiniLM-L6 (BERT encoder, {backbone}); batch {args.batch_size} pairs, {steps} steps, lr {args.learning_rate}, {args.threads} thread(s)")
+    print(padding_report(train_ids, args.batch_size, args.seed, args.matched_steps))
     return spec
+
+
+def padding_report(examples: list[dict], batch_size: int, seed: int, matched_steps: int) -> str:
+    """Tokens the model sees per epoch (rows padded to the longest of their batch, chosen and rejected
+    together) under each batching: the real ones, random batches (TRL's default sampler: a seeded draw),
+    prefalign's length-grouped batches (exact: the same function and seed as training), and TRL's
+    group_by_length sampler (a seeded draw); and prefalign's padded tokens over the first matched steps."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from prefalign.train.reward_model import length_grouped_batches
+    from prefalign.train.runtime import example_stream
+
+    width = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(2 * len(batch) * max(width[i] for i in batch) for batch in batches)
+
+    def cut(order: list[int]) -> list[list[int]]:
+        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+    real = sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    shuffled = list(range(len(examples)))
+    random.Random(seed).shuffle(shuffled)
+    ours = length_grouped_batches([dict(e, index=i) for i, e in enumerate(examples)], batch_size, seed)
+    ours = [[e["index"] for e in batch] for batch in ours]
+    sampler = LengthGroupedSampler(batch_size, lengths=width, generator=torch.Generator().manual_seed(seed))
+    stream = example_stream(len(ours), seed)
+    first = [ours[next(stream)] for _ in range(min(matched_steps, len(ours)))]
+    rows = {"random batches": padded(cut(shuffled)), "prefalign length-grouped": padded(ours), "TRL group_by_length": padded(cut(list(sampler)))}
+    shown = ", ".join(f"{name} {tokens:,} ({1 - real / tokens:.1%} padding)" for name, tokens in rows.items())
+    return (
+        f"tokens per epoch: real {real:,}; padded to the batch's longest: {shown}; prefalign's first {len(first)} batches "
+        f"{padded(first):,} padded tokens ({padded(first) / len(first):,.0f} per step vs {rows['random batches'] / len(ours):,.0f} for random batches)"
+    )
 
 
 def main() -> None:
@@ -267,8 +316,8 @@ def main() -> None:
         work = Path(folder)
         spec = prepare(args, work)
         results = {}
-        for name in ("ours-defaults", "trl-defaults", "ours-matched", "trl-matched"):
-            matched = name.endswith("matched")
+        for name in ("ours-defaults", "trl-defaults", "ours-matched", "trl-matched", "trl-matched-grouped"):
+            matched = "matched" in name
             run_spec = dict(spec, steps=args.matched_steps, evaluate=False) if matched else dict(spec, evaluate=True)
             (work / "spec.json").write_text(json.dumps(run_spec))
             started = time.perf_counter()
@@ -277,22 +326,32 @@ def main() -> None:
             if completed.returncode != 0:
                 sys.exit(f"{name} failed:\n{completed.stderr[-4000:]}")
             results[name] = json.loads((work / f"{name}.json").read_text())
-            print(f"{name}: {json.dumps(results[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
+            shown = {key: value for key, value in results[name].items() if key != "step_seconds"}
+            print(f"{name}: {json.dumps(shown)} ({time.perf_counter() - started:.0f} s)", flush=True)
     report(results, spec)
 
 
 def report(results: dict, spec: dict) -> None:
+    """Throughput = pairs per second over every measured step (total pairs / summed step seconds): with
+    length-grouped batches the steps differ in width, so a median step says little about an epoch (on HH the
+    median grouped batch is a full 128-token one, as most pairs have a side cut to 128)."""
     pairs = spec["batch_size"]
-    print("\n| run | bf16 | grad. ckpt | steps | held-out accuracy (95% CI) | median s/step | pairs/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| run | bf16 | grad. ckpt | dropout off | steps | held-out accuracy (95% CI) | median s/step | mean s/step | pairs/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in results.items():
         accuracy = f"{row['accuracy']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})" if "accuracy" in row else "-"
+        row["pairs_per_second"] = pairs * row["steps"] / row["sum_step_seconds"]
         print(
-            f"| {name} | {row['bf16']} | {row['gradient_checkpointing']} | {row['steps']} | {accuracy} | "
-            f"{row['median_step_seconds']:.2f} | {pairs / row['median_step_seconds']:.2f} |"
+            f"| {name} | {row['bf16']} | {row['gradient_checkpointing']} | {row['dropout_off']} | {row['steps']} | {accuracy} | "
+            f"{row['median_step_seconds']:.2f} | {row['sum_step_seconds'] / row['steps']:.2f} | {row['pairs_per_second']:.2f} |"
         )
-    ratio = {mode: results[f"trl-{mode}"]["median_step_seconds"] / results[f"ours-{mode}"]["median_step_seconds"] for mode in ("defaults", "matched")}
-    print(f"\nthroughput ratio prefalign / TRL: defaults {ratio['defaults']:.2f}x, matched {ratio['matched']:.2f}x")
+    comparisons = [("defaults", "ours-defaults", "trl-defaults"), ("matched", "ours-matched", "trl-matched")]
+    if "trl-matched-grouped" in results:
+        comparisons.append(("matched, TRL group_by_length", "ours-matched", "trl-matched-grouped"))
+    for label, ours, theirs in comparisons:
+        mean = results[ours]["pairs_per_second"] / results[theirs]["pairs_per_second"]
+        median = results[theirs]["median_step_seconds"] / results[ours]["median_step_seconds"]
+        print(f"throughput ratio prefalign / TRL, {label}: {mean:.2f}x (from medians: {median:.2f}x)")
     difference = results["ours-defaults"]["accuracy"] - results["trl-defaults"]["accuracy"]
     print(f"accuracy difference prefalign - TRL: {difference:+.3f} on {spec['held_out']} held-out pairs")
 
