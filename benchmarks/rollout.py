@@ -2,7 +2,9 @@
 
 Both sample n completions per prompt at temperature 1 with no top-k / top-p, and both produce exactly
 max_new_tokens per completion (`ignore_eos=True` here, `min_new_tokens=max_new_tokens` for transformers),
-so the two count the same tokens. Reported: generated tokens per second (median of repeats) and the ratio.
+so the two count the same tokens. Reported: generated tokens per second (median of repeats), the ratio, and
+each engine's model FLOP/s (2 x parameters per generated token; prefill not counted) as a fraction of this
+CPU's fp32 matmul rate (torch.mm 2048x2048, same threads): the roofline that bounds any decode loop.
 
     python benchmarks/rollout.py                      # short task prompts only
     PREFALIGN_DATA_DIR=../shared/data python benchmarks/rollout.py   # plus GSM8K-length prompts
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from dpo_throughput import matmul_rate  # the same roofline measurement as the DPO benchmark
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prefalign.generation import LocalEngine, SamplingParams
@@ -120,14 +123,18 @@ def measure(model, tokenizer, engine, prompts, n: int, args) -> dict[str, float]
     return {"tokens": tokens["ours"], "ours": ours_rate, "hf": hf_rate, "ratio": ours_rate / hf_rate}
 
 
-def print_table(title: str, prompts, rows: dict[int, dict[str, float]]) -> None:
+def print_table(title: str, prompts, rows: dict[int, dict[str, float]], flops_per_token: float, rate: float) -> None:
     lengths = [len(prompt) for prompt in prompts]
     print(
         f"\n{title}: {len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f})"
     )
-    print(f"{'n':>4} {'tokens':>7} {'prefalign tok/s':>16} {'transformers tok/s':>19} {'ratio':>6}")
+    print(f"{'n':>4} {'tokens':>7} {'prefalign tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} {'ours/mm':>8} {'theirs/mm':>10}")
     for n, row in rows.items():
-        print(f"{n:>4} {row['tokens']:>7} {row['ours']:>16.0f} {row['hf']:>19.0f} {row['ratio']:>5.2f}x")
+        ours_share, theirs_share = (row[key] * flops_per_token / rate for key in ("ours", "hf"))
+        print(
+            f"{n:>4} {row['tokens']:>7} {row['ours']:>16.0f} {row['hf']:>19.0f} {row['ratio']:>5.2f}x "
+            f"{ours_share:>8.2f} {theirs_share:>10.2f}"
+        )
 
 
 def main() -> None:
@@ -141,7 +148,9 @@ def main() -> None:
     # One thread: on a shared 2-core machine, two OpenMP threads that lose their cores to other
     # processes stall each other at every barrier, and timings swing by 10x and more.
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=64, help="LocalEngine batch_size (sequences)")
+    # 256 = every row of the largest case (16 prompts x n = 16) in one batch, as model.generate runs them.
+    parser.add_argument("--batch-size", type=int, default=256, help="LocalEngine batch_size (sequences)")
+    parser.add_argument("--profile", action="store_true", help="also profile one engine call at n = 8 on task prompts")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -150,6 +159,9 @@ def main() -> None:
     model = build_model(tokenizer)
     engine = LocalEngine(model, tokenizer, batch_size=args.batch_size)
     parameters = sum(parameter.numel() for parameter in model.parameters())
+    # Per generated token the decode step multiplies by every weight matrix once (2 FLOPs per weight);
+    # the input embedding is a lookup, not a matmul. Attention over the cache is left out (small here).
+    flops_per_token = 2 * (parameters - model.get_input_embeddings().weight.numel())
     print(
         f"model: Llama, {parameters / 1e6:.2f}M parameters, fp32, {args.threads} threads; "
         f"{args.max_new_tokens} new tokens per sample; median of {args.repeats}; "
@@ -163,9 +175,24 @@ def main() -> None:
 
     run_ours(engine, prompt_sets["short task prompts"][:2], 2, 4, seed=0)  # warm-up: first calls are slow
     run_hf(model, tokenizer, prompt_sets["short task prompts"][:2], 2, 4, seed=0)
+    rate = matmul_rate(args.threads)
+    print(f"fp32 matmul rate (torch.mm 2048x2048, median): {rate / 1e9:.1f} GFLOP/s")
     for title, prompts in prompt_sets.items():
         rows = {n: measure(model, tokenizer, engine, prompts, n, args) for n in args.samples}
-        print_table(title, prompts, rows)
+        print_table(title, prompts, rows, flops_per_token, rate)
+    if args.profile:
+        profile_engine(engine, prompt_sets["short task prompts"], args.max_new_tokens)
+
+
+def profile_engine(engine: LocalEngine, prompts, max_new_tokens: int) -> None:
+    """Where the engine's time goes at n = 8 on short prompts: matmuls against everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(n=8, temperature=1.0, max_new_tokens=max_new_tokens, seed=0, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        engine.generate(prompts, params)
+    print("\nengine profile, short task prompts, n = 8 (self CPU time):")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":
