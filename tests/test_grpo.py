@@ -9,8 +9,10 @@ import math
 import datasets
 import pytest
 import torch
+import yaml
 
 from prefalign.config import DataConfig, ModelConfig, TrainConfig
+from prefalign.data import tokenize_prompts
 from prefalign.errors import ConfigError, DataError, TrainingError
 from prefalign.generation import LocalEngine, SamplingParams
 from prefalign.models import apply_lora
@@ -20,11 +22,13 @@ from prefalign.tasks.base import BaseConfig, new_model
 from prefalign.tasks.tokenizer import build_char_tokenizer
 from prefalign.train.forward import completion_logps, grouped_completion_logps
 from prefalign.train.grpo import (
+    DEFAULT_MAX_NEW_TOKENS,
     GRPOConfig,
     aligned,
     build_rewards,
     check_config,
     collate_rollout,
+    default_max_new_tokens,
     grpo,
     optimizer_step,
     reference_scorer,
@@ -310,6 +314,20 @@ def test_prompts_longer_than_the_context_are_dropped_and_counted_or_rejected(tmp
     strict = make_config(model_dir, tmp_path / "long-strict", data=DataConfig(max_length=32, too_long_prompt="error"))
     with pytest.raises(DataError, match="train prompt 0 is 30 tokens; .* exceeds the model's context of 32"):
         grpo(strict, dataset=datasets.Dataset.from_list(rows))
+
+
+def test_max_new_tokens_zero_fits_the_context_and_is_written_to_the_config(tmp_path, model_dir):
+    rows = prompts(8).to_list()
+    longest = max(len(ids) for ids in tokenize_prompts(datasets.Dataset.from_list(rows), build_char_tokenizer(), DataConfig())[0]["prompt_ids"])
+    config = make_config(model_dir, tmp_path / "auto", max_new_tokens=0, train={"max_steps": 1})
+    grpo(config, dataset=datasets.Dataset.from_list(rows))
+    assert config.max_new_tokens == 32 - longest  # the tiny model's context is 32 tokens
+    written = yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())
+    assert written["max_new_tokens"] == 32 - longest
+    assert default_max_new_tokens({"prompt_ids": [[1] * 10]}, None) == DEFAULT_MAX_NEW_TOKENS
+    assert default_max_new_tokens({"prompt_ids": [[1] * 10]}, 1024) == DEFAULT_MAX_NEW_TOKENS
+    with pytest.raises(ConfigError, match="max_new_tokens must be at least 1"):
+        check_config(make_config(model_dir, tmp_path, max_new_tokens=-1))
 
 
 # ----------------------------------------------------------------------------- resume

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from prefalign import losses
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, option, save_config
 from prefalign.data import collate_sft, tokenize_prompts
 from prefalign.errors import ConfigError, DataError, TrainingError
 from prefalign.eval import evaluate_policy
@@ -40,6 +40,8 @@ from prefalign.train.forward import completion_logps, grouped_completion_logps
 
 logger = logging.getLogger("prefalign")
 
+DEFAULT_MAX_NEW_TOKENS = 256
+
 
 @dataclass
 class GRPOConfig:
@@ -51,7 +53,7 @@ class GRPOConfig:
     reward_model: str | None = option(None, "A reward model folder (prefalign reward) whose score is added to the reward functions'.")
     reward_model_weight: float = option(1.0, "Weight of the reward model's score.")
     num_generations: int = option(8, "G: completions sampled per prompt (at least 2).")
-    max_new_tokens: int = option(256, "Longest completion in tokens (L_max).")
+    max_new_tokens: int = option(0, f"Longest completion in tokens (L_max); 0 = {DEFAULT_MAX_NEW_TOKENS}, or less where the model's context leaves less room after the longest prompt (the value used is logged and written to config.yaml).")
     temperature: float = option(1.0, "Sampling temperature; log-probs are scored at the same temperature.")
     top_p: float = option(1.0, "Nucleus sampling.")
     top_k: int = option(0, "Top-k sampling (0 = off).")
@@ -98,11 +100,13 @@ def check_config(config: GRPOConfig) -> None:
         raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {config.temperature}")
     if not (0 <= config.epsilon_low < 1 and config.epsilon_high >= 0):
         raise ConfigError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {config.epsilon_low}, {config.epsilon_high}")
-    for key in ("num_iterations", "steps_per_generation", "max_sampling_rounds", "max_new_tokens"):
+    for key in ("num_iterations", "steps_per_generation", "max_sampling_rounds"):
         if getattr(config, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
-    if not 0 <= config.overlong_buffer <= config.max_new_tokens:
-        raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens = {config.max_new_tokens}], got {config.overlong_buffer}")
+    if config.max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be at least 1 (or 0 = fit the model's context), got {config.max_new_tokens}")
+    if not 0 <= config.overlong_buffer <= (config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS):
+        raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens], got {config.overlong_buffer} (max_new_tokens {config.max_new_tokens})")
     if config.beta < 0:
         raise ConfigError(f"beta must be >= 0, got {config.beta}")
 
@@ -147,6 +151,10 @@ def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, ru
     context = getattr(model.config, "max_position_embeddings", None)
     train, stats = tokenize_prompts(train_rows, tokenizer, config.data)
     data_stats = {"train": log_stats("train", stats)}
+    if not config.max_new_tokens:
+        config.max_new_tokens = default_max_new_tokens(train, context)
+        logger.info("grpo: max_new_tokens = %d (the model's context is %s tokens)", config.max_new_tokens, context)
+        save_config(config, run_dir / "config.yaml")
     train, data_stats["train"]["dropped_context"] = fit_context(train, context, config, "train")
     evaluation = None
     if eval_rows is not None:
@@ -155,6 +163,12 @@ def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, ru
         evaluation, data_stats["eval"]["dropped_context"] = fit_context(evaluation, context, config, "eval")
     (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
     return train.to_list(), evaluation
+
+
+def default_max_new_tokens(prompts, context: int | None) -> int:
+    """DEFAULT_MAX_NEW_TOKENS, or what the context leaves after the longest prompt if that is less (and > 0)."""
+    room = context - max(map(len, prompts["prompt_ids"]), default=0) if context else DEFAULT_MAX_NEW_TOKENS
+    return min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS
 
 
 def fit_context(prompts, context: int | None, config: GRPOConfig, name: str):
