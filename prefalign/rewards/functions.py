@@ -227,3 +227,32 @@ def _call_single(name, function, prompts, completions, columns, index, failures)
     except Exception as error:  # noqa: BLE001
         failures.append(RewardFailure(name, index, f"raised {type(error).__name__}: {error}"))
         return None
+
+
+def build_scorers(
+    functions: Sequence[Any],
+    weights: Sequence[float],
+    *,
+    reward_model: str | None = None,
+    reward_model_weight: float = 1.0,
+    device: str = "auto",
+    batch_size: int = 64,
+    needed_by: str = "this command",
+) -> WeightedRewards:
+    """The weighted scorers of a config: reward functions (names or callables), plus a reward model folder
+    (`builtin`-style names resolved) scored by `RewardModelScorer`, whose NaN/inf scores come back as
+    per-sample failures. One weight per function; empty weights = all 1."""
+    scorers = list(functions)
+    weights = list(weights) or [1.0] * len(scorers)
+    if len(weights) != len(scorers):
+        raise ConfigError(f"reward_weights has {len(weights)} values for {len(scorers)} reward functions; give one weight per function")
+    if reward_model:
+        from prefalign.models import resolve_model_path
+        from prefalign.rewards.scorer import RewardModelScorer  # pulls in transformers: only when asked for
+
+        scorer = RewardModelScorer(resolve_model_path(reward_model), device=device, batch_size=batch_size)
+        scorers.append(scorer.as_reward_function())
+        weights.append(reward_model_weight)
+    if not scorers:
+        raise ConfigError(f"{needed_by} needs a reward: set reward_functions and/or reward_model")
+    return WeightedRewards(scorers, weights)

@@ -34,6 +34,7 @@ from prefalign.eval import evaluate_policy
 from prefalign.generation import FINISH_LENGTH, LocalEngine, SamplingParams
 from prefalign.models import is_peft_model, load_causal_lm, model_card, reference_mode, save_model
 from prefalign.rewards import WeightedRewards, describe_failures
+from prefalign.rewards.functions import build_scorers
 from prefalign.train import runtime
 from prefalign.train.common import log_stats, resolve_rows
 from prefalign.train.forward import completion_logps, grouped_completion_logps
@@ -112,20 +113,10 @@ def check_config(config: GRPOConfig) -> None:
 
 
 def build_rewards(config: GRPOConfig) -> WeightedRewards:
-    scorers: list[Any] = list(config.reward_functions)
-    weights = list(config.reward_weights) or [1.0] * len(scorers)
-    if len(weights) != len(scorers):
-        raise ConfigError(f"reward_weights has {len(weights)} values for {len(scorers)} reward functions")
-    if config.reward_model:
-        try:
-            from prefalign.rewards import RewardModelScorer  # imported only when asked for
-        except ImportError as error:
-            raise ConfigError("reward_model needs prefalign.rewards.RewardModelScorer, which this install lacks") from error
-        scorers.append(RewardModelScorer(config.reward_model, device=config.model.device).as_reward_function())
-        weights.append(config.reward_model_weight)
-    if not scorers:
-        raise ConfigError("GRPO needs a reward: set reward_functions and/or reward_model")
-    return WeightedRewards(scorers, weights)
+    return build_scorers(
+        config.reward_functions, config.reward_weights, reward_model=config.reward_model,
+        reward_model_weight=config.reward_model_weight, device=config.model.device, needed_by="GRPO",
+    )
 
 
 def reference_scorer(config: GRPOConfig, model, reference):

@@ -41,6 +41,7 @@ from prefalign.errors import ConfigError, DataError
 from prefalign.generation import FINISH_LENGTH, LocalEngine, SamplingParams
 from prefalign.models import load_causal_lm, resolve_model_path
 from prefalign.rewards import WeightedRewards, describe_failures
+from prefalign.rewards.functions import build_scorers
 from prefalign.train.common import log_stats, resolve_rows
 from prefalign.train.runtime import seed_everything, set_threads
 
@@ -242,24 +243,11 @@ def _as_completion(prompt: Any, text: str) -> Any:
 
 def build_rewards(settings: RejectionSamplingConfig, *, device: str = "auto") -> WeightedRewards:
     """The weighted scorers: reward functions, plus the reward model when one is configured."""
-    names: list[Any] = list(settings.reward_functions)
-    weights = list(settings.reward_weights) or [1.0] * len(names)
-    if len(weights) != len(names):
-        raise ConfigError(f"reward_weights has {len(weights)} values for {len(names)} reward functions")
-    if settings.reward_model:
-        try:
-            from prefalign.rewards import RewardModelScorer  # written alongside the reward-model command
-        except ImportError as error:
-            raise ConfigError(
-                "reward_model is set, but this prefalign has no prefalign.rewards.RewardModelScorer; "
-                "score with reward_functions instead, or update prefalign"
-            ) from error
-        scorer = RewardModelScorer(resolve_model_path(settings.reward_model), device=device, batch_size=settings.generation_batch_size)
-        names.append(scorer.as_reward_function())  # NaN/inf scores come back as per-sample failures
-        weights.append(settings.reward_model_weight)
-    if not names:
-        raise ConfigError("no scorer: set reward_functions and/or reward_model")
-    return WeightedRewards(names, weights)
+    return build_scorers(
+        settings.reward_functions, settings.reward_weights, reward_model=settings.reward_model,
+        reward_model_weight=settings.reward_model_weight, device=device, batch_size=settings.generation_batch_size,
+        needed_by="rejection sampling",
+    )
 
 
 def check_settings(settings: RejectionSamplingConfig) -> None:
