@@ -128,3 +128,36 @@ def test_metrics_file_has_one_record_per_step(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert {"loss", "grad_norm", "learning_rate", "tokens_per_second", "step_time"} <= set(records[0])
     assert all(r["loss"] > 0 for r in records)
+
+
+def test_metrics_reach_an_accelerate_tracker(tmp_path):
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):  # accelerate's extension point for a tracker it does not ship
+        name, requires_logging_directory = "recorder", False
+
+        def __init__(self):
+            super().__init__()
+            self.logged, self.finished = [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    recorder = Recorder()
+    logger = runtime.MetricsLogger(tmp_path, 2, TrainConfig(progress=False, report_to=[recorder]))
+    logger.log(1, {"loss": torch.tensor(0.5)})
+    logger.log(2, {"loss": 0.25})
+    logger.close()
+    assert recorder.logged == [(1, {"step": 1, "loss": 0.5}), (2, {"step": 2, "loss": 0.25})]
+    assert recorder.finished
+    assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.5, 0.25]
