@@ -25,9 +25,10 @@ from prefalign.train.dpo import (
     PairForward,
     dpo,
     precompute_reference,
+    sequence_logps,
     tokenized_pairs,
 )
-from prefalign.train.forward import completion_logps
+from prefalign.train.forward import FLOAT32_ATTENTION_MAX_KEYS, completion_logps, mixed_precision
 from tests.helpers import save_tiny_model, tiny_model
 
 TRL_METRICS = {
@@ -211,6 +212,57 @@ def test_bf16_autocast_keeps_the_first_step_near_log_two(tmp_path):
     # Reference and policy both run under autocast; bf16 rounding leaves h close to, not exactly, 0.
     assert first["loss"] == pytest.approx(0.693147, abs=2e-2)
     assert next(model.parameters()).dtype == torch.float32  # weights and optimizer stay float32
+
+
+def per_pair_logps(model, pairs, pad_token_id, bf16=False):
+    """The plain way: each pair alone, prompt + completion in one padded forward (no batching, no sharing)."""
+    sums = []
+    with torch.no_grad(), mixed_precision(torch.device("cpu"), bf16):
+        for pair in pairs:
+            sums.append(completion_logps(model, collate_preference([pair], pad_token_id)).sums.float())
+    both = torch.stack(sums)  # (pairs, 2): chosen, rejected
+    return both[:, 0], both[:, 1]
+
+
+def test_precomputed_reference_equals_a_plain_per_pair_forward(tmp_path):
+    model, tokenizer = tiny_model(0, num_layers=2)
+    # Mixed lengths, so the length-sorted batches reorder pairs and pad; batch 3 leaves a short last batch.
+    pairs, _ = tokenized_pairs(preference_dataset("train", limit=10), tokenizer, DataConfig(max_length=64), "train")
+    pairs[1] = {**pairs[1], "chosen_ids": pairs[1]["chosen_ids"] + pairs[2]["chosen_ids"]}
+    assert len({len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs}) > 2
+    chosen, rejected = per_pair_logps(model, pairs, tokenizer.pad_token_id)
+    cached = precompute_reference(tmp_path, model, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 3)["train"]
+    torch.testing.assert_close(cached["chosen"], chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached["rejected"], rejected, rtol=1e-5, atol=1e-5)
+    # Computed under inference mode, but stored as ordinary tensors: the loss can use them beside autograd.
+    assert not cached["chosen"].is_inference() and not cached["chosen"].requires_grad
+    # Under bf16 autocast (fp32 attention for short sequences) the values stay within bf16 rounding.
+    fast = sequence_logps(model, pairs, tokenizer.pad_token_id, 64, PairForward(tokenizer.pad_token_id, bf16=True))
+    torch.testing.assert_close(fast["chosen"], chosen, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fast["rejected"], rejected, rtol=1e-2, atol=1e-2)
+
+
+def test_mixed_precision_keeps_short_attention_in_float32():
+    seen = []
+
+    def attention(query, key, value):
+        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
+        seen.append(output.dtype)
+        return output
+
+    short = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    long = torch.randn(1, 2, FLOAT32_ATTENTION_MAX_KEYS + 1, 16, dtype=torch.bfloat16)
+    with mixed_precision(torch.device("cpu"), True):
+        output = attention(short, short, short)
+        attention(long, long, long)
+        assert torch.nn.functional.linear(short.float(), torch.ones(4, 16)).dtype == torch.bfloat16  # autocast on
+    with mixed_precision(torch.device("cpu"), False):
+        attention(short.float(), short.float(), short.float())
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]
+    output.sum().backward()  # gradients flow back through the upcast to the bf16 inputs
+    assert short.grad is not None and short.grad.dtype == torch.bfloat16
+    exact = torch.nn.functional.scaled_dot_product_attention(short.float(), short.float(), short.float(), is_causal=True)
+    torch.testing.assert_close(output, exact)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,12 @@ from prefalign.models import (
     save_model,
 )
 from prefalign.train.common import log_stats, resolve_rows
-from prefalign.train.forward import CompletionLogps, completion_logps, grouped_completion_logps
+from prefalign.train.forward import (
+    CompletionLogps,
+    completion_logps,
+    grouped_completion_logps,
+    mixed_precision,
+)
 from prefalign.train.runtime import (
     LossOutput,
     TrainResult,
@@ -143,7 +148,7 @@ class PairForward:
 
     def __call__(self, model, batch: dict[str, Any]) -> CompletionLogps:
         """Completion log-probs of the chosen rows then the rejected rows: token_logps, mask (2B, length)."""
-        with torch.autocast(model_device(model).type, dtype=torch.bfloat16, enabled=self.bf16):
+        with mixed_precision(model_device(model), self.bf16):
             if not self.share_prompt:
                 return completion_logps(model, batch)
             pairs = batch["pairs"]
@@ -253,10 +258,10 @@ def reference_network(policy, reference):
         yield policy  # only valid before the first update (precompute) or for a frozen copy
 
 
-@torch.no_grad()
 def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int, forward: PairForward | None = None) -> dict[str, torch.Tensor]:
     """Summed completion log-probs of every pair's chosen and rejected, {chosen, rejected}: (num_pairs,) each.
-    `forward` (default: float32, prompts shared) says how the pairs go through the network."""
+    `forward` (default: float32, prompts shared) says how the pairs go through the network. Values only, no
+    graph: the forwards run under inference mode (no autograd bookkeeping at all), in length-sorted batches."""
     forward = forward or PairForward(pad_token_id)
     was_training = network.training
     network.eval()
@@ -267,8 +272,9 @@ def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batc
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt_ids"]) + max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"])))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        sums = forward(network, forward.collate([pairs[i] for i in chunk], None, device)).sums.float().cpu()  # (2B,)
-        chosen[chunk] = sums[: len(chunk)]
+        with torch.inference_mode():
+            sums = forward(network, forward.collate([pairs[i] for i in chunk], None, device)).sums.float().cpu()  # (2B,)
+        chosen[chunk] = sums[: len(chunk)]  # copied out into ordinary tensors, usable next to autograd
         rejected[chunk] = sums[len(chunk):]
     network.train(was_training)
     return {"chosen": chosen, "rejected": rejected}
