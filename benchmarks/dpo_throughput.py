@@ -15,7 +15,9 @@ Comparisons:
 Job time = from the trainer call (tokenization, reference pass, training) to the end of training; model
 loading and saving are left out of both. Training FLOP/s = (6 x non-embedding parameters x non-pad tokens
 + 2 x non-embedding parameters x tokens through the reference) / job time, as a fraction of this CPU's fp32
-matmul rate (median of torch.mm on 2048x2048 with the same thread count).
+matmul rate (median of torch.mm on 2048x2048 with the same thread count). Pairs per CPU-second uses the
+job's process CPU time instead of wall time: on a shared machine it leaves out the time other processes
+held the core, so it is the steadier of the two (with one thread they agree on a quiet machine).
 
     PREFALIGN_DATA_DIR=/work/shared/data python benchmarks/dpo_throughput.py   # GSM8K-based pairs
     python benchmarks/dpo_throughput.py --data builtin                          # the built-in task's pairs
@@ -140,16 +142,16 @@ def worker_prefalign(args, precision: str) -> dict:
         precompute_ref_logps=True, mixed_precision=precision,
     )  # fmt: skip
     baseline = rss_now_mb()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = dpo(config, dataset=rows, model=model, tokenizer=tokenizer, save=False)
-    job = time.perf_counter() - started
+    job, job_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     data = json.loads((Path(config.train.output_dir) / "data_stats.json").read_text())
     step_times = [m["step_time"] for m in result.metrics if "step_time" in m]
     tokens = sum(
         2 * len(p) + len(c) + len(r)
         for p, c, r in _our_token_ids(rows, tokenizer, config.data)
     )  # fmt: skip
-    return {"job_seconds": job, "step_seconds": step_times, "tokens": tokens, "pairs": data["train"]["kept"],
+    return {"job_seconds": job, "job_cpu_seconds": job_cpu, "step_seconds": step_times, "tokens": tokens, "pairs": data["train"]["kept"],
             "reference_tokens": tokens, "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
 
 
@@ -188,13 +190,13 @@ def worker_trl(args, matched: bool, bf16: bool = True) -> dict:
             step_times.append(time.perf_counter() - self.started)
 
     baseline = rss_now_mb()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     trainer = DPOTrainer(model=model, args=DPOConfig(**settings), train_dataset=rows, processing_class=tokenizer, callbacks=[StepTimer()])
     trainer.train()
-    job = time.perf_counter() - started
+    job, job_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     dataset = trainer.train_dataset
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True))
-    return {"job_seconds": job, "step_seconds": step_times, "tokens": tokens, "pairs": len(dataset),
+    return {"job_seconds": job, "job_cpu_seconds": job_cpu, "step_seconds": step_times, "tokens": tokens, "pairs": len(dataset),
             "reference_tokens": tokens, "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(),
             "settings": {k: getattr(trainer.args, k) for k in ("precompute_ref_log_probs", "gradient_checkpointing", "bf16")}}  # fmt: skip
 
@@ -229,6 +231,9 @@ def summarise(runs: list[dict], batch_size: int, parameters: int) -> dict:
     return {
         "job_seconds": job,
         "pairs_per_second": first["pairs"] / job,
+        # CPU seconds of the job's process: on a shared machine this leaves out the time other processes held
+        # the core (with one thread, CPU time = time the job actually ran).
+        "pairs_per_cpu_second": first["pairs"] / statistics.median(r["job_cpu_seconds"] for r in runs),
         "tokens_per_second": first["tokens"] / job,
         "steady_pairs_per_second": batch_size / steady,
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
@@ -290,7 +295,7 @@ def report(args) -> None:
     for repeat in range(args.repeats):
         for job in jobs:
             runs[job].append(run_worker(job, args))
-            print(f"repeat {repeat + 1}/{args.repeats} {job}: {runs[job][-1]['job_seconds']:.1f} s", flush=True)
+            print(f"repeat {repeat + 1}/{args.repeats} {job}: {runs[job][-1]['job_seconds']:.1f} s ({runs[job][-1]['job_cpu_seconds']:.1f} CPU s)", flush=True)
     rate_after = matmul_rate(args.threads)
     summary = {job: summarise(results, args.batch_size, parameters) for job, results in runs.items()}
     print(f"\nmodel: Llama, {parameters:,} non-embedding parameters; torch {torch.__version__}, {args.threads} thread(s); "
@@ -298,9 +303,9 @@ def report(args) -> None:
           f"{summary[jobs[0]]['tokens'] / summary[jobs[0]]['pairs'] / 2:.1f} non-pad tokens per sequence")
     print(f"fp32 matmul rate (torch.mm 2048x2048, median): {rate / 1e9:.1f} GFLOP/s before, {rate_after / 1e9:.1f} after; "
           f"bf16: {bf16_rate / 1e9:.1f} GFLOP/s")
-    print(f"\n{'job':<44}{'pairs/s':>9}{'tokens/s':>10}{'steady pairs/s':>16}{'peak RSS MB':>13}{'job RSS MB':>12}{'FLOP/s / mm':>13}")
+    print(f"\n{'job':<44}{'pairs/s':>9}{'pairs/CPU-s':>13}{'tokens/s':>10}{'steady pairs/s':>16}{'peak RSS MB':>13}{'job RSS MB':>12}{'FLOP/s / mm':>13}")
     for job, row in summary.items():
-        print(f"{JOBS[job]:<44}{row['pairs_per_second']:>9.2f}{row['tokens_per_second']:>10.0f}{row['steady_pairs_per_second']:>16.2f}"
+        print(f"{JOBS[job]:<44}{row['pairs_per_second']:>9.2f}{row['pairs_per_cpu_second']:>13.2f}{row['tokens_per_second']:>10.0f}{row['steady_pairs_per_second']:>16.2f}"
               f"{row['peak_rss_mb']:>13.0f}{row['job_rss_mb']:>12.0f}{row['flops_per_second'] / rate:>13.2f}")
     token_counts = {job: row["tokens"] for job, row in summary.items()}
     if len(set(token_counts.values())) > 1:
@@ -309,6 +314,7 @@ def report(args) -> None:
         if mine in summary and peer in summary:
             ours, theirs = summary[mine], summary[peer]
             print(f"\n{JOBS[mine]} / {JOBS[peer]}: pairs/s x{ours['pairs_per_second'] / theirs['pairs_per_second']:.2f}, "
+                  f"pairs per CPU-second x{ours['pairs_per_cpu_second'] / theirs['pairs_per_cpu_second']:.2f}, "
                   f"tokens/s x{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}, "
                   f"steady-state pairs/s x{ours['steady_pairs_per_second'] / theirs['steady_pairs_per_second']:.2f}, "
                   f"peak memory x{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} (job memory x{ours['job_rss_mb'] / max(theirs['job_rss_mb'], 1):.2f})"
