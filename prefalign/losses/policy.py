@@ -121,17 +121,19 @@ def gspo_loss(
     with no token aggregation. The paper's clip ranges are tiny (ε_low ≈ 3e-4, ε_high ≈ 4e-4).
     With ρ = 1 its gradient equals token-level GRPO's with "grpo" aggregation; they differ once
     π ≠ π_old. logps, old_logps, mask: (batch, T); advantages: (batch,). num_sequences: sequences in
-    the optimizer step (default: this batch). Metric `clip_ratio/region_mean` is the fraction of
-    sequences whose clipped term is the active one.
+    the optimizer step (default: this batch). A row with no masked token (a masked truncated
+    completion) adds nothing. Metrics as clipped_surrogate's, with each sequence's ratio on its
+    tokens: token means over the mask, like the token-level metrics they are averaged with.
     """
     log_ratio = masked_mean(logps - old_logps.detach(), mask, dim=1)  # (batch,)
     ratio = torch.exp(log_ratio)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
     per_sequence = -torch.minimum(ratio * advantages, clipped * advantages)  # (batch,)
-    loss = per_sequence.sum() / (num_sequences or per_sequence.shape[0])
-    with torch.no_grad():
-        active = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
-        metrics = {"clip_ratio/region_mean": active.float().mean().item()}
+    # An empty row has ratio exp(0) = 1 and would add −A_i to the loss value (with no gradient).
+    has_tokens = mask.sum(dim=1) > 0
+    loss = per_sequence.masked_fill(~has_tokens, 0.0).sum() / (num_sequences or per_sequence.shape[0])
+    token_ratio = ratio.detach().unsqueeze(1).expand(mask.shape)  # (batch, T): s_i on every token of i
+    metrics = _clip_metrics(token_ratio, advantages.unsqueeze(1).expand(mask.shape), mask, eps_low, eps_high)
     return loss, metrics
 
 

@@ -191,3 +191,23 @@ def test_unknown_aggregation_and_missing_max_new_tokens():
     with pytest.raises(ValueError, match="max_new_tokens"):
         clipped_surrogate(logps, logps, torch.ones(1), torch.ones(1, 2), aggregation="dr_grpo")
     assert math.isfinite(clipped_surrogate(logps, logps, torch.ones(1), torch.zeros(1, 2))[0].item())
+
+
+def test_gspo_clip_metrics_are_token_means_and_an_empty_row_adds_nothing():
+    # Log-ratios: seq 1 (A = +1) 0.2, 0.1, 0.0 (mean 0.1); seq 2 (A = −1) −0.3, −0.1 (mean −0.2);
+    # seq 3 (A = +1) has no trained token (a masked truncated completion).
+    logps = torch.tensor([[0.2, 0.1, 0.0], [-0.3, -0.1, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    loss, metrics = gspo_loss(
+        logps, torch.zeros(3, 3), torch.tensor([1.0, -1.0, 1.0]), mask, eps_low=0.05, eps_high=0.05, num_sequences=2
+    )
+    # s1 = e^0.1 = 1.105171 > 1.05 with A > 0: −min(1.105171, 1.05) = −1.05 (high clip)
+    # s2 = e^−0.2 = 0.818731 < 0.95 with A < 0: −min(−0.818731, −0.95) = 0.95 (low clip)
+    # seq 3: nothing. loss = (−1.05 + 0.95)/2 = −0.05
+    assert loss.item() == pytest.approx(-0.05, abs=1e-6)
+    # Token means over the 5 trained tokens: high 3/5 (seq 1), low 2/5 (seq 2), either 5/5.
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(0.6)
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(0.4)
+    assert metrics["clip_ratio/region_mean"] == pytest.approx(1.0)
+    loss.backward()
+    assert_values(logps.grad, [[0.0] * 3] * 3)  # both active terms are the clipped constants
