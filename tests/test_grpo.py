@@ -260,6 +260,14 @@ def test_several_iterations_use_rollout_logprobs_and_clip(tmp_path, model_dir):
     assert max(later) > 0.0
 
 
+def test_epochs_count_passes_over_the_prompts_with_several_iterations(tmp_path, model_dir):
+    # 8 prompts, 8 completions a step = 2 prompts (G = 4): one epoch is 4 rollout batches, and with μ = 2
+    # each feeds 2 optimizer steps, so 8 steps (not 4, which would see only half the prompts).
+    config = make_config(model_dir, tmp_path / "epochs", num_iterations=2, train={"max_steps": 0, "epochs": 1.0})
+    result = grpo(config, dataset=prompts(8), save=False)
+    assert result.step == 8
+
+
 # ----------------------------------------------------------------------------- DAPO options
 
 
@@ -328,6 +336,13 @@ def test_max_new_tokens_zero_fits_the_context_and_is_written_to_the_config(tmp_p
     assert default_max_new_tokens({"prompt_ids": [[1] * 10]}, 1024) == DEFAULT_MAX_NEW_TOKENS
     with pytest.raises(ConfigError, match="max_new_tokens must be at least 1"):
         check_config(make_config(model_dir, tmp_path, max_new_tokens=-1))
+
+
+def test_overlong_buffer_longer_than_the_fitted_max_new_tokens_is_a_config_error(tmp_path, model_dir):
+    # max_new_tokens 0 resolves to what the 32-token context leaves (under 32), less than the buffer of 100.
+    config = make_config(model_dir, tmp_path / "overlong", max_new_tokens=0, overlong_buffer=100)
+    with pytest.raises(ConfigError, match=r"overlong_buffer 100 is longer than max_new_tokens \d+ \(fitted to the model's context"):
+        grpo(config, dataset=prompts(8))
 
 
 # ----------------------------------------------------------------------------- resume

@@ -146,6 +146,11 @@ def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, ru
         config.max_new_tokens = default_max_new_tokens(train, context)
         logger.info("grpo: max_new_tokens = %d (the model's context is %s tokens)", config.max_new_tokens, context)
         save_config(config, run_dir / "config.yaml")
+        if config.overlong_buffer > config.max_new_tokens:  # check_config could only test it against the default
+            raise ConfigError(
+                f"overlong_buffer {config.overlong_buffer} is longer than max_new_tokens {config.max_new_tokens} (fitted to the "
+                f"model's context of {context} tokens); lower overlong_buffer or set max_new_tokens"
+            )
     train, data_stats["train"]["dropped_context"] = fit_context(train, context, config, "train")
     evaluation = None
     if eval_rows is not None:
@@ -419,7 +424,8 @@ def grpo(config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tok
     rewards = build_rewards(config)
     prompts, eval_prompts = load_prompts(config, tokenizer, model, dataset, eval_dataset, run_dir)
     prompts_per_step = config.train.batch_size * config.train.grad_accum // config.num_generations
-    total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prompts) / prompts_per_step))
+    # An epoch is one pass over the prompts; each prompt's rollout is optimised μ times (as in TRL).
+    total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(prompts) / prompts_per_step) * config.num_iterations)
     optimizer = runtime.build_optimizer(model, config.train)
     scheduler = runtime.build_scheduler(optimizer, config.train, total_steps)
     progress = resume_state(config, run_dir, model, optimizer, scheduler)
