@@ -174,6 +174,7 @@ def test_lora_reference_is_the_adapters_off_policy(tmp_path, model_dir):
     # LoRA's B starts at zero: at step 1 the adapted policy equals the base, so the KL is exactly 0.
     assert result.metrics[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert result.metrics[1]["kl"] > 0.0
+    assert {"clip_ratio/low_mean", "clip_ratio/high_mean"} <= set(result.metrics[0])  # GSPO logs the clip metrics too
     assert (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
 
 
