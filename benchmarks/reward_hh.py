@@ -298,6 +298,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (both tools)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = one epoch of the training pairs)")
     parser.add_argument("--matched-steps", type=int, default=12, help="steps of the throughput-only runs with matched settings")
+    parser.add_argument("--matched-repeats", type=int, default=1, help="rounds of the matched runs, the tools in turn (load on a shared machine drifts)")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     # One thread: on a shared 2-core machine two OpenMP threads that lose their cores stall each other.
@@ -315,8 +316,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="reward-hh-") as folder:
         work = Path(folder)
         spec = prepare(args, work)
-        results = {}
-        for name in ("ours-defaults", "trl-defaults", "ours-matched", "trl-matched", "trl-matched-grouped"):
+        results: dict[str, list[dict]] = {}
+        matched_names = ["ours-matched", "trl-matched", "trl-matched-grouped"]
+        for name in ["ours-defaults", "trl-defaults"] + matched_names * args.matched_repeats:
             matched = "matched" in name
             run_spec = dict(spec, steps=args.matched_steps, evaluate=False) if matched else dict(spec, evaluate=True)
             (work / "spec.json").write_text(json.dumps(run_spec))
@@ -325,10 +327,26 @@ def main() -> None:
             completed = subprocess.run(command, capture_output=True, text=True)
             if completed.returncode != 0:
                 sys.exit(f"{name} failed:\n{completed.stderr[-4000:]}")
-            results[name] = json.loads((work / f"{name}.json").read_text())
-            shown = {key: value for key, value in results[name].items() if key != "step_seconds"}
+            results.setdefault(name, []).append(json.loads((work / f"{name}.json").read_text()))
+            shown = {key: value for key, value in results[name][-1].items() if key != "step_seconds"}
             print(f"{name}: {json.dumps(shown)} ({time.perf_counter() - started:.0f} s)", flush=True)
-    report(results, spec)
+    report({name: merge_runs(runs) for name, runs in results.items()}, spec)
+    if args.matched_repeats > 1:
+        for other in matched_names[1:]:
+            ratios = [(theirs["sum_step_seconds"] / theirs["steps"]) / (ours["sum_step_seconds"] / ours["steps"])
+                      for ours, theirs in zip(results["ours-matched"], results[other], strict=True)]
+            print(f"ours-matched / {other} throughput in each round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Repeated runs of one tool and mode as one: all their steps together."""
+    merged = dict(runs[0])
+    if len(runs) > 1:
+        merged["step_seconds"] = [seconds for run in runs for seconds in run["step_seconds"]]
+        merged["steps"] = len(merged["step_seconds"])
+        merged["sum_step_seconds"] = sum(merged["step_seconds"])
+        merged["median_step_seconds"] = statistics.median(merged["step_seconds"])
+    return merged
 
 
 def report(results: dict, spec: dict) -> None:
