@@ -150,6 +150,18 @@ def reference_mode(model):
         yield model
 
 
+def disable_dropout(model) -> None:
+    """p = 0 in every dropout module (the saved config keeps the model's own rates). Algorithms that compare
+    log-probs of one network at two moments (policy vs reference, new vs old) turn it off, or the noise
+    of two dropout masks shows up as a ratio and a KL where there is none."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # rates kept as floats (Llama-style attention)
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -72,3 +72,23 @@ def test_reference_mode_needs_lora(tmp_path):
     with pytest.raises(ModelError, match="needs a LoRA"):
         with reference_mode(model):
             pass
+
+
+def test_disable_dropout_makes_training_mode_deterministic():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from prefalign.models import disable_dropout
+
+    torch.manual_seed(0)
+    models = [
+        LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, attention_dropout=0.5)),
+        GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)),
+    ]
+    ids = torch.randint(0, 50, (2, 7))
+    for model in models:
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is live before
+        disable_dropout(model)
+        training = model(ids).logits
+        model.eval()
+        assert torch.allclose(training, model(ids).logits, atol=1e-6)

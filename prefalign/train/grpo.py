@@ -32,7 +32,14 @@ from prefalign.data import collate_sft, tokenize_prompts
 from prefalign.errors import ConfigError, DataError, TrainingError
 from prefalign.eval import evaluate_policy
 from prefalign.generation import FINISH_LENGTH, LocalEngine, SamplingParams
-from prefalign.models import is_peft_model, load_causal_lm, model_card, reference_mode, save_model
+from prefalign.models import (
+    disable_dropout,
+    is_peft_model,
+    load_causal_lm,
+    model_card,
+    reference_mode,
+    save_model,
+)
 from prefalign.rewards import WeightedRewards, describe_failures
 from prefalign.rewards.functions import build_scorers
 from prefalign.train import runtime
@@ -420,6 +427,7 @@ def grpo(config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tok
     run_dir = runtime.prepare_run_dir(config, "grpo")
     if model is None:
         model, tokenizer = load_causal_lm(config.model)
+    disable_dropout(model)  # the engine samples in eval mode: π_old and π must be the same function at μ's first pass
     score_reference = reference_scorer(config, model, reference)
     rewards = build_rewards(config)
     prompts, eval_prompts = load_prompts(config, tokenizer, model, dataset, eval_dataset, run_dir)
