@@ -265,6 +265,16 @@ def test_mixed_precision_keeps_short_attention_in_float32():
     torch.testing.assert_close(output, exact)
 
 
+def test_bf16_under_gradient_checkpointing_trains(tmp_path):
+    # Checkpointing recomputes the forward in the backward pass, outside mixed_precision's float32 attention:
+    # the forward must then keep autocast's own attention dtype, or the recomputation's dtypes would differ.
+    model, tokenizer = tiny_model(0)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, result = run(tmp_path, model=model, tokenizer=tokenizer, steps=2, mixed_precision="bf16", eval_pairs=0)
+    assert train_records(result)[0]["loss"] == pytest.approx(0.693147, abs=2e-2)
+    assert all(record["grad_norm"] > 0 for record in train_records(result))
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

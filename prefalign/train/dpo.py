@@ -54,6 +54,7 @@ from prefalign.models import (
 from prefalign.train.common import log_stats, resolve_rows
 from prefalign.train.forward import (
     CompletionLogps,
+    activation_checkpointing,
     completion_logps,
     grouped_completion_logps,
     mixed_precision,
@@ -129,11 +130,14 @@ def use_bf16(config: DPOConfig, device: torch.device) -> bool:
 
 @dataclass(frozen=True)
 class PairForward:
-    """How pairs go through a model: collation, bf16 autocast, and whether each prompt is computed once."""
+    """How pairs go through a model: collation, bf16 autocast, and whether each prompt is computed once.
+    `float32_attention`: short attention in float32 under CPU autocast (mixed_precision); off under gradient
+    checkpointing, whose recomputation must repeat the forward's dtypes."""
 
     pad_token_id: int
     bf16: bool = False
     share_prompt: bool = True
+    float32_attention: bool = True
 
     def collate(self, pairs: list[dict[str, Any]], ref_logps: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, Any]:
         """One batch: the pairs, their padded chosen rows [0, B) and rejected rows [B, 2B) (collate_preference)
@@ -148,7 +152,7 @@ class PairForward:
 
     def __call__(self, model, batch: dict[str, Any]) -> CompletionLogps:
         """Completion log-probs of the chosen rows then the rejected rows: token_logps, mask (2B, length)."""
-        with mixed_precision(model_device(model), self.bf16):
+        with mixed_precision(model_device(model), self.bf16, float32_attention=self.float32_attention):
             if not self.share_prompt:
                 return completion_logps(model, batch)
             pairs = batch["pairs"]
@@ -283,7 +287,8 @@ def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batc
 def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, list[dict[str, Any]]], forward: PairForward, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
     """Reference log-probs of every split, from `<run>/ref_logps.safetensors` when it matches the data."""
     path = run_dir / REF_LOGPS_FILE
-    prints = {name: fingerprint(pairs) for name, pairs in splits.items()} | {"bf16": str(forward.bf16)}
+    precision = {"bf16": str(forward.bf16), "float32_attention": str(forward.bf16 and forward.float32_attention)}
+    prints = {name: fingerprint(pairs) for name, pairs in splits.items()} | precision
     if path.exists():
         from safetensors import safe_open
 
@@ -404,8 +409,9 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
 
     reference = load_reference(config, model, tokenizer, reference)
     # The KV cache that shares prompts is off under gradient checkpointing (transformers disables it there).
-    share_prompt = config.share_prompt and not config.model.gradient_checkpointing
-    forward = PairForward(tokenizer.pad_token_id, use_bf16(config, model_device(model)), share_prompt)
+    checkpointing = config.model.gradient_checkpointing or activation_checkpointing(model)
+    share_prompt = config.share_prompt and not checkpointing
+    forward = PairForward(tokenizer.pad_token_id, use_bf16(config, model_device(model)), share_prompt, float32_attention=not checkpointing)
     ref_logps: dict[str, dict[str, torch.Tensor]] = {}
     reference_on_the_fly = None
     if needs_reference(config) and config.precompute_ref_logps:

@@ -69,15 +69,22 @@ class _ShortAttentionInFloat32(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def mixed_precision(device: torch.device, bf16: bool):
+def mixed_precision(device: torch.device, bf16: bool, *, float32_attention: bool = True):
     """bf16 autocast of a forward pass when `bf16` (weights stay in their dtype); on CPU, short attention
-    (at most FLOAT32_ATTENTION_MAX_KEYS keys) stays in float32, which is faster there and more exact."""
+    (at most FLOAT32_ATTENTION_MAX_KEYS keys) stays in float32, which is faster there and more exact.
+    Pass float32_attention=False under gradient checkpointing: its recomputation in the backward pass runs
+    outside this context, and must see the same dtypes as the forward."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        if bf16 and device.type == "cpu":
+        if bf16 and float32_attention and device.type == "cpu":
             with _ShortAttentionInFloat32():
                 yield
         else:
             yield
+
+
+def activation_checkpointing(model) -> bool:
+    """Whether gradient checkpointing is on in any layer (transformers marks such layers)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
