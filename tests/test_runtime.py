@@ -161,3 +161,9 @@ def test_metrics_reach_an_accelerate_tracker(tmp_path):
     assert recorder.logged == [(1, {"step": 1, "loss": 0.5}), (2, {"step": 2, "loss": 0.25})]
     assert recorder.finished
     assert [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0.5, 0.25]
+
+
+def test_fused_adamw_is_the_default_and_can_be_turned_off():
+    model, _ = tiny_model(0)
+    assert build_optimizer(model, TrainConfig()).defaults["fused"]
+    assert not build_optimizer(model, TrainConfig(fused_optimizer=False)).defaults["fused"]

@@ -76,7 +76,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (one pass over all parameters; transformers' Trainer default too) is about 5x faster
     # than the per-tensor update on CPU; it needs floating parameters on CPU or CUDA.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    fused = config.fused_optimizer and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=config.learning_rate,
