@@ -187,3 +187,52 @@ def test_gsm8k_model_solutions_agree_with_their_correctness_labels():
                 agree += math_reward(value["solution"], reference) == float(value["is_correct"])
     assert total == 4 * 1319
     assert agree == total
+
+
+# ----------------------------------------------------------------------------- review fixes (signs, fractions)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("-\\frac{1}{2}", Fraction(-1, 2)),  # a minus before \frac belongs to the fraction
+        ("-\\dfrac{3}{4}", Fraction(-3, 4)),
+        ("\\frac{-3}{4}", Fraction(-3, 4)),
+        ("-\\frac{-3}{4}", Fraction(3, 4)),
+        ("1{,}000", Fraction(1000)),  # LaTeX's thousands separator (MATH answers write it so)
+        ("\\$2{,}500.50", Fraction(5001, 2)),
+    ],
+)
+def test_parse_number_signs_and_latex_separators(text, expected):
+    assert parse_number(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "reward"),
+    [
+        ("\\boxed{-\\frac{1}{2}}", "-0.5", 1.0),
+        ("\\boxed{-\\frac{1}{2}}", "0.5", 0.0),  # the sign was dropped: -1/2 scored as 1/2
+        ("so x = \\frac{1}{2}", "0.5", 1.0),  # no marker: the last number is the whole fraction 1/2, not its 2
+        ("so x = \\frac{1}{2}", "2", 0.0),
+        ("the answer is 2", "\\frac{1}{2}", 0.0),  # a reference \frac{1}{2} is 1/2, not 2
+        ("the answer is 0.5", "\\frac{1}{2}", 1.0),
+        ("x = -\\frac{3}{4}", "-3/4", 1.0),
+        ("\\boxed{1{,}000}", "1000", 1.0),
+    ],
+)
+def test_fractions_keep_sign_and_value(completion, answer, reward):
+    assert math_reward(completion, answer) == reward
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "reward"),
+    [
+        ("The answer is 0.00001", 1e-05, 1.0),  # str(1e-05) is '1e-05': read as 1e-05, not as 1
+        ("The answer is 1", 1e-05, 0.0),
+        ("The answer is 100000", 1e5, 1.0),
+        ("The answer is 0.1", 0.1, 1.0),  # the float's shortest repr, not its binary value
+        ("The answer is 7", 7, 1.0),
+    ],
+)
+def test_numeric_reference_answers(completion, answer, reward):
+    assert math_reward(completion, answer) == reward

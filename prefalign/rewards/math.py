@@ -31,7 +31,10 @@ from prefalign.losses import overlong_penalty
 # ----------------------------------------------------------------------------- final-answer extraction
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}")
+# A minus written right before \frac belongs to the fraction: `-\frac{1}{2}` is -1/2.
+_FRAC = re.compile(r"(-?)\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}")
+# One left-to-right scan for numbers: a \frac is read whole, before its digits could be read on their own.
+_NUMERIC = re.compile(f"{_FRAC.pattern}|{_NUMBER.pattern}")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _HASHES = re.compile(r"####\s*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -76,7 +79,7 @@ def extract_final_answer(text: str, *, fallback_last_number: bool = True) -> str
         if found is not None and found.strip():
             return found.strip()
     if fallback_last_number:
-        numbers = _NUMBER.findall(_normalize(text))
+        numbers = [match.group() for match in _NUMERIC.finditer(_normalize(text))]
         return numbers[-1] if numbers else None
     return None
 
@@ -84,29 +87,24 @@ def extract_final_answer(text: str, *, fallback_last_number: bool = True) -> str
 def _normalize(text: str) -> str:
     text = text.replace("\u2212", "-").replace("\u2013", "-")  # typographic minus and en dash
     text = _LATEX_NOISE.sub("", text)
-    text = text.replace("$", "").replace("%", "")
+    text = text.replace("$", "").replace("%", "").replace("{,}", ",")  # LaTeX writes 1{,}000
     # Thousands separators only (70,000 but not a list like "1, 2"), then spaces inside numbers (70 000).
     text = _THOUSANDS.sub("", text)
     return re.sub(r"(?<=\d) (?=\d{3}(?!\d))", "", text)
 
 
 def parse_number(text: str | None) -> Fraction | None:
-    """The first number in `text` as an exact fraction: `$1,234.50` -> 2469/2, `\\frac{3}{4}` -> 3/4."""
+    """The first number in `text` as an exact fraction: `$1,234.50` -> 2469/2, `-\\frac{3}{4}` -> -3/4."""
     if text is None:
         return None
-    text = _normalize(str(text))
-    fraction = _FRAC.search(text)
-    number = _NUMBER.search(text)
-    # \frac wins when it comes first (its digits would otherwise be read as a number on their own).
-    if fraction and (number is None or fraction.start() <= number.start()):
-        try:
-            return Fraction(fraction.group(1)) / Fraction(fraction.group(2))
-        except (ValueError, ZeroDivisionError):
-            return None
-    if number is None:
+    match = _NUMERIC.search(_normalize(str(text)))
+    if match is None:
         return None
     try:
-        return Fraction(number.group())
+        if match.group(2) is None:
+            return Fraction(match.group())
+        sign = -1 if match.group(1) else 1
+        return sign * Fraction(match.group(2)) / Fraction(match.group(3))
     except (ValueError, ZeroDivisionError):
         return None
 
@@ -120,11 +118,22 @@ def completion_text(completion: Any) -> str:
 
 def answers_match(completion: str, expected: Any, *, fallback_last_number: bool = True) -> bool:
     """Does the completion's final answer equal `expected` (a number, or a reference solution) as a number?"""
-    wanted = parse_number(extract_final_answer(str(expected)) if not isinstance(expected, (int, float)) else str(expected))
+    wanted = _reference_number(expected)
     if wanted is None:
         raise ValueError(f"the reference answer {str(expected)[:80]!r} holds no number to compare with")
     got = parse_number(extract_final_answer(completion, fallback_last_number=fallback_last_number))
     return got is not None and got == wanted
+
+
+def _reference_number(expected: Any) -> Fraction | None:
+    """The reference answer as a fraction: a Python number exactly as written (`1e-05` is 1/100000, `0.1`
+    is 1/10, not its binary value), anything else through the same extraction as a completion."""
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        try:
+            return Fraction(str(expected))
+        except ValueError:  # nan, inf
+            return None
+    return parse_number(extract_final_answer(str(expected)))
 
 
 # ----------------------------------------------------------------------------- reward functions
