@@ -134,3 +134,28 @@ def test_score_groups_repeats_columns_per_sample():
 
     scored = WeightedRewards([match]).score_groups(["x", "y"], [["1", "2"], ["2", "2", "3"]], {"answer": ["1", "3"]})
     assert scored.scores == [[1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_two_scorers_with_one_name_keep_their_own_values():
+    # Two lambdas are both named '<lambda>': each must still count with its own value and weight.
+    rewards = WeightedRewards([lambda prompts, completions, **_: [1.0], lambda prompts, completions, **_: [10.0]], [1.0, 0.5])
+    total, per_function, failures = rewards(["p"], ["c"])
+    assert total == [6.0]  # 1·1 + 0.5·10 (was 1·10 + 0.5·10 = 15: the second overwrote the first)
+    assert per_function == {"<lambda>": [1.0], "<lambda>_2": [10.0]}
+    assert rewards.names == ["<lambda>", "<lambda>_2"] and failures == []
+
+
+def test_a_failure_of_one_same_named_scorer_is_its_own():
+    def raising(prompts, completions, **_):
+        raise RuntimeError("no")
+
+    raising.__name__ = "length_reward"  # the same name as the working one
+    total, per_function, failures = WeightedRewards([length_reward, raising])(["p"], ["abc"])
+    assert total == [None] and per_function["length_reward"] == [3.0]
+    assert [failure.function for failure in failures] == ["length_reward_2"]
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf])
+def test_non_finite_weight_is_a_config_error(weight):
+    with pytest.raises(ConfigError, match="reward_weights"):
+        WeightedRewards([length_reward], [weight])

@@ -101,8 +101,11 @@ class WeightedRewards:
             self.weights = [1.0] * len(self.names)
         if len(self.weights) != len(self.names):
             raise ConfigError(f"reward_weights has {len(self.weights)} values for {len(self.names)} reward functions")
+        bad = [weight for weight in self.weights if not _is_finite_number(weight)]
+        if bad:
+            raise ConfigError(f"reward_weights must be finite numbers, got {bad[0]!r} in {list(self.weights)}")
         self.functions = [get_reward_function(name) if isinstance(name, str) else name for name in self.names]
-        self.names = [name if isinstance(name, str) else _callable_name(name) for name in self.names]
+        self.names = _unique([name if isinstance(name, str) else _callable_name(name) for name in self.names])
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Sequence[Any]):
         """-> (total: list[float | None], per_function: dict[name, list[float | None]], failures).
@@ -155,6 +158,19 @@ class WeightedRewards:
 
 def _callable_name(function: Any) -> str:
     return getattr(function, "name", None) or getattr(function, "__name__", None) or type(function).__name__
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Names as given, a repeat suffixed `_2`, `_3`, ...: per-function scores (and metrics) are keyed by name,
+    so two scorers sharing one (two lambdas, two reward models) would otherwise overwrite each other."""
+    unique: list[str] = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in unique:
+            count += 1
+            candidate = f"{name}_{count}"
+        unique.append(candidate)
+    return unique
 
 
 def _accepted_columns(function: Any, columns: dict[str, Sequence[Any]]) -> dict[str, Sequence[Any]]:
