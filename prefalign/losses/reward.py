@@ -22,6 +22,18 @@ def _as_scores(rewards: Tensor, name: str) -> Tensor:
     return rewards
 
 
+def _as_margin(margin: Tensor | float, difference: Tensor) -> Tensor | float:
+    """A scalar, or one margin per pair: (num_pairs,) or (num_pairs, 1), never broadcast across pairs."""
+    if not isinstance(margin, Tensor) or margin.dim() == 0:
+        return margin
+    margin = margin.squeeze(-1) if margin.dim() == 2 and margin.shape[-1] == 1 else margin
+    if margin.shape != difference.shape:
+        raise ValueError(
+            f"margin must be a scalar or one value per pair, shape {tuple(difference.shape)}, got {tuple(margin.shape)}."
+        )
+    return margin
+
+
 def bradley_terry_loss(
     chosen_rewards: Tensor,
     rejected_rewards: Tensor,
@@ -31,7 +43,7 @@ def bradley_terry_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Bradley–Terry pairwise loss: mean over pairs of −log σ(r_w − r_l − m), plus reward centering
     c · mean((r_w + r_l)²) (Eisenstein et al. 2023 suggest c = 0.01), which pins the free offset of
-    the scores near 0. Margin m: one value per pair (num_pairs,) or a scalar (Llama 2's margin).
+    the scores near 0. Margin m: one value per pair, (num_pairs,) or (num_pairs, 1), or a scalar (Llama 2's margin).
 
     chosen_rewards, rejected_rewards: (num_pairs,) or (num_pairs, 1).
     Metrics: `accuracy` = mean [r_w > r_l], `margin` = mean (r_w − r_l), `rewards/chosen`,
@@ -44,7 +56,7 @@ def bradley_terry_loss(
             f"chosen_rewards {tuple(chosen.shape)} and rejected_rewards {tuple(rejected.shape)} differ."
         )
     difference = chosen - rejected  # (num_pairs,)
-    logits = difference if margin is None else difference - margin
+    logits = difference if margin is None else difference - _as_margin(margin, difference)
     loss = -F.logsigmoid(logits).mean()
     if center_coefficient:
         loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()

@@ -203,3 +203,17 @@ def test_kto_reference_point_is_clamped_at_zero():
     # mean = 1.813470 / 3 = 0.604490
     assert loss.item() == pytest.approx(0.604490, abs=1e-6)
     assert metrics["kl"] == 0.0
+
+
+def test_mismatched_shapes_are_an_error_not_a_broadcast():
+    # (2,) against (2, 1) would broadcast to a 2×2 table of cross-pair log-ratios and average it silently.
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected = two_pairs()
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        dpo_loss(policy_chosen, policy_rejected, ref_chosen.unsqueeze(-1), ref_rejected, beta=BETA)
+    with pytest.raises(ValueError, match="policy_rejected_logps"):
+        dpo_loss(policy_chosen, policy_rejected[:1], ref_chosen, ref_rejected, beta=BETA)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(
+            policy_chosen, policy_rejected, None, None, beta=2.0, loss_type="simpo",
+            chosen_lengths=torch.tensor([[5], [4]]), rejected_lengths=torch.tensor([4, 4]),
+        )  # fmt: skip

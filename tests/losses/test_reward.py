@@ -51,3 +51,18 @@ def test_ranked_pairs_loss():
     # a batch of two prompts: the second, K = 3 scores all equal: 3·log 2 / 3 = 0.693147; mean = 0.472149
     batch = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     assert ranked_pairs_loss(batch).item() == pytest.approx(0.472149, abs=1e-6)
+
+
+def test_bradley_terry_margin_per_pair_in_head_shape():
+    # A (num_pairs, 1) margin must pair up with its own row, as the (num_pairs, 1) scores do; broadcast against
+    # (num_pairs,) it would make a 2×2 table and average all four cross terms (0.768670).
+    loss, _ = bradley_terry_loss(
+        torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), margin=torch.tensor([[0.5], [0.0]])
+    )
+    # −log σ(1 − 0.5) = 0.474077; −log σ(−0.5 − 0) = 0.974077; mean = 0.724077
+    assert loss.item() == pytest.approx(0.724077, abs=1e-6)
+
+
+def test_bradley_terry_margin_of_the_wrong_length_is_an_error():
+    with pytest.raises(ValueError, match="margin"):
+        bradley_terry_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), margin=torch.tensor([0.5, 0.5, 0.5]))
