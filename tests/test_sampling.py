@@ -273,3 +273,17 @@ def test_reward_model_scores_next_to_reward_functions(tmp_path):
     # digit_count has weight 0, so each total is exactly twice the reward model's score.
     assert [s["score"] for s in output.samples] == pytest.approx([2.0 * value for value in model_scores])
     assert len(set(model_scores)) > 1  # distinct completions get distinct scores: pairs can form
+
+
+def test_prompt_index_points_into_the_given_prompts_after_context_drops(caplog):
+    model, tokenizer = tiny_model()  # context: 128 positions
+    # Prompt 0 is dropped (over the context); the others keep their own positions 1 and 2, in rows, samples and
+    # failure reports (renumbered 0 and 1 they would name the wrong prompt of the user's data).
+    prompts = _prompts(tokenizer, ["9" * 126, "good 1+1", "bad 2+2"])
+    settings = RejectionSamplingConfig(n=2, max_new_tokens=4, strategy="best_of_n")
+    output = rejection_sample(model, tokenizer, prompts, WeightedRewards([fails_for_bad_prompt]), settings, seed=0)
+    assert output.stats.dropped_over_context == 1
+    assert [row["prompt_index"] for row in output.rows] == [1]
+    assert output.rows[0]["answer"] == "1"  # _prompts writes each prompt's position as its `answer`
+    assert sorted({sample["prompt_index"] for sample in output.samples}) == [1, 2]
+    assert output.stats.failure_examples[0].startswith("reward function 'fails_for_bad_prompt' on prompt 2, sample 0")

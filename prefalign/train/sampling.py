@@ -264,11 +264,14 @@ def check_settings(settings: RejectionSamplingConfig) -> None:
         raise ConfigError(f"config key 'sampling.generation_batch_size' must be at least 1, got {settings.generation_batch_size}")
 
 
-def fit_context(prompts: datasets.Dataset, model, settings: RejectionSamplingConfig, too_long: str, stats: SampleStats) -> datasets.Dataset:
-    """Drop (counted) or refuse prompts that leave no room for max_new_tokens in the model's context."""
+def fit_context(
+    prompts: datasets.Dataset, model, settings: RejectionSamplingConfig, too_long: str, stats: SampleStats
+) -> tuple[datasets.Dataset, list[int]]:
+    """Drop (counted) or refuse prompts that leave no room for max_new_tokens in the model's context.
+    Returns the kept prompts and each one's position in `prompts` (what rows and failure reports name)."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not context:
-        return prompts
+        return prompts, list(range(len(prompts)))
     lengths = [len(ids) for ids in prompts["prompt_ids"]]
     over = [index for index, length in enumerate(lengths) if length + settings.max_new_tokens > context]
     if over and too_long == "error":
@@ -283,8 +286,8 @@ def fit_context(prompts: datasets.Dataset, model, settings: RejectionSamplingCon
         keep = sorted(set(range(len(lengths))) - set(over))
         if not keep:
             raise DataError(f"every prompt exceeds the model's context of {context} tokens with max_new_tokens={settings.max_new_tokens}")
-        prompts = prompts.select(keep)
-    return prompts
+        return prompts.select(keep), keep
+    return prompts, list(range(len(prompts)))
 
 
 def rejection_sample(
@@ -294,7 +297,7 @@ def rejection_sample(
     """Sample n completions per tokenized prompt (`prompt_ids`, `prompt`, extra columns), score, build rows."""
     check_settings(settings)
     stats = SampleStats(prompts=len(prompts))
-    prompts = fit_context(prompts, model, settings, too_long_prompt, stats)
+    prompts, positions = fit_context(prompts, model, settings, too_long_prompt, stats)  # positions[i]: i's index in the input
     params = SamplingParams(
         n=settings.n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
         max_new_tokens=settings.max_new_tokens, stop_strings=list(settings.stop_strings) or None, seed=seed,
@@ -306,26 +309,28 @@ def rejection_sample(
     columns = {name: [row[name] for row in prompt_rows] for name in prompt_rows[0] if name != "prompt"} if prompt_rows else {}
     completions = [[_as_completion(prompt, sample.text) for sample in group] for prompt, group in zip(raw_prompts, generated, strict=True)]
     scored = rewards.score_groups(raw_prompts, completions, columns)
+    for failure in scored.failures:
+        failure.prompt_index = positions[failure.prompt_index]
     if scored.failures:
         logger.warning(describe_failures(scored.failures))
         stats.failure_examples = [failure.describe() for failure in scored.failures[:5]]
-    samples = _sample_records(generated, scored)
+    samples = _sample_records(generated, scored, positions)
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     for prompt_index, prompt_row in enumerate(prompt_rows):
         group = samples[prompt_index * settings.n : (prompt_index + 1) * settings.n]  # the engine returns n each
         new_rows = rows_for_prompt(prompt_row, group, settings, rng, stats)
         stats.prompts_with_rows += bool(new_rows)
-        rows.extend({**row, "prompt_index": prompt_index} for row in new_rows)
+        rows.extend({**row, "prompt_index": positions[prompt_index]} for row in new_rows)
     _fill_sample_stats(stats, samples, scored.per_function)
     stats.rows = len(rows)
     return SampleOutput(rows=rows, samples=samples, stats=stats)
 
 
-def _sample_records(generated, scored) -> list[dict[str, Any]]:
+def _sample_records(generated, scored, positions: list[int]) -> list[dict[str, Any]]:
     return [
         {
-            "prompt_index": prompt_index,
+            "prompt_index": positions[prompt_index],
             "sample_index": sample_index,
             "text": sample.text,
             "num_tokens": len(sample.token_ids),
