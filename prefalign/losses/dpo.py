@@ -8,6 +8,7 @@ and h = u_w − u_l, each loss type is a small per-pair function registered by n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -120,6 +121,9 @@ def _resolve_loss_types(
     weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
     if len(weights) != len(names):
         raise ConfigError(f"loss_weights has {len(weights)} entries but loss_type names {len(names)} losses.")
+    for weight in weights:
+        if not math.isfinite(float(weight)) or weight < 0:
+            raise ConfigError(f"loss_weights must be finite and >= 0, got {weights}.")
     for name in names:
         if name not in DPO_LOSSES:
             raise ConfigError(f"Unknown DPO loss_type {name!r}; choose from {', '.join(sorted(DPO_LOSSES))}.")

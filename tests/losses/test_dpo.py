@@ -217,3 +217,10 @@ def test_mismatched_shapes_are_an_error_not_a_broadcast():
             policy_chosen, policy_rejected, None, None, beta=2.0, loss_type="simpo",
             chosen_lengths=torch.tensor([[5], [4]]), rejected_lengths=torch.tensor([4, 4]),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("weight", [math.nan, math.inf, -1.0])
+def test_loss_weights_must_be_finite_and_not_negative(weight):
+    # A NaN weight would make every step's loss NaN; a negative one would maximise that loss without bound.
+    with pytest.raises(ConfigError, match="loss_weights"):
+        dpo_loss(*two_pairs(), beta=BETA, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, weight])
