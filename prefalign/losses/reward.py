@@ -49,6 +49,8 @@ def bradley_terry_loss(
     Metrics: `accuracy` = mean [r_w > r_l], `margin` = mean (r_w − r_l), `rewards/chosen`,
     `rewards/rejected` (means).
     """
+    if not center_coefficient >= 0 or math.isinf(center_coefficient):  # `not >=` also catches NaN
+        raise ConfigError(f"center_coefficient must be a finite number >= 0 (0 = no centering), got {center_coefficient}.")
     chosen = _as_scores(chosen_rewards, "chosen_rewards")
     rejected = _as_scores(rejected_rewards, "rejected_rewards")
     if chosen.shape != rejected.shape:

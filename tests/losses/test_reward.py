@@ -66,3 +66,10 @@ def test_bradley_terry_margin_per_pair_in_head_shape():
 def test_bradley_terry_margin_of_the_wrong_length_is_an_error():
     with pytest.raises(ValueError, match="margin"):
         bradley_terry_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), margin=torch.tensor([0.5, 0.5, 0.5]))
+
+
+@pytest.mark.parametrize("coefficient", [-0.01, float("nan")])
+def test_bradley_terry_centering_coefficient_must_be_non_negative(coefficient):
+    # −c·mean((r_w + r_l)²) rewards scores that run off to ±infinity: the loss has no minimum.
+    with pytest.raises(ValueError, match="center_coefficient"):
+        bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), center_coefficient=coefficient)
