@@ -236,3 +236,13 @@ def test_fractions_keep_sign_and_value(completion, answer, reward):
 )
 def test_numeric_reference_answers(completion, answer, reward):
     assert math_reward(completion, answer) == reward
+
+
+@pytest.mark.parametrize(
+    "completion",
+    ["The answer is:\n42", "The final answer is:\n\n42", "So the answer is\n42", "Answer:\n42"],
+)
+def test_answer_on_the_line_after_the_marker(completion):
+    # "The answer is:" then a line break: the colon alone was taken as the answer (no number: reward 0),
+    # while "Answer:\n42" already read the 42.
+    assert math_reward(completion, "42") == 1.0

@@ -38,7 +38,7 @@ _NUMERIC = re.compile(f"{_FRAC.pattern}|{_NUMBER.pattern}")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _HASHES = re.compile(r"####\s*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:|answer\s*:)\s*([^\n]*)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is\s*:?|final\s+answer\s*:|answer\s*:)\s*([^\n]*)", re.IGNORECASE)
 _A_COLON = re.compile(r"(?:^|\n)\s*A\s*:\s*([^\n]*)")
 _LATEX_NOISE = re.compile(r"\\text\{[^}]*\}|\\mathrm\{[^}]*\}|\\[,!;: ]|\\left|\\right|\\%|\\\$")
 
