@@ -287,3 +287,18 @@ def test_prompt_index_points_into_the_given_prompts_after_context_drops(caplog):
     assert output.rows[0]["answer"] == "1"  # _prompts writes each prompt's position as its `answer`
     assert sorted({sample["prompt_index"] for sample in output.samples}) == [1, 2]
     assert output.stats.failure_examples[0].startswith("reward function 'fails_for_bad_prompt' on prompt 2, sample 0")
+
+
+def test_sampled_texts_win_over_same_named_prompt_columns():
+    # Prompts taken from a preference or SFT file still carry its chosen/rejected/completion columns: the rows
+    # must hold the sampled answers and their scores, not the file's static ones.
+    group = _group(("12", 2.0, False, "eos"), ("1", 1.0, False, "eos"))
+    # The file's margin belongs to its static pair: carried over, reward training would subtract it on the sampled one.
+    prompt_row = {"prompt": "p", "prompt_ids": [1], "chosen": "static good", "rejected": "static bad", "margin": 3.0, "score": 9.0, "answer": "12"}
+    rows = rows_for_prompt(prompt_row, group, RejectionSamplingConfig(), random.Random(0), SampleStats())
+    assert rows == [{"prompt": "p", "chosen": "12", "rejected": "1", "chosen_score": 2.0, "rejected_score": 1.0, "score": 9.0, "answer": "12"}]
+    sft_row = {"prompt": "p", "completion": "static answer", "score": 9.0}
+    rows = rows_for_prompt(sft_row, group, RejectionSamplingConfig(strategy="best_of_n"), random.Random(0), SampleStats())
+    assert rows == [{"prompt": "p", "completion": "12", "score": 2.0}]
+    rows = rows_for_prompt(sft_row, group, RejectionSamplingConfig(), random.Random(0), SampleStats())
+    assert "completion" not in rows[0]  # a pair row with a stray static completion would read as another format

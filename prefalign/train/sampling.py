@@ -16,7 +16,8 @@ equal (no preference to learn), a gap below the margin, a best score below `min_
 Ties: the first sample (lowest index) with the best / worst score is taken, so reruns are identical.
 
 Rows come out in the formats the trainers read (prompt/chosen/rejected or prompt/completion, as
-conversations when the prompt is one), with the scores, the prompt's index and its extra columns,
+conversations when the prompt is one), with the scores, the prompt's index and its extra columns (not a
+prompt file's own chosen/rejected/completion/label/margin, which describe its static answers),
 and provenance.json (model, seed, sampling settings, counts) beside them.
 """
 
@@ -49,6 +50,9 @@ logger = logging.getLogger("prefalign")
 
 PAIR_STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
 OUTPUT_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet", "hf": ""}
+# A prompt file's own answers (preference, SFT, unpaired formats): they describe its static answers, not the samples
+# (a static `margin` would reach reward training on the sampled pairs), so they are not copied into the rows.
+STATIC_ANSWER_COLUMNS = ("chosen", "rejected", "completion", "label", "margin")
 
 
 @dataclass
@@ -204,11 +208,11 @@ def rows_for_prompt(
     if settings.min_best_score is not None and max(scores) < settings.min_best_score:
         stats.groups_below_min_score += 1
         return []
-    extra = {name: value for name, value in prompt_row.items() if name not in ("prompt", "prompt_ids")}
+    extra = {name: value for name, value in prompt_row.items() if name not in ("prompt", "prompt_ids", *STATIC_ANSWER_COLUMNS)}
     prompt = prompt_row["prompt"]
     if settings.strategy == "best_of_n":
         best = usable[scores.index(max(scores))]
-        return [{"prompt": prompt, "completion": _as_completion(prompt, best["text"]), "score": best["score"], **extra}]
+        return [_with_extra({"prompt": prompt, "completion": _as_completion(prompt, best["text"]), "score": best["score"]}, extra)]
     pairs, reason, ties = choose_pairs(scores, settings.strategy, settings.score_margin, rng)
     stats.tied_pairs += ties
     if reason == "all_equal":
@@ -222,15 +226,19 @@ def rows_for_prompt(
             stats.duplicate_pairs += 1  # a scorer that is not a function of the text, or a repeated pair
             continue
         seen.add((chosen["text"], rejected["text"]))
-        rows.append({
+        rows.append(_with_extra({
             "prompt": prompt,
             "chosen": _as_completion(prompt, chosen["text"]),
             "rejected": _as_completion(prompt, rejected["text"]),
             "chosen_score": chosen["score"],
             "rejected_score": rejected["score"],
-            **extra,
-        })
+        }, extra))
     return rows
+
+
+def _with_extra(row: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    # The sampled fields win over an extra column of the same name (a `score` column, say).
+    return {**row, **{name: value for name, value in extra.items() if name not in row}}
 
 
 def _as_completion(prompt: Any, text: str) -> Any:
