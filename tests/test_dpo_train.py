@@ -255,6 +255,8 @@ def test_mixed_precision_keeps_short_attention_in_float32():
     with mixed_precision(torch.device("cpu"), True):
         output = attention(short, short, short)
         attention(long, long, long)
+        by_name = torch.nn.functional.scaled_dot_product_attention(query=short, key=short, value=short, attn_mask=torch.zeros(8, 8, dtype=torch.bfloat16))
+        assert by_name.dtype == torch.float32
         assert torch.nn.functional.linear(short.float(), torch.ones(4, 16)).dtype == torch.bfloat16  # autocast on
     with mixed_precision(torch.device("cpu"), False):
         attention(short.float(), short.float(), short.float())

@@ -58,14 +58,17 @@ class _ShortAttentionInFloat32(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not torch.nn.functional.scaled_dot_product_attention or args[1].shape[-2] > FLOAT32_ATTENTION_MAX_KEYS:
+        if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        # A float (additive) mask must match the query's dtype; a boolean one stays as it is.
-        upcast = [value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value for value in args]
-        if isinstance(kwargs.get("attn_mask"), torch.Tensor) and kwargs["attn_mask"].is_floating_point():
-            kwargs = {**kwargs, "attn_mask": kwargs["attn_mask"].float()}
-        with torch.autocast(upcast[0].device.type, enabled=False):
-            return func(*upcast, **kwargs)
+        key = args[1] if len(args) > 1 else kwargs.get("key")  # (batch, heads, keys, head_dim)
+        if key is None or key.shape[-2] > FLOAT32_ATTENTION_MAX_KEYS:
+            return func(*args, **kwargs)
+
+        def upcast(value):  # query, key, value and a float (additive) mask; a boolean mask stays as it is
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch.autocast(key.device.type, enabled=False):
+            return func(*[upcast(value) for value in args], **{name: upcast(value) for name, value in kwargs.items()})
 
 
 @contextlib.contextmanager
