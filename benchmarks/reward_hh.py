@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+RUNS = ["ours-defaults", "trl-defaults", "ours-matched", "trl-matched", "trl-matched-grouped"]
 TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -299,6 +300,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = one epoch of the training pairs)")
     parser.add_argument("--matched-steps", type=int, default=12, help="steps of the throughput-only runs with matched settings")
     parser.add_argument("--matched-repeats", type=int, default=1, help="rounds of the matched runs, the tools in turn (load on a shared machine drifts)")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS, help="which runs (default: all)")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
     # One thread: on a shared 2-core machine two OpenMP threads that lose their cores stall each other.
@@ -317,8 +319,8 @@ def main() -> None:
         work = Path(folder)
         spec = prepare(args, work)
         results: dict[str, list[dict]] = {}
-        matched_names = ["ours-matched", "trl-matched", "trl-matched-grouped"]
-        for name in ["ours-defaults", "trl-defaults"] + matched_names * args.matched_repeats:
+        matched_names = [name for name in RUNS[2:] if name in args.runs]
+        for name in [name for name in RUNS[:2] if name in args.runs] + matched_names * args.matched_repeats:
             matched = "matched" in name
             run_spec = dict(spec, steps=args.matched_steps, evaluate=False) if matched else dict(spec, evaluate=True)
             (work / "spec.json").write_text(json.dumps(run_spec))
@@ -331,8 +333,8 @@ def main() -> None:
             shown = {key: value for key, value in results[name][-1].items() if key != "step_seconds"}
             print(f"{name}: {json.dumps(shown)} ({time.perf_counter() - started:.0f} s)", flush=True)
     report({name: merge_runs(runs) for name, runs in results.items()}, spec)
-    if args.matched_repeats > 1:
-        for other in matched_names[1:]:
+    if args.matched_repeats > 1 and "ours-matched" in results:
+        for other in [name for name in matched_names if name != "ours-matched"]:
             ratios = [(theirs["sum_step_seconds"] / theirs["steps"]) / (ours["sum_step_seconds"] / ours["steps"])
                       for ours, theirs in zip(results["ours-matched"], results[other], strict=True)]
             print(f"ours-matched / {other} throughput in each round: {', '.join(f'{r:.2f}x' for r in ratios)}")
@@ -367,9 +369,13 @@ def report(results: dict, spec: dict) -> None:
     if "trl-matched-grouped" in results:
         comparisons.append(("matched, TRL group_by_length", "ours-matched", "trl-matched-grouped"))
     for label, ours, theirs in comparisons:
+        if ours not in results or theirs not in results:
+            continue
         mean = results[ours]["pairs_per_second"] / results[theirs]["pairs_per_second"]
         median = results[theirs]["median_step_seconds"] / results[ours]["median_step_seconds"]
         print(f"throughput ratio prefalign / TRL, {label}: {mean:.2f}x (from medians: {median:.2f}x)")
+    if "ours-defaults" not in results or "trl-defaults" not in results:
+        return
     difference = results["ours-defaults"]["accuracy"] - results["trl-defaults"]["accuracy"]
     print(f"accuracy difference prefalign - TRL: {difference:+.3f} on {spec['held_out']} held-out pairs")
 
