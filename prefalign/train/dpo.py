@@ -42,6 +42,7 @@ from prefalign.data import collate_preference, tokenize_preference
 from prefalign.errors import ConfigError, DataError, ModelError
 from prefalign.losses import DPO_LOSSES, dpo_loss, sft_term
 from prefalign.models import (
+    disable_dropout,
     is_peft_model,
     load_causal_lm,
     load_tokenizer,
@@ -398,7 +399,7 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
         model, tokenizer = load_causal_lm(config.model)
     elif tokenizer is None:
         raise ConfigError("dpo(model=...) needs tokenizer=... as well.")
-    _dropout_off(model)
+    disable_dropout(model)  # policy and reference log-probs are compared: dropout would add noise to both
     dataset, eval_dataset = (_as_dataset(rows) for rows in (dataset, eval_dataset))
     train_rows, eval_rows = resolve_rows(config.data, builtin=_builtin_pairs, dataset=dataset, eval_dataset=eval_dataset)
     train_pairs, train_report = tokenized_pairs(train_rows, tokenizer, config.data, "train")
@@ -444,13 +445,6 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
 def _as_dataset(rows):
     """A list of row dicts is accepted wherever a datasets.Dataset is."""
     return datasets.Dataset.from_list(list(rows)) if isinstance(rows, (list, tuple)) else rows
-
-
-def _dropout_off(model) -> None:
-    # The policy's log-probs are compared with the reference's: dropout would make them differ by noise.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def load_reference(config: DPOConfig, policy, tokenizer, reference):
