@@ -179,3 +179,13 @@ def test_demo_stage_reports_accuracy_per_round(tmp_path, monkeypatch):
     assert all(0.0 <= value <= 1.0 for value in result["accuracy_per_round"])
     assert result["steps"] == 4 and len(result["pairs_per_round"]) == 2
     assert context.lines[-1].startswith("| rejection sampling + iterative DPO") and " → " in context.lines[-1]
+
+
+@needs_rounds
+def test_report_names_the_per_round_budget():
+    config = DPOConfig(rounds=2)
+    config.train.max_steps, config.train.epochs = 0, 2.0
+    text = iterative.report(config, [])
+    assert "beta=0.1, 2 epochs over each round's pairs." in text and "Reference: original" in text  # was "epochs steps"
+    config.train.max_steps = 30
+    assert "30 DPO steps per round." in iterative.report(config, [])

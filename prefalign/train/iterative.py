@@ -261,7 +261,7 @@ def report(config, history: list[dict[str, Any]]) -> str:
         f"strategy={config.sampling.strategy}, scorers={', '.join(config.sampling.reward_functions) or '-'}"
         f"{', reward model ' + config.sampling.reward_model if config.sampling.reward_model else ''}; "
         f"DPO: {', '.join(config.loss_type) if isinstance(config.loss_type, list) else config.loss_type}, beta={config.beta}, "
-        f"{config.train.max_steps or 'epochs'} steps per round.",
+        + (f"{config.train.max_steps} DPO steps per round." if config.train.max_steps else f"{config.train.epochs:g} epochs over each round's pairs."),
         "",
         "Held-out accuracy: share of held-out prompts whose greedy completion scores at least 1.",
         "",
