@@ -302,3 +302,16 @@ def test_sampled_texts_win_over_same_named_prompt_columns():
     assert rows == [{"prompt": "p", "completion": "12", "score": 2.0}]
     rows = rows_for_prompt(sft_row, group, RejectionSamplingConfig(), random.Random(0), SampleStats())
     assert "completion" not in rows[0]  # a pair row with a stray static completion would read as another format
+
+
+def token_count(prompts, completions, completion_ids, **_):
+    """A TRL-style reward on the sampled token ids (GRPO passes them; so must rejection sampling)."""
+    return [float(len(ids)) for ids in completion_ids]
+
+
+def test_reward_functions_receive_completion_ids_as_in_grpo():
+    model, tokenizer = tiny_model()
+    settings = RejectionSamplingConfig(n=3, max_new_tokens=5, temperature=1.5)
+    output = rejection_sample(model, tokenizer, _prompts(tokenizer, ["1+2", "3+4"]), WeightedRewards([token_count]), settings, seed=0)
+    assert output.stats.reward_failures == 0  # it failed on every sample: completion_ids was never passed
+    assert [sample["score"] for sample in output.samples] == [float(sample["num_tokens"]) for sample in output.samples]

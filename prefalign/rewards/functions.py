@@ -125,18 +125,25 @@ class WeightedRewards:
         return total, per_function, failures
 
     def score_groups(
-        self, prompts: Sequence[Any], groups: Sequence[Sequence[Any]], columns: dict[str, Sequence[Any]] | None = None
+        self,
+        prompts: Sequence[Any],
+        groups: Sequence[Sequence[Any]],
+        columns: dict[str, Sequence[Any]] | None = None,
+        sample_columns: dict[str, Sequence[Sequence[Any]]] | None = None,
     ) -> GroupScores:
         """Score n completions per prompt in one call per scorer.
 
         prompts: one per group; groups[i]: prompt i's completions; columns: one value per prompt (such as
-        `answer`), repeated for each of its completions. Failures name the prompt and sample index.
+        `answer`), repeated for each of its completions; sample_columns: one value per completion, indexed
+        [prompt][sample] (such as `completion_ids`). Failures name the prompt and sample index.
         """
         columns = columns or {}
         owner = [(group_index, sample_index) for group_index, group in enumerate(groups) for sample_index in range(len(group))]
         flat_prompts = [prompts[group_index] for group_index, _ in owner]
         flat_completions = [completion for group in groups for completion in group]
         flat_columns = {name: [values[group_index] for group_index, _ in owner] for name, values in columns.items()}
+        for name, values in (sample_columns or {}).items():
+            flat_columns[name] = [values[group_index][sample_index] for group_index, sample_index in owner]
         total, per_function, failures = self(flat_prompts, flat_completions, **flat_columns)
         failed_flat = {failure.prompt_index for failure in failures}
         for failure in failures:  # flat position -> (prompt, sample)

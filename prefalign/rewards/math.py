@@ -13,7 +13,7 @@ is a string, or a list of messages (conversational data) whose contents are join
 - `format_reward`: 1.0 when the completion holds non-empty `<answer>...</answer>` tags.
 - `think_format_reward`: 1.0 when it is `<think>...</think>` followed by `<answer>...</answer>`.
 - `length_penalty`: minus the completion's length: tokens when the trainer passes `completion_ids`
-  (prefalign's GRPO does), characters otherwise. Scale it with its weight (e.g. 0.001).
+  (prefalign's GRPO and rejection sampling do), characters otherwise. Scale it with its weight (e.g. 0.001).
 - `make_overlong_reward(max_length, buffer)`: DAPO's soft overlong punishment as a reward function.
 """
 
@@ -173,7 +173,7 @@ def _lengths(completions: Sequence[Any], completion_ids: Sequence[Sequence[int]]
 
 
 def length_penalty(prompts: Sequence[Any], completions: Sequence[Any], completion_ids=None, **_columns) -> list[float]:
-    """−|y|: tokens when `completion_ids` is passed (GRPO passes it), else characters. Weight it (e.g. 0.001)."""
+    """−|y|: tokens when `completion_ids` is passed (GRPO and sampling pass it), else characters. Weight it (e.g. 0.001)."""
     return [-float(length) for length in _lengths(completions, completion_ids)]
 
 

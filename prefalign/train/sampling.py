@@ -316,7 +316,9 @@ def rejection_sample(
     raw_prompts = [row["prompt"] for row in prompt_rows]
     columns = {name: [row[name] for row in prompt_rows] for name in prompt_rows[0] if name != "prompt"} if prompt_rows else {}
     completions = [[_as_completion(prompt, sample.text) for sample in group] for prompt, group in zip(raw_prompts, generated, strict=True)]
-    scored = rewards.score_groups(raw_prompts, completions, columns)
+    # The sampled token ids go to the scorers by name, as GRPO passes them (TRL's `completion_ids`).
+    token_ids = {"completion_ids": [[list(sample.token_ids) for sample in group] for group in generated]}
+    scored = rewards.score_groups(raw_prompts, completions, columns, token_ids)
     for failure in scored.failures:
         failure.prompt_index = positions[failure.prompt_index]
     if scored.failures:
