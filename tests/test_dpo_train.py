@@ -152,17 +152,30 @@ def test_rpo_term_is_per_token_over_the_step_and_accumulation_invariant(tmp_path
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_cached_reference_is_reused_only_for_the_same_data(tmp_path):
+def test_cached_reference_is_reused_only_for_the_same_data_and_weights(tmp_path, monkeypatch):
+    import prefalign.train.dpo as dpo_module
+
     model, tokenizer = tiny_model(0)
     other, _ = tiny_model(1)
     data = DataConfig(max_length=64)
     pairs, _ = tokenized_pairs(preference_dataset("train", limit=6), tokenizer, data, "train")
-    first = precompute_reference(tmp_path, model, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 4)
-    again = precompute_reference(tmp_path, other, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 4)
-    assert torch.equal(first["train"]["chosen"], again["train"]["chosen"])  # same data: read back, not recomputed
+    computed = []
+    plain = dpo_module.sequence_logps
+    monkeypatch.setattr(dpo_module, "sequence_logps", lambda *args, **kwargs: computed.append(1) or plain(*args, **kwargs))
+
+    def reference_of(network, rows):
+        return precompute_reference(tmp_path, network, None, {"train": rows}, PairForward(tokenizer.pad_token_id), 4)
+
+    first = reference_of(model, pairs)
+    again = reference_of(model, pairs)
+    assert len(computed) == 1 and torch.equal(first["train"]["chosen"], again["train"]["chosen"])  # read back
+    swapped = reference_of(other, pairs)  # another network in the same run folder: recomputed, not reused
+    assert len(computed) == 2 and not torch.equal(first["train"]["chosen"], swapped["train"]["chosen"])
+    (tmp_path / "fresh").mkdir()
+    assert torch.equal(swapped["train"]["chosen"], precompute_reference(tmp_path / "fresh", other, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 4)["train"]["chosen"])
     changed, _ = tokenized_pairs(preference_dataset("train", limit=6, seed=1), tokenizer, data, "train")
-    fresh = precompute_reference(tmp_path, other, None, {"train": changed}, PairForward(tokenizer.pad_token_id), 4)
-    assert not torch.equal(first["train"]["rejected"], fresh["train"]["rejected"])
+    reference_of(other, changed)
+    assert len(computed) == 4  # the fresh folder above, then the changed data
 
 
 def test_no_pairs_left_after_filtering_is_a_clear_error(tmp_path):

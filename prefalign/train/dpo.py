@@ -286,26 +286,36 @@ def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batc
 
 
 def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, list[dict[str, Any]]], forward: PairForward, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
-    """Reference log-probs of every split, from `<run>/ref_logps.safetensors` when it matches the data."""
+    """Reference log-probs of every split, from `<run>/ref_logps.safetensors` when it matches the data, the
+    precision and the reference network's weights (a rerun with another model in the same folder recomputes)."""
     path = run_dir / REF_LOGPS_FILE
     precision = {"bf16": str(forward.bf16), "float32_attention": str(forward.bf16 and forward.float32_attention)}
-    prints = {name: fingerprint(pairs) for name, pairs in splits.items()} | precision
-    if path.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
-            stored = handle.metadata() or {}
-        if all(stored.get(name) == value for name, value in prints.items()):
-            tensors = load_file(str(path))
-            logger.info("reference log-probs reused from %s", path)
-            return {name: {side: tensors[f"{name}/{side}"] for side in ("chosen", "rejected")} for name in splits}
-    results = {}
     with reference_network(policy, reference) as network:
-        for name, pairs in splits.items():
-            results[name] = sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward)
+        prints = {name: fingerprint(pairs) for name, pairs in splits.items()} | precision | {"reference_weights": weights_fingerprint(network)}
+        if path.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                stored = handle.metadata() or {}
+            if all(stored.get(name) == value for name, value in prints.items()):
+                tensors = load_file(str(path))
+                logger.info("reference log-probs reused from %s", path)
+                return {name: {side: tensors[f"{name}/{side}"] for side in ("chosen", "rejected")} for name in splits}
+        results = {name: sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward) for name, pairs in splits.items()}
     tensors = {f"{name}/{side}": values for name, sides in results.items() for side, values in sides.items()}
     save_file(tensors, str(path), metadata=prints)
     return results
+
+
+def weights_fingerprint(network) -> str:
+    """Identifies a network's weights cheaply: each tensor's name, shape, sum and sum of squares (float64).
+    Called before training, when the network playing the reference holds its initial weights."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            values = tensor.detach().double()
+            digest.update(f"{name}{tuple(tensor.shape)}{values.sum().item():.17g}{values.square().sum().item():.17g}".encode())
+    return digest.hexdigest()[:32]
 
 
 # ----------------------------------------------------------------------------- the loss
