@@ -14,6 +14,7 @@ from prefalign.data import collate_sft, tokenize_prompts
 from prefalign.generation import LocalEngine, SamplingParams
 from prefalign.models import load_causal_lm, resolve_model_path
 from prefalign.rewards import WeightedRewards
+from prefalign.rewards.functions import as_completion
 from prefalign.train.common import resolve_rows
 from prefalign.train.forward import completion_logps
 from prefalign.train.runtime import seed_everything, set_threads, to_device
@@ -69,8 +70,11 @@ def evaluate_policy(
     columns = {name: prompts[name] for name in prompts.column_names if name not in ("prompt", "prompt_ids")}
     raw_prompts = prompts["prompt"]
     greedy = engine.generate(prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
-    greedy_texts = [samples[0].text for samples in greedy]
-    greedy_rewards, _, failures = rewards(raw_prompts, greedy_texts, **columns)
+    # Completions reach the reward functions as sampling and GRPO give them: an assistant turn for a
+    # conversational prompt, with the sampled token ids as `completion_ids`.
+    greedy_completions = [as_completion(prompt, samples[0].text) for prompt, samples in zip(raw_prompts, greedy, strict=True)]
+    greedy_ids = [list(samples[0].token_ids) for samples in greedy]
+    greedy_rewards, _, failures = rewards(raw_prompts, greedy_completions, completion_ids=greedy_ids, **columns)
     scored = [r for r in greedy_rewards if r is not None]
     metrics = {
         "num_prompts": len(prompt_ids),
@@ -81,9 +85,10 @@ def evaluate_policy(
     }
     if k > 0:
         sampled = engine.generate(prompt_ids, SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed))
-        flat_texts = [sample.text for samples in sampled for sample in samples]
+        flat_completions = [as_completion(prompt, sample.text) for prompt, samples in zip(raw_prompts, sampled, strict=True) for sample in samples]
+        flat_ids = [list(sample.token_ids) for samples in sampled for sample in samples]
         repeat = lambda values: [v for v in values for _ in range(k)]  # noqa: E731
-        sample_rewards, _, _ = rewards(repeat(raw_prompts), flat_texts, **{n: repeat(v) for n, v in columns.items()})
+        sample_rewards, _, _ = rewards(repeat(raw_prompts), flat_completions, completion_ids=flat_ids, **{n: repeat(v) for n, v in columns.items()})
         solved = [
             any(r is not None and r >= success_threshold for r in sample_rewards[i * k:(i + 1) * k])
             for i in range(len(prompt_ids))

@@ -76,6 +76,21 @@ def test_evaluate_policy_counts_and_kl():
     assert random_model["kl"] > 0.01  # two different random models
 
 
+def test_evaluate_policy_gives_reward_functions_what_sampling_and_grpo_give():
+    model, tokenizer = tiny_model(0)
+    seen = []
+
+    def record(prompts, completions, completion_ids, **_):
+        seen.extend(zip(completions, completion_ids, strict=True))
+        return [0.0] * len(completions)
+
+    prompts = _prompts(tokenizer)  # conversational prompts (lists of messages)
+    evaluate_policy(model, tokenizer, prompts, WeightedRewards([record]), k=2, max_new_tokens=3)
+    assert len(seen) == 6 + 6 * 2  # greedy, then k samples per prompt
+    for completion, ids in seen:
+        assert completion == [{"role": "assistant", "content": tokenizer.decode(ids, skip_special_tokens=True)}]
+
+
 def test_base_build_is_deterministic_for_a_seed(tmp_path):
     from safetensors.torch import load_file
 

@@ -252,6 +252,12 @@ def _call_single(name, function, prompts, completions, columns, index, failures)
         return None
 
 
+def as_completion(prompt: Any, text: str) -> Any:
+    """What a reward function receives as a completion: an assistant turn for a conversational prompt (a list
+    of messages), as TRL's formats and the chat templates expect, else the plain text."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def build_scorers(
     functions: Sequence[Any],
     weights: Sequence[float],

@@ -41,7 +41,7 @@ from prefalign.models import (
     save_model,
 )
 from prefalign.rewards import WeightedRewards, describe_failures
-from prefalign.rewards.functions import build_scorers
+from prefalign.rewards.functions import as_completion, build_scorers
 from prefalign.train import runtime
 from prefalign.train.common import log_stats, resolve_rows
 from prefalign.train.forward import completion_logps, grouped_completion_logps
@@ -217,7 +217,7 @@ def sample_groups(engine, rows, row_ids, rewards: WeightedRewards, config: GRPOC
     owners = [row for row in rows for _ in range(group)]
     flat = [sample for samples_of_row in samples for sample in samples_of_row]
     # TRL's convention: conversational prompts get their completion as an assistant message.
-    completions = [[{"role": "assistant", "content": s.text}] if isinstance(o["prompt"], list) else s.text for s, o in zip(flat, owners, strict=True)]
+    completions = [as_completion(o["prompt"], s.text) for s, o in zip(flat, owners, strict=True)]
     columns = {name: [o[name] for o in owners] for name in rows[0] if name not in ("prompt", "prompt_ids")}
     total, per_function, failures = rewards([o["prompt"] for o in owners], completions, completion_ids=[s.token_ids for s in flat], **columns)
     for failure in failures:  # flat position -> (training row, sample), so the message points at the data

@@ -42,7 +42,7 @@ from prefalign.errors import ConfigError, DataError
 from prefalign.generation import FINISH_LENGTH, LocalEngine, SamplingParams
 from prefalign.models import load_causal_lm, resolve_model_path
 from prefalign.rewards import WeightedRewards, describe_failures
-from prefalign.rewards.functions import build_scorers
+from prefalign.rewards.functions import as_completion, build_scorers
 from prefalign.train.common import log_stats, resolve_rows
 from prefalign.train.runtime import seed_everything, set_threads
 
@@ -212,7 +212,7 @@ def rows_for_prompt(
     prompt = prompt_row["prompt"]
     if settings.strategy == "best_of_n":
         best = usable[scores.index(max(scores))]
-        return [_with_extra({"prompt": prompt, "completion": _as_completion(prompt, best["text"]), "score": best["score"]}, extra)]
+        return [_with_extra({"prompt": prompt, "completion": as_completion(prompt, best["text"]), "score": best["score"]}, extra)]
     pairs, reason, ties = choose_pairs(scores, settings.strategy, settings.score_margin, rng)
     stats.tied_pairs += ties
     if reason == "all_equal":
@@ -228,8 +228,8 @@ def rows_for_prompt(
         seen.add((chosen["text"], rejected["text"]))
         rows.append(_with_extra({
             "prompt": prompt,
-            "chosen": _as_completion(prompt, chosen["text"]),
-            "rejected": _as_completion(prompt, rejected["text"]),
+            "chosen": as_completion(prompt, chosen["text"]),
+            "rejected": as_completion(prompt, rejected["text"]),
             "chosen_score": chosen["score"],
             "rejected_score": rejected["score"],
         }, extra))
@@ -239,11 +239,6 @@ def rows_for_prompt(
 def _with_extra(row: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     # The sampled fields win over an extra column of the same name (a `score` column, say).
     return {**row, **{name: value for name, value in extra.items() if name not in row}}
-
-
-def _as_completion(prompt: Any, text: str) -> Any:
-    # A conversational prompt gets an assistant turn, as TRL's formats (and our tokenizers) expect.
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
 # ----------------------------------------------------------------------------- sampling and scoring
@@ -315,7 +310,7 @@ def rejection_sample(
     prompt_rows = prompts.remove_columns(["prompt_ids"]).to_list()
     raw_prompts = [row["prompt"] for row in prompt_rows]
     columns = {name: [row[name] for row in prompt_rows] for name in prompt_rows[0] if name != "prompt"} if prompt_rows else {}
-    completions = [[_as_completion(prompt, sample.text) for sample in group] for prompt, group in zip(raw_prompts, generated, strict=True)]
+    completions = [[as_completion(prompt, sample.text) for sample in group] for prompt, group in zip(raw_prompts, generated, strict=True)]
     # The sampled token ids go to the scorers by name, as GRPO passes them (TRL's `completion_ids`).
     token_ids = {"completion_ids": [[list(sample.token_ids) for sample in group] for group in generated]}
     scored = rewards.score_groups(raw_prompts, completions, columns, token_ids)
