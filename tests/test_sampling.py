@@ -58,6 +58,10 @@ def test_all_equal_and_margin_drop_the_group():
     # gap 0.3 < margin 0.5
     assert choose_pairs([0.0, 0.3], "best_vs_worst", 0.5, random.Random(0))[:2] == ([], "below_margin")
     assert choose_pairs([0.0, 0.3], "best_vs_random", 0.5, random.Random(0))[:2] == ([], "below_margin")
+    # A gap equal to the margin clears it, float rounding included (0.3 - 0.1 = 0.19999999999999998).
+    assert choose_pairs([0.1, 0.3], "best_vs_worst", 0.2, random.Random(0))[:2] == ([(1, 0)], None)
+    assert choose_pairs([0.1, 0.3], "all_pairs", 0.2, random.Random(0))[:2] == ([(1, 0)], None)
+    assert choose_pairs([0.1, 0.3], "best_vs_worst", 0.2000001, random.Random(0))[:2] == ([], "below_margin")
 
 
 def test_best_vs_random_only_draws_below_the_margin():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -159,12 +160,16 @@ def choose_pairs(
     best, worst = max(scores), min(scores)
     if best == worst:
         return [], "all_equal", 0
+
+    def clears(gap: float) -> bool:  # a gap equal to the margin up to float rounding (0.3 - 0.1 vs 0.2) counts
+        return gap >= margin or math.isclose(gap, margin, rel_tol=1e-9, abs_tol=1e-12)
+
     best_index = scores.index(best)
     if strategy == "best_vs_worst":
-        pairs = [(best_index, scores.index(worst))] if best - worst >= margin else []
+        pairs = [(best_index, scores.index(worst))] if clears(best - worst) else []
         return pairs, None if pairs else "below_margin", 0
     if strategy == "best_vs_random":
-        lower = [index for index, score in enumerate(scores) if score < best and best - score >= margin]
+        lower = [index for index, score in enumerate(scores) if score < best and clears(best - score)]
         return ([(best_index, rng.choice(lower))], None, 0) if lower else ([], "below_margin", 0)
     if strategy == "all_pairs":
         pairs, ties = [], 0
@@ -174,7 +179,7 @@ def choose_pairs(
                     ties += 1
                     continue
                 high, low = (chosen, rejected) if chosen_score > rejected_score else (rejected, chosen)
-                if abs(chosen_score - rejected_score) >= margin:
+                if clears(abs(chosen_score - rejected_score)):
                     pairs.append((high, low))
         return pairs, None if pairs else "below_margin", ties
     raise ConfigError(f"unknown pair strategy {strategy!r}; use one of {PAIR_STRATEGIES} or best_of_n")
