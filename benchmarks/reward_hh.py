@@ -13,8 +13,8 @@ them. Each tool runs in its own subprocess, in turn. Every run: same learning ra
 max_grad_norm 1, batch (pairs per step) and seed; dropout off in both (each tool's default). Runs:
 - defaults, one epoch: each tool's own speed-relevant defaults. TRL's RewardConfig: bf16 autocast, gradient
   checkpointing, random batches (on a CPU it also needs use_cpu=True to start at all). prefalign's: bf16
-  autocast where the CPU has native bf16 (mixed_precision=auto; this AMD EPYC has AVX512-BF16), with eager
-  attention at these lengths, no checkpointing, length-grouped micro-batches. Held-out pairwise accuracy of
+  autocast where the CPU has native bf16 (mixed_precision=auto; this AMD EPYC has AVX512-BF16), with
+  attention over at most 128 keys in fp32 (faster on a CPU), no checkpointing, length-grouped micro-batches. Held-out pairwise accuracy of
   each trained model (95% Wilson interval), by one shared plain-transformers evaluation in fp32, and
   training throughput;
 - matched, a few steps: fp32 and no gradient checkpointing for both, throughput only (prefalign keeps its

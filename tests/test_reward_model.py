@@ -319,21 +319,17 @@ def test_grouped_training_resumes_exactly(tmp_path):
     assert resumed.settings.reward_mean == full.settings.reward_mean  # same final weights, same scores
 
 
-def test_dropout_off_and_eager_attention_only_for_short_bf16_cpu_training():
-    from prefalign.train.reward_model import dropout_off, training_attention
-    from tests.helpers import tiny_model
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_while_training_unless_asked(tmp_path, disable):
+    from prefalign.config import ModelConfig
+    from prefalign.rewards.scorer import load_reward_backbone
 
-    model, _ = tiny_model()
-    model.model.layers[0].mlp.add_module("extra_dropout", torch.nn.Dropout(0.3))
-    dropout_off(model)
-    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.0]
-    assert model.config._attn_implementation == "sdpa"
-    with training_attention(model, True, 128):
-        assert model.config._attn_implementation == "eager"
-    assert model.config._attn_implementation == "sdpa"  # restored
-    for autocast_bf16, max_length in ((False, 128), (True, 512), (True, None)):
-        with training_attention(model, autocast_bf16, max_length):
-            assert model.config._attn_implementation == "sdpa"
+    model, tokenizer = load_reward_backbone(ModelConfig(name_or_path=str(save_tiny_model(tmp_path / "backbone")), device="cpu"))
+    model.model.layers[0].mlp.add_module("extra_dropout", torch.nn.Dropout(0.3))  # Llama has none of its own
+    config = _config(tmp_path, tmp_path / "backbone", max_steps=1)
+    config.disable_dropout, config.normalization_pairs = disable, 4
+    train_reward_model(config, dataset=_pairs(8), model=model, tokenizer=tokenizer, save=False)
+    assert model.model.layers[0].mlp.extra_dropout.p == (0.0 if disable else 0.3)
 
 
 def test_bf16_autocast_decision():
