@@ -375,3 +375,14 @@ def test_builtin_recipe_held_out_accuracy(tmp_path):
     result = train_reward_model(config)
     # Measured 0.862 for this recipe (seed 0, 1 thread; BENCHMARKS.md); the 0.95 is not reached by this budget.
     assert result.evaluation["num_pairs"] == 500 and result.evaluation["accuracy"] >= 0.75
+
+
+def test_negative_or_nan_centering_is_refused_before_training(tmp_path):
+    from prefalign.errors import ConfigError
+
+    for bad in (-0.01, float("nan")):
+        config = _config(tmp_path, str(tmp_path / "never-loaded"))
+        config.center_rewards_coefficient = bad
+        with pytest.raises(ConfigError, match="center_rewards_coefficient must be >= 0"):
+            train_reward_model(config, dataset=_pairs(4))
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made

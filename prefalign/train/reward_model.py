@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.errors import ConfigError
 from prefalign.losses import bradley_terry_loss
 from prefalign.models import disable_dropout, is_peft_model, model_card, model_device, save_model
 from prefalign.rewards.scorer import (
@@ -246,6 +247,8 @@ def evaluate_pairs(scorer: RewardModelScorer, examples: list[dict[str, Any]]) ->
 
 def train_reward_model(config: RewardConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True) -> RewardTrainResult:
     """Train a reward model as configured; saved to <run>/final unless save=False."""
+    if not config.center_rewards_coefficient >= 0:  # also catches NaN
+        raise ConfigError(f"center_rewards_coefficient must be >= 0 (0 = off, e.g. 0.01), got {config.center_rewards_coefficient}")
     set_threads(config.train.num_threads)
     seed_everything(config.train.seed)
     run_dir = prepare_run_dir(config, "reward")
