@@ -42,7 +42,9 @@ HERE = Path(__file__).resolve()
 # ----------------------------------------------------------------------------- shared set-up (parent)
 
 
-def build_model(folder: Path, hidden_size: int, num_layers: int) -> None:
+def build_model(folder: Path, hidden_size: int, num_layers: int, context: int = 512) -> int:
+    """A random Llama (heads of width 64, tied embeddings) with the char tokenizer, saved as an HF folder;
+    returns its parameter count. grpo_step.py builds its model here too."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,11 +55,13 @@ def build_model(folder: Path, hidden_size: int, num_layers: int) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
-        max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=context, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def gsm8k_pairs(count: int, prompt_chars: int, completion_chars: int) -> list[dict] | None:

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dpo_throughput import build_model  # the same random Llama as the DPO benchmark
+
 HERE = Path(__file__).resolve()
 
 
@@ -41,26 +43,6 @@ def digit_share(prompts, completions, **_columns):
 
 
 # ----------------------------------------------------------------------------- shared set-up (parent)
-
-
-def build_model(folder: Path, hidden_size: int, num_layers: int) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from prefalign.tasks.tokenizer import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
-        max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
 
 
 def prompt_rows(count: int, data: str = "task") -> list[dict]:
@@ -215,7 +197,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="grpo-step-model-") as folder:
         args.model = folder
-        parameters = build_model(Path(folder), args.hidden_size, args.num_layers)
+        parameters = build_model(Path(folder), args.hidden_size, args.num_layers, context=1024)
         runs: dict[str, list[dict]] = {"prefalign": [], "trl-defaults": [], "trl-matched": []}
         for repeat in range(args.repeats):
             for job in runs:
