@@ -84,7 +84,7 @@ class DPOConfig:
         factory=lambda: TrainConfig(learning_rate=1e-4, batch_size=32, max_steps=250, warmup_ratio=0.05),
     )
     beta: float = option(0.1, "β: strength of the pull towards the reference (higher = stay closer). IPO's τ; SimPO's reward scale (about 2 there).")
-    loss_type: list[str] = option(help="Loss by name, or several to add up with loss_weights: " + ", ".join(DPO_LOSSES) + ".", factory=lambda: ["sigmoid"])
+    loss_type: list[str] = option(help="Loss by name, or several to add up with loss_weights: " + ", ".join(DPO_LOSSES) + " (`ipo` is the paper's, on summed log-ratios; TRL's `ipo` is `ipo_length_normalized`).", factory=lambda: ["sigmoid"])
     loss_weights: list[float] = option(help="One weight per loss_type entry (empty = all 1).", factory=list)
     label_smoothing: float = option(0.0, "ε: assumed rate of flipped labels, for conservative (sigmoid/cdpo, ≤ 0.5) and robust (< 0.5) DPO.")
     simpo_gamma: float = option(0.5, "SimPO's target reward margin γ.")
