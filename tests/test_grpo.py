@@ -124,6 +124,14 @@ def prompts(limit=32):
 # ----------------------------------------------------------------------------- config
 
 
+def test_k1_as_a_loss_term_warns(tmp_path, model_dir, caplog):
+    with caplog.at_level("WARNING", logger="prefalign"):
+        check_config(make_config(model_dir, tmp_path, beta=0.1, kl_estimator="k3"))
+        assert "zero expected gradient" not in caplog.text
+        check_config(make_config(model_dir, tmp_path, beta=0.1, kl_estimator="k1"))
+    assert "kl_estimator=k1 as a loss term has zero expected gradient" in caplog.text
+
+
 def test_config_errors(tmp_path, model_dir):
     with pytest.raises(ConfigError, match="at least 2"):
         check_config(make_config(model_dir, tmp_path, num_generations=1))

@@ -117,6 +117,10 @@ def check_config(config: GRPOConfig) -> None:
         raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens], got {config.overlong_buffer} (max_new_tokens {config.max_new_tokens})")
     if config.beta < 0:
         raise ConfigError(f"beta must be >= 0, got {config.beta}")
+    if config.beta > 0 and config.kl_estimator == "k1":
+        # k1 = log π − log π_ref has expected gradient zero under on-policy samples: as a loss term it does not
+        # pull the policy toward the reference (its value is still a fine KL metric).
+        logger.warning("grpo: kl_estimator=k1 as a loss term has zero expected gradient; use k3 (default) or k2 to regularise toward the reference")
 
 
 def build_rewards(config: GRPOConfig) -> WeightedRewards:
