@@ -106,7 +106,8 @@ def test_two_rounds_write_pairs_metrics_report_and_final(tmp_path):
     result = dpo(config, dataset=_rows(12), eval_dataset=_rows(4, offset=50), model=model, tokenizer=tokenizer)
     run = tmp_path / "run"
     assert result.step == 4  # 2 rounds x 2 steps
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    start, *records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert start["round"] == 0 and start["step"] == 0 and "heldout/accuracy" in start  # the curve's first point
     assert [record["round"] for record in records] == [1, 2]
     assert [record["step"] for record in records] == [2, 4]
     for record in records:

@@ -191,6 +191,7 @@ def iterative_dpo(config, *, dataset=None, eval_dataset=None, model=None, tokeni
     history: list[dict[str, Any]] = []
     if held_out is not None:
         history.append({"round": 0, "step": 0, **held_out_metrics(model, tokenizer, held_out, rewards, config)})
+        log_round(run_dir, history[-1])  # the starting point, so metrics.jsonl holds the whole curve
     total_steps = 0
     for round_index in range(1, config.rounds + 1):
         single = round_config(config, run_dir, round_index)
@@ -218,14 +219,18 @@ def iterative_dpo(config, *, dataset=None, eval_dataset=None, model=None, tokeni
         if held_out is not None:
             record.update(held_out_metrics(model, tokenizer, held_out, rewards, config))
         history.append(record)
-        with (run_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        log_round(run_dir, record)
         logger.info("round %d: %s", round_index, {key: round(value, 4) if isinstance(value, float) else value for key, value in record.items()})
     (run_dir / "report.md").write_text(report(config, history))
     if save:
         card = model_card("Iterative DPO model", _card_lines(config, history, total_steps))
         save_model(model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora)
     return TrainResult(step=total_steps, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started)
+
+
+def log_round(run_dir: Path, record: dict[str, Any]) -> None:
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
 
 
 def _sample_metrics(stats) -> dict[str, Any]:
