@@ -120,7 +120,8 @@ def run_ours(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from prefalign.train.reward_model import RewardConfig, train_reward_model, use_bf16_autocast
+    from prefalign.train.forward import use_bf16_autocast
+    from prefalign.train.reward_model import RewardConfig, train_reward_model
 
     config = RewardConfig(rendering="plain", normalization_pairs=200)
     config.mixed_precision = "auto" if mode == "ours-defaults" else "no"

@@ -333,7 +333,7 @@ def test_dropout_is_off_while_training_unless_asked(tmp_path, disable):
 
 
 def test_bf16_autocast_decision():
-    from prefalign.train.reward_model import cpu_has_native_bf16, use_bf16_autocast
+    from prefalign.train.forward import cpu_has_native_bf16, use_bf16_autocast
 
     cpu = torch.device("cpu")
     assert use_bf16_autocast("no", cpu, 4096) is False

@@ -59,6 +59,7 @@ from prefalign.train.forward import (
     completion_logps,
     grouped_completion_logps,
     mixed_precision,
+    use_bf16_autocast,
 )
 from prefalign.train.runtime import (
     LossOutput,
@@ -115,18 +116,6 @@ def loss_types(config: DPOConfig) -> list[str]:
 
 def needs_reference(config: DPOConfig) -> bool:
     return any(DPO_LOSSES[name].needs_reference for name in loss_types(config) if name in DPO_LOSSES)
-
-
-def use_bf16(config: DPOConfig, device: torch.device) -> bool:
-    if config.mixed_precision != "auto":
-        return config.mixed_precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # CPUs without native bf16 emulate it, far slower than fp32
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass(frozen=True)
@@ -422,7 +411,7 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
     # The KV cache that shares prompts is off under gradient checkpointing (transformers disables it there).
     checkpointing = config.model.gradient_checkpointing or activation_checkpointing(model)
     share_prompt = config.share_prompt and not checkpointing
-    forward = PairForward(tokenizer.pad_token_id, use_bf16(config, model_device(model)), share_prompt, float32_attention=not checkpointing)
+    forward = PairForward(tokenizer.pad_token_id, use_bf16_autocast(config.mixed_precision, model_device(model)), share_prompt, float32_attention=not checkpointing)
     ref_logps: dict[str, dict[str, torch.Tensor]] = {}
     reference_on_the_fly = None
     if needs_reference(config) and config.precompute_ref_logps:

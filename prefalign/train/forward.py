@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -69,6 +70,34 @@ class _ShortAttentionInFloat32(TorchFunctionMode):
 
         with torch.autocast(key.device.type, enabled=False):
             return func(*[upcast(value) for value in args], **{name: upcast(value) for name, value in kwargs.items()})
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux): bf16 matmuls run natively, several times faster than
+    fp32; elsewhere bf16 is emulated and far slower, so the answer is no when the flags cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+MIN_AUTOCAST_WIDTH = 256  # below this, casting costs more than bf16 matmuls save on a CPU (measured)
+
+
+def use_bf16_autocast(choice: str, device: torch.device, hidden_size: int | None = None) -> bool:
+    """auto: on CUDA with bf16; on a CPU with native bf16 for models at least MIN_AUTOCAST_WIDTH wide (on an
+    AVX512-BF16 EPYC a width-384 encoder step ran 2.3x faster in bf16, a width-128 Llama step 1.2x slower).
+    hidden_size None = no width rule (DPO passes none, as it always has).
+    `choice` is a command's mixed_precision option: auto, bf16, or no / off."""
+    if choice in ("no", "off"):
+        return False
+    if choice == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    wide_enough = hidden_size is None or hidden_size >= MIN_AUTOCAST_WIDTH
+    return device.type == "cpu" and wide_enough and cpu_has_native_bf16()
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from prefalign.rewards.scorer import (
     reward_scores,
 )
 from prefalign.train.common import resolve_rows
-from prefalign.train.forward import count_tokens, mixed_precision
+from prefalign.train.forward import count_tokens, cpu_has_native_bf16, mixed_precision, use_bf16_autocast  # noqa: F401 - cpu_has_native_bf16 re-exported
 from prefalign.train.runtime import (
     LossOutput,
     TrainResult,
@@ -128,32 +128,6 @@ def make_reward_loss(center_coefficient: float, use_margin: bool, autocast_bf16:
 
 def count_pairs(batch: dict[str, torch.Tensor]) -> float:
     return batch["input_ids"].shape[0] / 2
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 in the CPU flags (Linux): bf16 matmuls run natively, several times faster than
-    fp32; elsewhere bf16 is emulated and far slower, so the answer is no when the flags cannot be read."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-MIN_AUTOCAST_WIDTH = 256  # below this, casting costs more than bf16 matmuls save on a CPU (measured)
-
-
-def use_bf16_autocast(choice: str, device: torch.device, hidden_size: int | None = None) -> bool:
-    """auto: on CUDA with bf16; on a CPU with native bf16 for models at least MIN_AUTOCAST_WIDTH wide (on an
-    AVX512-BF16 EPYC a width-384 encoder step ran 2.3x faster in bf16, a width-128 Llama step 1.2x slower)."""
-    if choice == "no":
-        return False
-    if choice == "bf16":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    wide_enough = hidden_size is None or hidden_size >= MIN_AUTOCAST_WIDTH
-    return device.type == "cpu" and wide_enough and cpu_has_native_bf16()
 
 
 def length_grouped_batches(examples: list[dict[str, Any]], batch_size: int, seed: int, group: int = 64) -> list[list[dict[str, Any]]]:
