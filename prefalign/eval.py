@@ -12,7 +12,7 @@ import torch
 from prefalign.config import DataConfig, ModelConfig, option
 from prefalign.data import collate_sft, tokenize_prompts
 from prefalign.generation import LocalEngine, SamplingParams
-from prefalign.models import load_causal_lm, resolve_model_path
+from prefalign.models import load_causal_lm, model_device, resolve_model_path
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import as_completion
 from prefalign.train.common import resolve_rows
@@ -114,7 +114,7 @@ def sequence_kl(reference, prompt_ids, sampled, pad_token_id: int, temperature: 
     reference.eval()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        batch = to_device(collate_sft(chunk, pad_token_id), next(reference.parameters()).device)
+        batch = to_device(collate_sft(chunk, pad_token_id), model_device(reference))
         scored = completion_logps(reference, batch, temperature=temperature or 1.0)
         total += sum(row["policy"] for row in chunk) - float(scored.sums.sum())
     reference.train(was_training)

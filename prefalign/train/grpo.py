@@ -37,6 +37,7 @@ from prefalign.models import (
     is_peft_model,
     load_causal_lm,
     model_card,
+    model_device,
     reference_mode,
     save_model,
 )
@@ -113,7 +114,8 @@ def check_config(config: GRPOConfig) -> None:
             raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
     if config.max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be at least 1 (or 0 = fit the model's context), got {config.max_new_tokens}")
-    if not 0 <= config.overlong_buffer <= (config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS):
+    # With max_new_tokens = 0 the upper bound is known only once it is fitted to the context (load_prompts).
+    if config.overlong_buffer < 0 or (config.max_new_tokens and config.overlong_buffer > config.max_new_tokens):
         raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens], got {config.overlong_buffer} (max_new_tokens {config.max_new_tokens})")
     if config.beta < 0:
         raise ConfigError(f"beta must be >= 0, got {config.beta}")
@@ -157,7 +159,7 @@ def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, ru
         config.max_new_tokens = default_max_new_tokens(train, context)
         logger.info("grpo: max_new_tokens = %d (the model's context is %s tokens)", config.max_new_tokens, context)
         save_config(config, run_dir / "config.yaml")
-        if config.overlong_buffer > config.max_new_tokens:  # check_config could only test it against the default
+        if config.overlong_buffer > config.max_new_tokens:  # check_config could not bound it before the fit
             raise ConfigError(
                 f"overlong_buffer {config.overlong_buffer} is longer than max_new_tokens {config.max_new_tokens} (fitted to the "
                 f"model's context of {context} tokens); lower overlong_buffer or set max_new_tokens"
@@ -381,7 +383,7 @@ def policy_loss(model, batch, totals: dict[str, int], config: GRPOConfig, use_ro
 def optimizer_step(model, optimizer, scheduler, examples, config: GRPOConfig, pad_token_id: int, use_rollout_logps: bool) -> dict[str, float]:
     """Accumulate over micro-batches of train.batch_size completions, clip, step. Normalisers span the step."""
     size = config.train.batch_size
-    device = next(model.parameters()).device
+    device = model_device(model)
     batches = [runtime.to_device(collate_rollout(examples[i : i + size], pad_token_id), device) for i in range(0, len(examples), size)]
     trained = [torch.tensor([len(ids) for ids in b["completion_ids"]], device=device) * b["trained"] for b in batches]  # per row: trained tokens
     totals = {"tokens": int(sum(t.sum() for t in trained)), "sequences": max(1, int(sum((t > 0).sum() for t in trained)))}
@@ -457,7 +459,7 @@ def grpo(config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tok
             first_step = progress["step"]
             rollout = collect_rollout(engine, prompts, stream, rewards, config, progress)
             if score_reference is not None:
-                add_reference_logps(score_reference, rollout.examples, config, tokenizer.pad_token_id, next(model.parameters()).device)
+                add_reference_logps(score_reference, rollout.examples, config, tokenizer.pad_token_id, model_device(model))
             try:
                 updates = optimise_rollout(model, optimizer, scheduler, rollout, config, tokenizer.pad_token_id, total_steps - first_step)
             except TrainingError as error:

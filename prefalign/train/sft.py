@@ -14,7 +14,7 @@ import torch
 
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
 from prefalign.data import collate_sft, tokenize_sft
-from prefalign.models import load_causal_lm, model_card, save_model
+from prefalign.models import load_causal_lm, model_card, model_device, save_model
 from prefalign.train.common import log_stats, resolve_rows
 from prefalign.train.forward import completion_logps, count_tokens
 from prefalign.train.runtime import (
@@ -59,7 +59,7 @@ def make_evaluator(examples, pad_token_id: int, batch_size: int):
         model.eval()
         total, tokens = 0.0, 0.0
         for start in range(0, len(examples), batch_size):
-            batch = to_device(collate_sft(examples[start:start + batch_size], pad_token_id), next(model.parameters()).device)
+            batch = to_device(collate_sft(examples[start:start + batch_size], pad_token_id), model_device(model))
             scored = completion_logps(model, batch)
             total -= float(scored.token_logps.sum())
             tokens += float(scored.mask.sum())
