@@ -276,11 +276,11 @@ def build_scorers(
     if len(weights) != len(scorers):
         raise ConfigError(f"reward_weights has {len(weights)} values for {len(scorers)} reward functions; give one weight per function")
     if reward_model:
+        # Imported here: the scorer pulls in transformers, wanted only when a reward model is asked for.
         from prefalign.models import resolve_model_path
-        from prefalign.rewards.scorer import RewardModelScorer  # pulls in transformers: only when asked for
+        from prefalign.rewards.scorer import reward_model_function
 
-        scorer = RewardModelScorer(resolve_model_path(reward_model), device=device, batch_size=batch_size)
-        scorers.append(scorer.as_reward_function())
+        scorers.append(reward_model_function(resolve_model_path(reward_model), device=device, batch_size=batch_size))
         weights.append(reward_model_weight)
     if not scorers:
         raise ConfigError(f"{needed_by} needs a reward: set reward_functions and/or reward_model")
