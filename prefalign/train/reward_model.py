@@ -43,7 +43,7 @@ from prefalign.rewards.scorer import (
     reward_scores,
 )
 from prefalign.train.common import resolve_rows
-from prefalign.train.forward import count_tokens, cpu_has_native_bf16, mixed_precision, use_bf16_autocast  # noqa: F401 - cpu_has_native_bf16 re-exported
+from prefalign.train.forward import count_tokens, mixed_precision, use_bf16_autocast
 from prefalign.train.runtime import (
     LossOutput,
     TrainResult,
