@@ -90,18 +90,19 @@ def sft_dataset(split: str = "train", limit: int | None = None) -> datasets.Data
     )
 
 
-def preference_dataset(split: str = "train", limit: int | None = None, seed: int = 0) -> datasets.Dataset:
-    """Pairs: the correct answer is chosen, a near-miss wrong answer is rejected."""
+def preference_dataset(split: str = "train", limit: int | None = None, seed: int = 0, *, every_near_miss: bool = False) -> datasets.Dataset:
+    """Pairs: the correct answer is chosen, a near-miss wrong answer is rejected (one drawn with `seed` per
+    problem, or with every_near_miss one pair per near miss)."""
     rng = random.Random(seed)
     rows = []
     for a, b in problems(split)[:limit]:
-        wrong = rng.choice(near_misses(a, b))
-        rows.append(
-            {
-                "prompt": prompt_messages(a, b),
-                "chosen": [{"role": "assistant", "content": str(a + b)}],
-                "rejected": [{"role": "assistant", "content": str(wrong)}],
-                "answer": str(a + b),
-            }
-        )
+        for wrong in near_misses(a, b) if every_near_miss else [rng.choice(near_misses(a, b))]:
+            rows.append(
+                {
+                    "prompt": prompt_messages(a, b),
+                    "chosen": [{"role": "assistant", "content": str(a + b)}],
+                    "rejected": [{"role": "assistant", "content": str(wrong)}],
+                    "answer": str(a + b),
+                }
+            )
     return datasets.Dataset.from_list(rows)

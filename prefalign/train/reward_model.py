@@ -84,19 +84,9 @@ def _builtin_pairs(split: str):
     """The built-in task's pairs. Training: the right answer against every near miss of each problem (about 4.9
     per problem; learns faster than one near miss each: held-out accuracy 0.71 vs 0.62 after 500 steps, 0.81 vs
     0.79 after 1500). Held out: the task's one near miss per problem, the pairs every stage evaluates on."""
-    import datasets
+    from prefalign.tasks.arithmetic import preference_dataset
 
-    from prefalign.tasks.arithmetic import near_misses, preference_dataset, problems, prompt_messages
-
-    if split != "train":
-        return preference_dataset(split)
-    rows = [
-        {"prompt": prompt_messages(a, b), "chosen": [{"role": "assistant", "content": str(a + b)}],
-         "rejected": [{"role": "assistant", "content": str(wrong)}]}
-        for a, b in problems("train")
-        for wrong in near_misses(a, b)
-    ]
-    return datasets.Dataset.from_list(rows)
+    return preference_dataset(split, every_near_miss=split == "train")
 
 
 # ----------------------------------------------------------------------------- loss and metrics
