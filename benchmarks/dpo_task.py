@@ -26,15 +26,16 @@ from pathlib import Path
 
 import torch
 
+from prefalign.algorithms.dpo import DPOConfig, dpo
+from prefalign.algorithms.sft import SFTConfig, sft
+from prefalign.commands.demo_stages import DEMO_RECIPE
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, apply_overrides
 from prefalign.data import tokenize_prompts
-from prefalign.eval import evaluate_policy
-from prefalign.models import load_causal_lm
+from prefalign.evaluation.policy import evaluate_policy
+from prefalign.models.loading import load_causal_lm
+from prefalign.recipes.base_model import ensure_base_model
 from prefalign.rewards import WeightedRewards
 from prefalign.tasks.arithmetic import prompt_dataset
-from prefalign.tasks.base import ensure_base_model
-from prefalign.train.dpo import DEMO_RECIPE, DPOConfig, dpo
-from prefalign.train.sft import SFTConfig, sft
 
 
 def evaluate(model, tokenizer, reference) -> dict[str, float]:

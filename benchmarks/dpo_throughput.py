@@ -129,9 +129,9 @@ def worker_prefalign(args, precision: str) -> dict:
     import datasets
     import torch
 
+    from prefalign.algorithms.dpo import DPOConfig, dpo
     from prefalign.config import DataConfig, ModelConfig, TrainConfig
-    from prefalign.models import load_causal_lm
-    from prefalign.train.dpo import DPOConfig, dpo
+    from prefalign.models.loading import load_causal_lm
 
     torch.set_num_threads(args.threads)
     rows = datasets.Dataset.from_json(str(args.workdir / "pairs.jsonl"))
@@ -278,7 +278,7 @@ def main() -> None:
 def report(args) -> None:
     import torch
 
-    from prefalign.models import count_parameters
+    from prefalign.models.loading import count_parameters
 
     build_model(args.workdir / "model", args.hidden_size, args.num_layers)
     count = args.steps * args.batch_size

@@ -66,9 +66,9 @@ def worker_prefalign(args) -> dict:
     import datasets
     import torch
 
+    from prefalign.algorithms.grpo import GRPOConfig, grpo
     from prefalign.config import DataConfig, ModelConfig, TrainConfig
     from prefalign.rewards import register_reward_function
-    from prefalign.train.grpo import GRPOConfig, grpo
 
     torch.set_num_threads(args.threads)
     register_reward_function("digit_share", digit_share)

@@ -30,7 +30,7 @@ def held_out(tokenizer, count: int):
 
 
 def measure(model, tokenizer, prompts, k: int, seed: int) -> dict:
-    from prefalign.eval import evaluate_policy
+    from prefalign.evaluation.policy import evaluate_policy
     from prefalign.rewards import WeightedRewards
 
     found = evaluate_policy(model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=k, max_new_tokens=8, seed=seed)
@@ -38,9 +38,9 @@ def measure(model, tokenizer, prompts, k: int, seed: int) -> dict:
 
 
 def train_seed(args, seed: int, base_path: Path, prompts) -> dict:
+    from prefalign.algorithms.grpo import GRPOConfig, grpo
     from prefalign.config import DataConfig, ModelConfig, TrainConfig
-    from prefalign.models import load_causal_lm
-    from prefalign.train.grpo import GRPOConfig, grpo
+    from prefalign.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(base_path), device="cpu"))
     with tempfile.TemporaryDirectory(prefix=f"grpo-task-{seed}-") as run_dir:
@@ -88,8 +88,8 @@ def main() -> None:
     import torch
 
     from prefalign.config import ModelConfig
-    from prefalign.models import load_causal_lm
-    from prefalign.tasks.base import ensure_base_model
+    from prefalign.models.loading import load_causal_lm
+    from prefalign.recipes.base_model import ensure_base_model
 
     torch.set_num_threads(args.threads)
     base_path = ensure_base_model()

@@ -29,14 +29,14 @@ def run_arm(arguments) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from prefalign.algorithms.dpo import DPOConfig, dpo
     from prefalign.config import DataConfig, ModelConfig
     from prefalign.data import tokenize_prompts
-    from prefalign.eval import evaluate_policy
-    from prefalign.models import load_causal_lm
+    from prefalign.evaluation.policy import evaluate_policy
+    from prefalign.models.loading import load_causal_lm
+    from prefalign.recipes.base_model import ensure_base_model
     from prefalign.rewards import WeightedRewards
     from prefalign.tasks.arithmetic import prompt_dataset
-    from prefalign.tasks.base import ensure_base_model
-    from prefalign.train.dpo import DPOConfig, dpo
 
     base = str(ensure_base_model())
     config = DPOConfig(model=ModelConfig(name_or_path=base, device="cpu"), rpo_alpha=arguments.rpo_alpha)

@@ -85,7 +85,7 @@ def heldout_accuracy(model, examples: list[dict], pad_token_id: int, batch_size:
     """Plain transformers forward over the held-out ids, identical for both tools."""
     import torch
 
-    from prefalign.train.reward_model import wilson_interval
+    from prefalign.evaluation.pairs import wilson_interval
 
     model.eval()
     scores = []
@@ -120,8 +120,8 @@ def run_ours(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from prefalign.train.forward import use_bf16_autocast
-    from prefalign.train.reward_model import RewardConfig, train_reward_model
+    from prefalign.algorithms.reward_model import RewardConfig, train_reward_model
+    from prefalign.models.forward import use_bf16_autocast
 
     config = RewardConfig(rendering="plain", normalization_pairs=200)
     config.mixed_precision = "auto" if mode == "ours-defaults" else "no"
@@ -265,8 +265,8 @@ def padding_report(examples: list[dict], batch_size: int, seed: int, matched_ste
     import torch
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from prefalign.train.reward_model import length_grouped_batches
-    from prefalign.train.runtime import example_stream
+    from prefalign.algorithms.reward_model import length_grouped_batches
+    from prefalign.runtime.loop import example_stream
 
     width = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
 

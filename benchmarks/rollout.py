@@ -23,7 +23,8 @@ import torch
 from dpo_throughput import matmul_rate  # the same roofline measurement as the DPO benchmark
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prefalign.generation import LocalEngine, SamplingParams
+from prefalign.rollout.engine import LocalEngine
+from prefalign.rollout.types import SamplingParams
 from prefalign.tasks.tokenizer import build_char_tokenizer
 
 

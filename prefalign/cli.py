@@ -28,17 +28,17 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "sft": Command("prefalign.train.sft", "sft", "SFTConfig", "supervised fine-tuning on prompt/completion data"),
-    "sample": Command("prefalign.train.sampling", "sample", "SampleConfig", "rejection sampling: n samples per prompt, scored, as pairs or best-of-n"),
-    "base": Command("prefalign.tasks.base", "base", "BaseConfig", "build (or reuse) the built-in task's tiny base model"),
-    "dpo": Command("prefalign.train.dpo", "dpo", "DPOConfig", "DPO and its family (IPO, cDPO, robust, hinge, SimPO, RPO) on preference pairs"),
-    "grpo": Command("prefalign.train.grpo", "grpo", "GRPOConfig", "GRPO (and Dr. GRPO, DAPO, GSPO): group-relative RL with reward functions and/or a reward model"),
-    "eval": Command("prefalign.eval", "evaluate", "EvalConfig", "accuracy, pass@k and KL of a model on a prompt set"),
-    "reward": Command("prefalign.train.reward_model", "reward", "RewardConfig", "train a reward model on preference pairs (Bradley-Terry); --eval-only to evaluate one"),
-    "score": Command("prefalign.score", "score", "ScoreConfig", "score a file of completions (or pairs) with a reward model; writes a copy with reward columns"),
-    "eval-reward": Command("prefalign.train.reward_model", "eval_reward", "EvalRewardConfig", "pairwise accuracy (95% CI), margin and length correlation of a reward model"),
-    "demo": Command("prefalign.demo", "demo", "DemoConfig", "the whole stage on the built-in task, with a report"),
-    "env": Command("prefalign.env", "env", "EnvConfig", "versions and hardware, for bug reports"),
+    "sft": Command("prefalign.commands.sft", "sft", "SFTConfig", "supervised fine-tuning on prompt/completion data"),
+    "sample": Command("prefalign.commands.sample", "sample", "SampleConfig", "rejection sampling: n samples per prompt, scored, as pairs or best-of-n"),
+    "base": Command("prefalign.commands.base", "base", "BaseConfig", "build (or reuse) the built-in task's tiny base model"),
+    "dpo": Command("prefalign.commands.dpo", "dpo", "DPOCommandConfig", "DPO and its family (IPO, cDPO, robust, hinge, SimPO, RPO) on preference pairs"),
+    "grpo": Command("prefalign.commands.grpo", "grpo", "GRPOConfig", "GRPO (and Dr. GRPO, DAPO, GSPO): group-relative RL with reward functions and/or a reward model"),
+    "eval": Command("prefalign.commands.eval", "evaluate", "EvalConfig", "accuracy, pass@k and KL of a model on a prompt set"),
+    "reward": Command("prefalign.commands.reward", "reward", "RewardConfig", "train a reward model on preference pairs (Bradley-Terry); --eval-only to evaluate one"),
+    "score": Command("prefalign.commands.score", "score", "ScoreConfig", "score a file of completions (or pairs) with a reward model; writes a copy with reward columns"),
+    "eval-reward": Command("prefalign.commands.reward", "eval_reward", "EvalRewardConfig", "pairwise accuracy (95% CI), margin and length correlation of a reward model"),
+    "demo": Command("prefalign.commands.demo", "demo", "DemoConfig", "the whole stage on the built-in task, with a report"),
+    "env": Command("prefalign.commands.env", "env", "EnvConfig", "versions and hardware, for bug reports"),
 }
 
 USAGE = "usage: prefalign <command> [--config FILE.yaml] [--key value ...]   (prefalign <command> --help lists every key)"

@@ -38,7 +38,7 @@ def small_train(output_dir: Path, **train):
 
 
 def check_sft(out: Path) -> str:
-    from prefalign.train.sft import SFTConfig, sft
+    from prefalign.algorithms.sft import SFTConfig, sft
 
     config = SFTConfig(train=small_train(out / "sft", learning_rate=1e-4))
     config.data.max_samples = 64
@@ -48,8 +48,9 @@ def check_sft(out: Path) -> str:
 
 def check_generation(out: Path) -> str:
     from prefalign.config import ModelConfig
-    from prefalign.generation import LocalEngine, SamplingParams
-    from prefalign.models import load_causal_lm
+    from prefalign.models.loading import load_causal_lm
+    from prefalign.rollout.engine import LocalEngine
+    from prefalign.rollout.types import SamplingParams
 
     model, tokenizer = load_causal_lm(ModelConfig(), trainable=False)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "12+34"}], tokenize=False, add_generation_prompt=True)

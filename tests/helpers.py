@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from prefalign.tasks.base import BaseConfig, new_model
+from prefalign.recipes.base_model import BaseConfig
+from prefalign.tasks.model import new_model
 from prefalign.tasks.tokenizer import build_char_tokenizer
 
 

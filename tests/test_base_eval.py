@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefalign.config import DataConfig
 from prefalign.data import tokenize_prompts
-from prefalign.eval import evaluate_policy
+from prefalign.evaluation.policy import evaluate_policy
+from prefalign.recipes.base_model import BaseConfig, cache_key, ensure_base_model
 from prefalign.rewards import WeightedRewards, register_reward_function
 from prefalign.tasks import arithmetic
-from prefalign.tasks.base import BaseConfig, cache_key, ensure_base_model
 from tests.helpers import tiny_model
 
 

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import yaml
 
+from prefalign.algorithms.sft import SFTConfig
 from prefalign.cli import COMMANDS, main, parse_overrides
 from prefalign.config import help_text, load_config
 from prefalign.errors import ConfigError
-from prefalign.train.sft import SFTConfig
 
 
 def test_yaml_then_overrides_later_wins(tmp_path):

@@ -13,22 +13,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefalign.cli import main
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, load_config
-from prefalign.data import collate_preference
-from prefalign.errors import ConfigError, DataError, ModelError
-from prefalign.models import reference_mode
-from prefalign.tasks.arithmetic import preference_dataset
-from prefalign.train.dpo import (
+from prefalign.algorithms.dpo import DPOConfig, dpo
+from prefalign.algorithms.dpo_pairs import (
     REF_LOGPS_FILE,
-    DPOConfig,
     PairForward,
-    dpo,
     precompute_reference,
     sequence_logps,
     tokenized_pairs,
 )
-from prefalign.train.forward import FLOAT32_ATTENTION_MAX_KEYS, completion_logps, mixed_precision
+from prefalign.cli import main
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, load_config
+from prefalign.data import collate_preference
+from prefalign.errors import ConfigError, DataError, ModelError
+from prefalign.models.forward import FLOAT32_ATTENTION_MAX_KEYS, completion_logps, mixed_precision
+from prefalign.models.reference import reference_mode
+from prefalign.tasks.arithmetic import preference_dataset
 from tests.helpers import save_tiny_model, tiny_model
 
 TRL_METRICS = {
@@ -117,7 +116,7 @@ def test_shared_prompt_forward_matches_the_padded_batch(tmp_path):
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
-    from prefalign.models import apply_lora
+    from prefalign.models.loading import apply_lora
 
     model, tokenizer = tiny_model(0)
     lora = apply_lora(model, ModelConfig(lora=True, lora_r=4, lora_alpha=8))
@@ -153,7 +152,7 @@ def test_rpo_term_is_per_token_over_the_step_and_accumulation_invariant(tmp_path
 
 
 def test_cached_reference_is_reused_only_for_the_same_data_and_weights(tmp_path, monkeypatch):
-    import prefalign.train.dpo as dpo_module
+    import prefalign.algorithms.dpo_pairs as dpo_module
 
     model, tokenizer = tiny_model(0)
     other, _ = tiny_model(1)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prefalign.generation import LocalEngine, RolloutBackend, Sample, SamplingParams, generate
+from prefalign.rollout.engine import LocalEngine, generate
+from prefalign.rollout.types import RolloutBackend, Sample, SamplingParams
 from prefalign.tasks.tokenizer import build_char_tokenizer
 
 MAX_NEW = 12

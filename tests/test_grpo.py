@@ -11,17 +11,7 @@ import pytest
 import torch
 import yaml
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig
-from prefalign.data import tokenize_prompts
-from prefalign.errors import ConfigError, DataError, TrainingError
-from prefalign.generation import LocalEngine, SamplingParams
-from prefalign.models import apply_lora
-from prefalign.rewards import register_reward_function
-from prefalign.tasks.arithmetic import prompt_dataset
-from prefalign.tasks.base import BaseConfig, new_model
-from prefalign.tasks.tokenizer import build_char_tokenizer
-from prefalign.train.forward import completion_logps, grouped_completion_logps
-from prefalign.train.grpo import (
+from prefalign.algorithms.grpo import (
     DEFAULT_MAX_NEW_TOKENS,
     GRPOConfig,
     aligned,
@@ -33,7 +23,19 @@ from prefalign.train.grpo import (
     optimizer_step,
     reference_scorer,
 )
-from prefalign.train.runtime import read_metrics
+from prefalign.config import DataConfig, ModelConfig, TrainConfig
+from prefalign.data import tokenize_prompts
+from prefalign.errors import ConfigError, DataError, TrainingError
+from prefalign.models.forward import completion_logps, grouped_completion_logps
+from prefalign.models.loading import apply_lora
+from prefalign.recipes.base_model import BaseConfig
+from prefalign.rewards import register_reward_function
+from prefalign.rollout.engine import LocalEngine
+from prefalign.rollout.types import SamplingParams
+from prefalign.runtime.metrics import read_metrics
+from prefalign.tasks.arithmetic import prompt_dataset
+from prefalign.tasks.model import new_model
+from prefalign.tasks.tokenizer import build_char_tokenizer
 
 G = 4
 TIMING_KEYS = {"step_time", "generation_time", "generation_share", "tokens_per_second"}
@@ -417,16 +419,3 @@ def test_cli_runs_grpo_and_reports_config_errors(tmp_path, model_dir, capsys):
                  "--num_generations", "4", "--batch_size", "8", "--max_steps", "1", "--output_dir", str(out), "--progress", "false"]  # fmt: skip
     assert main(["grpo", *arguments]) == 0
     assert (out / "final" / "config.json").exists() and len(read_metrics(out)) == 2  # the step, then the final eval
-
-
-def test_demo_stage_adds_its_report_line(tmp_path, model_dir, monkeypatch):
-    from prefalign import demo
-    from prefalign.train import grpo as grpo_module
-
-    monkeypatch.setitem(grpo_module.DEMO, "steps", 2)
-    assert demo.STAGES["grpo"] == "prefalign.train.grpo:grpo_stage" and list(demo.STAGES)[-1] == "grpo"
-    context = demo.DemoContext(config=demo.DemoConfig(output_dir=str(tmp_path), eval_prompts=8), run_dir=tmp_path, base_path=model_dir)
-    context.base_metrics = {"accuracy": 0.0, "pass@8": 0.0}
-    found = grpo_module.grpo_stage(context)
-    assert found["steps"] == 2 and context.lines[-1].startswith("| GRPO (exact-match reward) | held-out greedy accuracy 0.000 → ")
-    assert (tmp_path / "grpo" / "final" / "model.safetensors").exists()

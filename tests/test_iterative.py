@@ -9,17 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prefalign import IterativeDPOConfig, dpo
+from prefalign.algorithms.dpo_pairs import sequence_logps, tokenized_pairs
 from prefalign.config import DataConfig, ModelConfig
 from prefalign.data import load_rows, tokenize_preference
 from prefalign.errors import ConfigError, DataError
-from prefalign.models import apply_lora
-from prefalign.train import iterative
-from prefalign.train.iterative import check_iterative, frozen_copy, prompt_rows, round_prompts
+from prefalign.models.loading import apply_lora
+from prefalign.models.reference import frozen_copy
+from prefalign.recipes import iterative_dpo as iterative
+from prefalign.recipes.iterative_dpo import check_iterative, prompt_rows, round_prompts
 from tests.helpers import tiny_model
-
-dpo_module = pytest.importorskip("prefalign.train.dpo")
-DPOConfig, dpo = dpo_module.DPOConfig, dpo_module.dpo
-needs_rounds = pytest.mark.skipif(not hasattr(DPOConfig(), "rounds"), reason="DPOConfig has no `rounds` field yet")
 
 
 def digit_count(prompts, completions, **_):
@@ -46,10 +45,9 @@ def test_rounds_take_prompts_in_turn_and_wrap():
     assert len(round_prompts(pool, 2, 0)) == 10  # 0 = every prompt every round
 
 
-@needs_rounds
 def test_bad_iterative_settings_are_config_errors():
     def config(**changes):
-        base = DPOConfig(rounds=2)
+        base = IterativeDPOConfig()
         for key, value in changes.items():
             target, _, name = key.rpartition(".")
             setattr(getattr(base, target) if target else base, name, value)
@@ -84,8 +82,8 @@ def _rows(count: int, offset: int = 0) -> datasets.Dataset:
     ])  # fmt: skip
 
 
-def _config(tmp_path, reference: str = "original") -> DPOConfig:
-    config = DPOConfig(rounds=2, round_reference=reference, model=ModelConfig(device="cpu"))
+def _config(tmp_path, reference: str = "original") -> IterativeDPOConfig:
+    config = IterativeDPOConfig(round_reference=reference, model=ModelConfig(device="cpu"))
     config.train.output_dir = str(tmp_path / "run")
     config.train.max_steps = 2
     config.train.batch_size = 4
@@ -99,7 +97,6 @@ def _config(tmp_path, reference: str = "original") -> DPOConfig:
     return config
 
 
-@needs_rounds
 def test_two_rounds_write_pairs_metrics_report_and_final(tmp_path):
     model, tokenizer = tiny_model()
     config = _config(tmp_path)
@@ -123,7 +120,6 @@ def test_two_rounds_write_pairs_metrics_report_and_final(tmp_path):
     assert (run / "final" / "config.json").exists()
 
 
-@needs_rounds
 @pytest.mark.parametrize(("mode", "lora"), [("original", False), ("previous", False), ("original", True), ("previous", True)])
 def test_reference_choice(tmp_path, monkeypatch, mode, lora):
     model, tokenizer = tiny_model()
@@ -131,13 +127,13 @@ def test_reference_choice(tmp_path, monkeypatch, mode, lora):
         model = apply_lora(model, ModelConfig(lora=True, lora_r=4, lora_alpha=8))
     initial = frozen_copy(model)
     entering = []  # the policy as each round's DPO starts
-    real_dpo = dpo_module.dpo
+    real_dpo = iterative.dpo  # each round runs plain DPO
 
     def spy(config, **kwargs):
         entering.append(frozen_copy(kwargs["model"]))
         return real_dpo(config, **kwargs)
 
-    monkeypatch.setattr(dpo_module, "dpo", spy)
+    monkeypatch.setattr(iterative, "dpo", spy)
     config = _config(tmp_path, reference=mode)
     config.train.learning_rate = 3e-2 if lora else 1e-2  # round 1 must move the policy well beyond float noise
     config.sampling.eval_prompts = 0
@@ -147,16 +143,15 @@ def test_reference_choice(tmp_path, monkeypatch, mode, lora):
     assert len(entering) == 2
     # Round 2's cached reference log-probs: the starting model's (original) or round 1's result (previous).
     cached = load_file(str(tmp_path / "run" / "round-2" / "ref_logps.safetensors"))["train/chosen"]
-    pairs = dpo_module.tokenized_pairs(load_rows([str(tmp_path / "run" / "round-2" / "pairs.jsonl")]), tokenizer, config.data, "train")[0]
-    under_initial = dpo_module.sequence_logps(initial, pairs, tokenizer.pad_token_id, 64)["chosen"]
-    under_round_one = dpo_module.sequence_logps(entering[1], pairs, tokenizer.pad_token_id, 64)["chosen"]
+    pairs = tokenized_pairs(load_rows([str(tmp_path / "run" / "round-2" / "pairs.jsonl")]), tokenizer, config.data, "train")[0]
+    under_initial = sequence_logps(initial, pairs, tokenizer.pad_token_id, 64)["chosen"]
+    under_round_one = sequence_logps(entering[1], pairs, tokenizer.pad_token_id, 64)["chosen"]
     assert not torch.allclose(under_initial, under_round_one, atol=1e-2)
     expected, other = (under_initial, under_round_one) if mode == "original" else (under_round_one, under_initial)
     assert torch.allclose(cached, expected, atol=1e-4)
     assert not torch.allclose(cached, other, atol=1e-2)
 
 
-@needs_rounds
 def test_cli_dpo_lists_the_round_options(capsys):
     from prefalign.cli import main
 
@@ -165,26 +160,26 @@ def test_cli_dpo_lists_the_round_options(capsys):
     assert "--rounds" in text and "--round_reference" in text and "--sampling.strategy" in text
 
 
-@needs_rounds
 @pytest.mark.slow
 def test_demo_stage_reports_accuracy_per_round(tmp_path, monkeypatch):
     """On the built-in base model (built once into the cache, 1-2 minutes, if missing), with a tiny budget."""
-    from prefalign.demo import DemoConfig, DemoContext
-    from prefalign.tasks.base import ensure_base_model
+    from prefalign.commands import demo_recipes, demo_stages
+    from prefalign.recipes.base_model import ensure_base_model
 
-    monkeypatch.setattr(dpo_module, "DEMO_RECIPE", {**dpo_module.DEMO_RECIPE, "train.max_steps": 4, "sampling.prompts_per_round": 64})
-    context = DemoContext(config=DemoConfig(output_dir=str(tmp_path), eval_prompts=40, num_threads=1), run_dir=tmp_path)
+    recipe = {**demo_recipes.ITERATIVE_DPO, "train": {**demo_recipes.ITERATIVE_DPO["train"], "max_steps": 2}}
+    recipe["sampling"] = {**recipe["sampling"], "prompts_per_round": 64}
+    monkeypatch.setattr(demo_recipes, "ITERATIVE_DPO", recipe)
+    context = demo_stages.DemoContext(seed=0, num_threads=1, eval_prompts=40, run_dir=tmp_path)
     context.base_path = ensure_base_model()
-    result = iterative.iterative_stage(context)
+    result = demo_stages.iterative_stage(context)
     assert len(result["accuracy_per_round"]) == 3  # round 0 (the base) and two rounds
     assert all(0.0 <= value <= 1.0 for value in result["accuracy_per_round"])
     assert result["steps"] == 4 and len(result["pairs_per_round"]) == 2
     assert context.lines[-1].startswith("| rejection sampling + iterative DPO") and " → " in context.lines[-1]
 
 
-@needs_rounds
 def test_report_names_the_per_round_budget():
-    config = DPOConfig(rounds=2)
+    config = IterativeDPOConfig()
     config.train.max_steps, config.train.epochs = 0, 2.0
     text = iterative.report(config, [])
     assert "beta=0.1, 2 epochs over each round's pairs." in text and "Reference: original" in text  # was "epochs steps"

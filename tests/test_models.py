@@ -8,7 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from prefalign.config import ModelConfig
 from prefalign.errors import ModelError
-from prefalign.models import count_parameters, load_causal_lm, reference_mode, save_model
+from prefalign.models.loading import count_parameters, load_causal_lm
+from prefalign.models.reference import reference_mode
+from prefalign.models.saving import save_model
 from tests.helpers import save_tiny_model
 
 
@@ -77,7 +79,7 @@ def test_reference_mode_needs_lora(tmp_path):
 def test_disable_dropout_makes_training_mode_deterministic():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from prefalign.models import disable_dropout
+    from prefalign.models.loading import disable_dropout
 
     torch.manual_seed(0)
     models = [

@@ -16,21 +16,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from prefalign.algorithms.reward_model import RewardConfig, make_reward_loss, train_reward_model
 from prefalign.cli import main
 from prefalign.config import DataConfig
 from prefalign.errors import DataError, ModelError
+from prefalign.evaluation.pairs import pair_metrics, pearson, roc_auc, wilson_interval
 from prefalign.rewards import RewardModelScorer
 from prefalign.rewards.scorer import RewardSettings, collate_pairs, encode_pairs
 from prefalign.tasks.tokenizer import build_char_tokenizer
-from prefalign.train.reward_model import (
-    RewardConfig,
-    make_reward_loss,
-    pair_metrics,
-    pearson,
-    roc_auc,
-    train_reward_model,
-    wilson_interval,
-)
 from tests.helpers import save_tiny_model
 
 PAD, BOS, EOS, USER, ASSISTANT = 0, 1, 2, 5, 6
@@ -244,11 +237,11 @@ def test_backbone_errors(tmp_path):
 def test_example_config_is_the_builtin_recipe():
     from pathlib import Path
 
-    from prefalign.config import load_config
-    from prefalign.train.reward_model import builtin_reward_config
+    from prefalign.commands.demo_recipes import REWARD
+    from prefalign.config import apply_overrides, load_config
 
     loaded = load_config(RewardConfig, Path(__file__).resolve().parents[1] / "examples" / "reward.yaml")
-    recipe = builtin_reward_config("runs/reward")
+    recipe = apply_overrides(RewardConfig(), REWARD)
     assert (loaded.model.name_or_path, loaded.data.path, loaded.data.max_length) == ("builtin", ["builtin"], recipe.data.max_length)
     for key in ("learning_rate", "batch_size", "max_steps", "warmup_ratio", "schedule"):
         assert getattr(loaded.train, key) == getattr(recipe.train, key), key
@@ -256,7 +249,7 @@ def test_example_config_is_the_builtin_recipe():
 
 
 def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
-    from prefalign.train.reward_model import length_grouped_batches
+    from prefalign.algorithms.reward_model import length_grouped_batches
 
     examples = [{"chosen_ids": [1] * (index % 7 + 2), "rejected_ids": [1] * 3, "index": index} for index in range(50)]
     batches = length_grouped_batches(examples, batch_size=4, seed=0, group=5)  # groups of 20 pairs
@@ -271,7 +264,7 @@ def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
 def test_length_grouped_batches_cut_padding_on_mixed_lengths():
     import random
 
-    from prefalign.train.reward_model import length_grouped_batches
+    from prefalign.algorithms.reward_model import length_grouped_batches
 
     # 96 pairs, longer sides 3..50 tokens in a scrambled order, batches of 8 pairs, groups of 4 batches.
     widths = [3 + (index * 37) % 48 for index in range(96)]
@@ -333,7 +326,7 @@ def test_dropout_is_off_while_training_unless_asked(tmp_path, disable):
 
 
 def test_bf16_autocast_decision():
-    from prefalign.train.forward import cpu_has_native_bf16, use_bf16_autocast
+    from prefalign.models.forward import cpu_has_native_bf16, use_bf16_autocast
 
     cpu = torch.device("cpu")
     assert use_bf16_autocast("no", cpu, 4096) is False
@@ -342,37 +335,16 @@ def test_bf16_autocast_decision():
     assert use_bf16_autocast("auto", cpu, 384) is cpu_has_native_bf16()
 
 
-def test_demo_stage_adds_one_report_row(tmp_path, monkeypatch):
-    import prefalign.train.reward_model as reward_model
-    from prefalign.demo import STAGES, DemoConfig, DemoContext
-
-    assert STAGES["reward"] == "prefalign.train.reward_model:demo_stage" and list(STAGES)[:2] == ["base", "reward"]
-    recipe = reward_model.builtin_reward_config
-
-    def small(output_dir, *, seed=0):  # the real recipe, cut to seconds
-        config = recipe(output_dir, seed=seed)
-        config.train.max_steps, config.train.progress = 2, False
-        config.data.max_samples, config.data.max_eval_samples, config.normalization_pairs = 32, 16, 8
-        return config
-
-    monkeypatch.setattr(reward_model, "builtin_reward_config", small)
-    monkeypatch.setattr(reward_model, "DEMO_AUC_PROMPTS", 8)
-    context = DemoContext(config=DemoConfig(output_dir=str(tmp_path)), run_dir=tmp_path, base_path=save_tiny_model(tmp_path / "base"))
-    result = reward_model.demo_stage(context)
-    [line] = context.lines
-    assert line.startswith("| reward model | held-out pairwise accuracy ") and line.count(" | ") == 2 and "AUC" in line
-    assert result["evaluation"]["num_pairs"] == 16 and result["steps"] == 2 and result["sample_samples"] == 32
-    assert (tmp_path / "reward" / "final" / "prefalign_reward.json").exists()
-
-
 @pytest.mark.slow
 def test_builtin_recipe_held_out_accuracy(tmp_path):
     """The built-in recipe end to end (minutes; builds the base model when it is not cached)."""
-    from prefalign.train.reward_model import builtin_reward_config
+    from prefalign import reward
+    from prefalign.commands.demo_recipes import REWARD
+    from prefalign.config import apply_overrides
 
-    config = builtin_reward_config(str(tmp_path / "run"))
-    config.train.progress = False
-    result = train_reward_model(config)
+    config = apply_overrides(RewardConfig(), REWARD)
+    config.train.output_dir, config.train.progress = str(tmp_path / "run"), False
+    result = reward(config)
     # Measured 0.862 for this recipe (seed 0, 1 thread; BENCHMARKS.md); the issue's 0.95 is not reached by this budget.
     assert result.evaluation["num_pairs"] == 500 and result.evaluation["accuracy"] >= 0.75
 

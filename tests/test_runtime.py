@@ -7,21 +7,14 @@ import json
 import pytest
 import torch
 
+from prefalign.algorithms.sft import completion_tokens, sft_loss
 from prefalign.config import DataConfig, TrainConfig
 from prefalign.data import collate_sft, tokenize_sft
 from prefalign.errors import TrainingError
+from prefalign.runtime import checkpoint, metrics
+from prefalign.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from prefalign.runtime.loop import build_optimizer, build_scheduler, lr_factor, train_on_examples
 from prefalign.tasks.arithmetic import sft_dataset
-from prefalign.train import runtime
-from prefalign.train.runtime import (
-    build_optimizer,
-    build_scheduler,
-    list_checkpoints,
-    load_checkpoint,
-    lr_factor,
-    save_checkpoint,
-    train_on_examples,
-)
-from prefalign.train.sft import completion_tokens, sft_loss
 from tests.helpers import assert_same_parameters, tiny_model
 
 
@@ -95,7 +88,7 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runtime.torch, "save", crash)  # dies after the weights, mid-write
+    monkeypatch.setattr(checkpoint.torch, "save", crash)  # dies after the weights, mid-write
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"position": 16})
     monkeypatch.undo()
@@ -154,7 +147,7 @@ def test_metrics_reach_an_accelerate_tracker(tmp_path):
             self.finished = True
 
     recorder = Recorder()
-    logger = runtime.MetricsLogger(tmp_path, 2, TrainConfig(progress=False, report_to=[recorder]))
+    logger = metrics.MetricsLogger(tmp_path, 2, TrainConfig(progress=False, report_to=[recorder]))
     logger.log(1, {"loss": torch.tensor(0.5)})
     logger.log(2, {"loss": 0.25})
     logger.close()

@@ -9,13 +9,7 @@ import datasets
 import pytest
 import torch
 
-from prefalign.cli import main
-from prefalign.config import DataConfig, ModelConfig
-from prefalign.data import load_rows, tokenize_preference, tokenize_prompts, tokenize_sft
-from prefalign.errors import ConfigError, DataError
-from prefalign.rewards import WeightedRewards
-from prefalign.tasks.tokenizer import build_char_tokenizer
-from prefalign.train.sampling import (
+from prefalign.algorithms.rejection_sampling import (
     RejectionSamplingConfig,
     SampleConfig,
     SampleStats,
@@ -24,6 +18,12 @@ from prefalign.train.sampling import (
     rows_for_prompt,
     sample,
 )
+from prefalign.cli import main
+from prefalign.config import DataConfig, ModelConfig
+from prefalign.data import load_rows, tokenize_preference, tokenize_prompts, tokenize_sft
+from prefalign.errors import ConfigError, DataError
+from prefalign.rewards import WeightedRewards
+from prefalign.tasks.tokenizer import build_char_tokenizer
 from tests.helpers import save_tiny_model, tiny_model
 
 
@@ -261,7 +261,7 @@ def _saved_reward_model(folder):
 
 def test_reward_model_scores_next_to_reward_functions(tmp_path):
     pytest.importorskip("prefalign.rewards.scorer", reason="the reward-model scorer is not in this checkout")
-    from prefalign.train.sampling import build_rewards
+    from prefalign.algorithms.rejection_sampling import build_rewards
 
     folder = _saved_reward_model(tmp_path / "rm")
     settings = RejectionSamplingConfig(

@@ -416,8 +416,9 @@ def load_splits(
     else:
         if "builtin" in config.path:
             raise DataError(
-                "data.path 'builtin' names the built-in task, which the command resolves; "
-                "pass dataset=... to load_splits, or set data.path to your files."
+                "data.path 'builtin' names the built-in task, whose rows prefalign.commands.builtin.builtin_rows "
+                "loads (the CLI and the functions `from prefalign import ...` do this); pass dataset=... here, or "
+                "set data.path to your files."
             )
         train = load_rows(config.path, split=config.split, columns=config.columns)
     evaluation = None

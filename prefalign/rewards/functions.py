@@ -277,7 +277,7 @@ def build_scorers(
         raise ConfigError(f"reward_weights has {len(weights)} values for {len(scorers)} reward functions; give one weight per function")
     if reward_model:
         # Imported here: the scorer pulls in transformers, wanted only when a reward model is asked for.
-        from prefalign.models import resolve_model_path
+        from prefalign.models.loading import resolve_model_path
         from prefalign.rewards.scorer import reward_model_function
 
         scorers.append(reward_model_function(resolve_model_path(reward_model), device=device, batch_size=batch_size))

@@ -37,7 +37,7 @@ from prefalign.config import DataConfig, ModelConfig
 from prefalign.data import pad_sequences, tokenize_preference, tokenize_prompts, tokenize_sft
 from prefalign.data.formats import Messages
 from prefalign.errors import ConfigError, DataError, ModelError
-from prefalign.models import load_sequence_classifier, model_device
+from prefalign.models.loading import load_sequence_classifier, model_device
 
 logger = logging.getLogger("prefalign")
 
@@ -316,7 +316,7 @@ def check_single_label(path: str, *, trust_remote_code: bool = False) -> None:
 
 def load_reward_backbone(config: ModelConfig, *, trainable: bool = True):
     """(model, tokenizer): a one-label sequence classifier whose config pads with the tokenizer's pad id."""
-    from prefalign.models import resolve_model_path
+    from prefalign.models.loading import resolve_model_path
 
     check_single_label(resolve_model_path(config.name_or_path), trust_remote_code=config.trust_remote_code)
     model, tokenizer = load_sequence_classifier(config, num_labels=1, trainable=trainable)

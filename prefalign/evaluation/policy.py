@@ -1,48 +1,19 @@
-"""Evaluate a policy on a prompt set: greedy accuracy and mean reward, pass@k, KL to a reference."""
+"""Evaluate a policy on tokenized prompts: greedy accuracy and mean reward, pass@k, KL to a reference."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from prefalign.config import DataConfig, ModelConfig, option
-from prefalign.data import collate_sft, tokenize_prompts
-from prefalign.generation import LocalEngine, SamplingParams
-from prefalign.models import load_causal_lm, model_device, resolve_model_path
+from prefalign.data import collate_sft
+from prefalign.models.forward import completion_logps
+from prefalign.models.loading import model_device
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import as_completion
-from prefalign.train.common import resolve_rows
-from prefalign.train.forward import completion_logps
-from prefalign.train.runtime import seed_everything, set_threads, to_device
-
-
-@dataclass
-class EvalConfig:
-    model: ModelConfig = option(help="The policy to evaluate.", factory=ModelConfig)
-    data: DataConfig = option(help="Prompt-only rows (extra columns go to reward functions); builtin = held-out task prompts.", factory=lambda: DataConfig(max_length=256))
-    reward_functions: list[str] = option(help="Reward functions by name or 'module:function'.", factory=lambda: ["exact_match"])
-    reward_weights: list[float] = option(help="One weight per reward function (default all 1).", factory=list)
-    success_threshold: float = option(1.0, "A completion counts as correct when its reward is at least this.")
-    k: int = option(8, "Samples per prompt for pass@k (0 = skip sampling).")
-    temperature: float = option(1.0, "Sampling temperature for pass@k and the KL estimate.")
-    top_p: float = option(1.0, "Nucleus sampling for pass@k.")
-    max_new_tokens: int = option(16, "Longest completion.")
-    reference: str | None = option(None, "Reference model folder; when given, report KL(policy || reference) on the samples.")
-    num_prompts: int | None = option(None, "Evaluate at most this many prompts.")
-    batch_size: int = option(128, "Sequences generated together.")
-    seed: int = option(0, "Sampling seed.")
-    output_dir: str = option("runs/eval", "Where eval.json is written.")
-    num_threads: int = option(0, "torch CPU threads (0 = default).")
-
-
-def _builtin_prompts(split: str):
-    from prefalign.tasks.arithmetic import prompt_dataset
-
-    return prompt_dataset("held_out" if split == "train" else split)
+from prefalign.rollout.engine import LocalEngine
+from prefalign.rollout.types import SamplingParams
+from prefalign.runtime.setup import to_device
 
 
 def evaluate_policy(
@@ -119,30 +90,6 @@ def sequence_kl(reference, prompt_ids, sampled, pad_token_id: int, temperature: 
         total += sum(row["policy"] for row in chunk) - float(scored.sums.sum())
     reference.train(was_training)
     return total / max(len(rows), 1)
-
-
-def evaluate(config: EvalConfig, *, dataset=None, model=None, tokenizer=None, reference=None) -> dict[str, float]:
-    """`prefalign eval`: print a table, write eval.json to the output folder, return the metrics."""
-    set_threads(config.num_threads)
-    seed_everything(config.seed)
-    if model is None:
-        model, tokenizer = load_causal_lm(config.model, trainable=False)
-    if reference is None and config.reference:
-        reference, _ = load_causal_lm(ModelConfig(name_or_path=resolve_model_path(config.reference), device=config.model.device, dtype=config.model.dtype), trainable=False)
-    rows, _ = resolve_rows(config.data, builtin=_builtin_prompts, dataset=dataset)
-    if config.num_prompts:
-        rows = rows.select(range(min(len(rows), config.num_prompts)))
-    prompts, _ = tokenize_prompts(rows, tokenizer, config.data)
-    metrics = evaluate_policy(
-        model, tokenizer, prompts, WeightedRewards(config.reward_functions, list(config.reward_weights)),
-        k=config.k, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-        success_threshold=config.success_threshold, reference=reference, batch_size=config.batch_size, seed=config.seed,
-    )
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"model": config.model.name_or_path, **metrics}, indent=2))
-    print(format_table(metrics))
-    return metrics
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -36,21 +36,27 @@ from typing import Any, Literal
 
 import datasets
 
-import prefalign
 from prefalign.config import DataConfig, ModelConfig, option, save_config
 from prefalign.data import tokenize_prompts
+from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.errors import ConfigError, DataError
-from prefalign.generation import FINISH_LENGTH, LocalEngine, SamplingParams
-from prefalign.models import load_causal_lm, resolve_model_path
+from prefalign.models.loading import load_causal_lm, resolve_model_path
 from prefalign.rewards import WeightedRewards, describe_failures
 from prefalign.rewards.functions import as_completion, build_scorers
-from prefalign.train.common import log_stats, resolve_rows
-from prefalign.train.runtime import seed_everything, set_threads
+from prefalign.rollout.engine import LocalEngine
+from prefalign.rollout.types import FINISH_LENGTH, SamplingParams
+from prefalign.runtime.setup import seed_everything, set_threads
+from prefalign.version import __version__
 
 logger = logging.getLogger("prefalign")
 
+
 PAIR_STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
+
+
 OUTPUT_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet", "hf": ""}
+
+
 # A prompt file's own answers (preference, SFT, unpaired formats): they describe its static answers, not the samples
 # (a static `margin` would reach reward training on the sampled pairs), so they are not copied into the rows.
 STATIC_ANSWER_COLUMNS = ("chosen", "rejected", "completion", "label", "margin")
@@ -147,9 +153,6 @@ class SampleOutput:
     stats: SampleStats
 
 
-# ----------------------------------------------------------------------------- choosing rows from scores
-
-
 def choose_pairs(
     scores: list[float], strategy: str, margin: float, rng: random.Random
 ) -> tuple[list[tuple[int, int]], str | None, int]:
@@ -244,9 +247,6 @@ def rows_for_prompt(
 def _with_extra(row: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     # The sampled fields win over an extra column of the same name (a `score` column, say).
     return {**row, **{name: value for name, value in extra.items() if name not in row}}
-
-
-# ----------------------------------------------------------------------------- sampling and scoring
 
 
 def build_rewards(settings: RejectionSamplingConfig, *, device: str = "auto") -> WeightedRewards:
@@ -366,9 +366,6 @@ def _fill_sample_stats(stats: SampleStats, samples: list[dict[str, Any]], per_fu
         stats.score_by_function[name] = sum(values) / len(values) if values else 0.0
 
 
-# ----------------------------------------------------------------------------- writing
-
-
 def write_rows(rows: list[dict[str, Any]], path: Path, output_format: str) -> Path:
     """Rows as JSONL, Parquet or a save_to_disk folder (written beside, then renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,12 +388,6 @@ def write_rows(rows: list[dict[str, Any]], path: Path, output_format: str) -> Pa
     return path
 
 
-def _builtin_prompts(split: str) -> datasets.Dataset:
-    from prefalign.tasks.arithmetic import prompt_dataset
-
-    return prompt_dataset(split)
-
-
 def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, model=None, tokenizer=None) -> SampleOutput:
     """`prefalign sample`: write rows (pairs or best-of-n), samples, stats and provenance to output_dir."""
     set_threads(config.num_threads)
@@ -411,7 +402,7 @@ def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, mod
         model, tokenizer = load_causal_lm(config.model, trainable=False)
     rewards = build_rewards(config.sampling, device=config.model.device)
     # The built-in split for sampling is the task's training prompts; held-out prompts stay unseen.
-    rows, _ = resolve_rows(config.data, builtin=_builtin_prompts, dataset=dataset)
+    rows, _ = resolve_rows(config.data, dataset=dataset)
     prompts, tokenize_stats = tokenize_prompts(rows, tokenizer, config.data)
     data_stats = log_stats("prompts", tokenize_stats)
     started = time.perf_counter()
@@ -426,7 +417,7 @@ def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, mod
     if config.save_samples:
         write_rows(output.samples, out / "samples.jsonl", "jsonl")
     provenance = {
-        "prefalign": prefalign.__version__,
+        "prefalign": __version__,
         "model": resolve_model_path(config.model.name_or_path) if config.model.name_or_path == "builtin" else config.model.name_or_path,
         "data": list(config.data.path),
         "seed": config.seed,

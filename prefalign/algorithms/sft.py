@@ -14,18 +14,12 @@ import torch
 
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
 from prefalign.data import collate_sft, tokenize_sft
-from prefalign.models import load_causal_lm, model_card, model_device, save_model
-from prefalign.train.common import log_stats, resolve_rows
-from prefalign.train.forward import completion_logps, count_tokens
-from prefalign.train.runtime import (
-    LossOutput,
-    TrainResult,
-    prepare_run_dir,
-    seed_everything,
-    set_threads,
-    to_device,
-    train_on_examples,
-)
+from prefalign.data.splits import log_stats, resolve_rows
+from prefalign.models.forward import completion_logps, count_tokens
+from prefalign.models.loading import load_causal_lm, model_device
+from prefalign.models.saving import model_card, save_model
+from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
+from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads, to_device
 
 
 @dataclass
@@ -33,12 +27,6 @@ class SFTConfig:
     model: ModelConfig = option(help="The model to fine-tune.", factory=ModelConfig)
     data: DataConfig = option(help="prompt/completion or messages rows.", factory=DataConfig)
     train: TrainConfig = option(help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5))
-
-
-def _builtin_sft(split: str):
-    from prefalign.tasks.arithmetic import sft_dataset
-
-    return sft_dataset(split)
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -75,7 +63,7 @@ def sft(config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, token
     run_dir = prepare_run_dir(config, "sft")
     if model is None:
         model, tokenizer = load_causal_lm(config.model)
-    train_rows, eval_rows = resolve_rows(config.data, builtin=_builtin_sft, dataset=dataset, eval_dataset=eval_dataset)
+    train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     train_data, stats = tokenize_sft(train_rows, tokenizer, config.data)
     data_stats = {"train": log_stats("train", stats)}
     examples = train_data.to_list()

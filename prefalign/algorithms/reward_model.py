@@ -13,14 +13,12 @@ adapter goes to final/adapter).
 
 from __future__ import annotations
 
-import bisect
 import copy
 import dataclasses
 import json
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,9 +26,13 @@ from typing import Any, Literal
 import torch
 
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.data.splits import resolve_rows
 from prefalign.errors import ConfigError
+from prefalign.evaluation.pairs import evaluate_pairs
 from prefalign.losses import bradley_terry_loss
-from prefalign.models import disable_dropout, is_peft_model, model_card, model_device, save_model
+from prefalign.models.forward import count_tokens, mixed_precision, use_bf16_autocast
+from prefalign.models.loading import disable_dropout, is_peft_model, model_device
+from prefalign.models.saving import model_card, save_model
 from prefalign.rewards.scorer import (
     SETTINGS_FILE,
     PairStats,
@@ -42,19 +44,10 @@ from prefalign.rewards.scorer import (
     resolve_rendering,
     reward_scores,
 )
-from prefalign.train.common import resolve_rows
-from prefalign.train.forward import count_tokens, mixed_precision, use_bf16_autocast
-from prefalign.train.runtime import (
-    LossOutput,
-    TrainResult,
-    prepare_run_dir,
-    seed_everything,
-    set_threads,
-    train_on_examples,
-)
+from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
+from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads
 
 logger = logging.getLogger("prefalign")
-Z_95 = 1.959964  # two-sided 95% normal quantile
 
 
 @dataclass
@@ -78,18 +71,6 @@ class RewardTrainResult(TrainResult):
     evaluation: dict[str, Any] | None = None  # held-out pair metrics (pair_metrics) when there is eval data
     settings: RewardSettings = field(default_factory=RewardSettings)
     model_dir: Path | None = None  # <run>/final when saved
-
-
-def _builtin_pairs(split: str):
-    """The built-in task's pairs. Training: the right answer against every near miss of each problem (about 4.9
-    per problem; learns faster than one near miss each: held-out accuracy 0.71 vs 0.62 after 500 steps, 0.81 vs
-    0.79 after 1500). Held out: the task's one near miss per problem, the pairs every stage evaluates on."""
-    from prefalign.tasks.arithmetic import preference_dataset
-
-    return preference_dataset(split, every_near_miss=split == "train")
-
-
-# ----------------------------------------------------------------------------- loss and metrics
 
 
 def make_reward_loss(center_coefficient: float, use_margin: bool, autocast_bf16: bool = False):
@@ -134,81 +115,6 @@ def length_grouped_batches(examples: list[dict[str, Any]], batch_size: int, seed
     return batches
 
 
-def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion (better than p ± z·se near 0 or 1 and for small n)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = successes / total
-    denominator = 1 + z * z / total
-    center = (p + z * z / (2 * total)) / denominator
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    # At p = 0 or 1 one bound is exactly 0 or 1; computed, it can miss by a rounding error.
-    low = 0.0 if successes == 0 else max(0.0, center - half)
-    high = 1.0 if successes == total else min(1.0, center + half)
-    return low, high
-
-
-def pearson(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson correlation; None when either side is constant (undefined, not NaN)."""
-    n = len(xs)
-    if n < 2:
-        return None
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    cov = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
-    var_x = sum((x - mean_x) ** 2 for x in xs)
-    var_y = sum((y - mean_y) ** 2 for y in ys)
-    if var_x <= 0 or var_y <= 0:
-        return None
-    return cov / math.sqrt(var_x * var_y)
-
-
-def roc_auc(scores: list[float], labels: list[bool]) -> float | None:
-    """P(score of a random positive > score of a random negative), ties counting one half (Mann–Whitney)."""
-    positives = [s for s, label in zip(scores, labels, strict=True) if label]
-    negatives = [s for s, label in zip(scores, labels, strict=True) if not label]
-    if not positives or not negatives:
-        return None
-    ranked = sorted(negatives)
-    wins = sum(bisect.bisect_left(ranked, p) + 0.5 * (bisect.bisect_right(ranked, p) - bisect.bisect_left(ranked, p)) for p in positives)
-    return wins / (len(positives) * len(negatives))
-
-
-def pair_metrics(chosen: list[float], rejected: list[float], chosen_lengths: list[int], rejected_lengths: list[int]) -> dict[str, Any]:
-    """Held-out metrics: pairwise accuracy with a 95% Wilson interval, mean margin, reward statistics, and
-    the correlation of reward with completion length (tokens) over every completion (a length-bias sign)."""
-    correct = sum(good > bad for good, bad in zip(chosen, rejected, strict=True))
-    low, high = wilson_interval(correct, len(chosen))
-    rewards = chosen + rejected
-    mean = sum(rewards) / len(rewards)
-    return {
-        "num_pairs": len(chosen),
-        "accuracy": correct / len(chosen),
-        "accuracy_ci95_low": low,
-        "accuracy_ci95_high": high,
-        "margin": sum(good - bad for good, bad in zip(chosen, rejected, strict=True)) / len(chosen),
-        "mean_reward": mean,
-        "std_reward": math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)),
-        "min_reward": min(rewards),
-        "max_reward": max(rewards),
-        "length_correlation": pearson(rewards, [float(n) for n in chosen_lengths + rejected_lengths]),
-    }
-
-
-def evaluate_pairs(scorer: RewardModelScorer, examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """pair_metrics of encoded examples (one batched scoring pass over chosen and rejected together)."""
-    scores = scorer.score_sequences([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples])
-    bad = sum(not math.isfinite(s) for s in scores)
-    if bad:
-        from prefalign.errors import TrainingError
-
-        raise TrainingError(f"the reward model returned {bad} non-finite score(s) on the evaluation pairs")
-    half = len(examples)
-    return pair_metrics(scores[:half], scores[half:], [e["chosen_length"] for e in examples], [e["rejected_length"] for e in examples])
-
-
-# ----------------------------------------------------------------------------- training
-
-
 def train_reward_model(config: RewardConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True) -> RewardTrainResult:
     """Train a reward model as configured; saved to <run>/final unless save=False."""
     if not config.center_rewards_coefficient >= 0:  # also catches NaN
@@ -221,7 +127,7 @@ def train_reward_model(config: RewardConfig, *, dataset=None, eval_dataset=None,
     elif tokenizer is None:
         raise ValueError("train_reward_model: give the tokenizer together with model=")
     settings = RewardSettings(rendering=resolve_rendering(config.rendering, tokenizer), max_length=config.data.max_length)
-    train_rows, eval_rows = resolve_rows(config.data, builtin=_builtin_pairs, dataset=dataset, eval_dataset=eval_dataset)
+    train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     examples, stats = encode_pairs(train_rows, tokenizer, settings, config.data)
     data_stats = {"train": _log_stats("train", stats)}
     eval_examples = None
@@ -314,119 +220,3 @@ def _card_lines(config: RewardConfig, result: TrainResult, evaluation: dict[str,
             f"{evaluation['num_pairs']} pairs)"
         )
     return lines
-
-
-# ----------------------------------------------------------------------------- evaluation command
-
-
-@dataclass
-class EvalRewardConfig:
-    model: str = option("runs/reward/final", "Reward-model folder (final/ of `prefalign reward`, or any one-label sequence classifier).")
-    data: DataConfig = option(help="Held-out preference rows: data.path (builtin = the task's held-out pairs).", factory=DataConfig)
-    batch_size: int = option(64, "Sequences per forward pass.")
-    device: str = option("auto", "Device: auto, cpu, cuda, ...")
-    output_dir: str = option("runs/eval-reward", "Where eval_reward.json is written.")
-    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
-
-
-def eval_reward(config: EvalRewardConfig) -> dict[str, Any]:
-    """`prefalign eval-reward`: pairwise accuracy (95% CI), mean margin, length correlation; table + JSON."""
-    set_threads(config.num_threads)
-    scorer = RewardModelScorer(config.model, batch_size=config.batch_size, device=config.device)
-    # `builtin` here means the task's held-out pairs: evaluation never reads training pairs.
-    rows, _ = resolve_rows(config.data, builtin=lambda _split: _builtin_pairs("held_out"))
-    started = time.perf_counter()
-    examples, stats = encode_pairs(rows, scorer.tokenizer, scorer.settings, config.data)
-    metrics = {"model": config.model, **evaluate_pairs(scorer, examples), "dropped_identical": stats.dropped_identical,
-               "truncated_sequences": stats.truncated_sequences, "seconds": round(time.perf_counter() - started, 2)}
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_reward.json").write_text(json.dumps(metrics, indent=2))
-    print(format_pair_metrics(metrics))
-    return metrics
-
-
-def format_pair_metrics(metrics: dict[str, Any]) -> str:
-    lines = ["| metric | value |", "| --- | --- |"]
-    for key, value in metrics.items():
-        shown = "n/a (a side is constant)" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
-        lines.append(f"| {key} | {shown} |")
-    return "\n".join(lines)
-
-
-def reward(config: RewardConfig) -> Any:
-    """`prefalign reward`: train (or, with --eval-only, evaluate) a reward model."""
-    if not config.eval_only:
-        return train_reward_model(config)
-    data = copy.deepcopy(config.data)
-    if data.eval_path:
-        data.path, data.eval_path = list(data.eval_path), []
-    return eval_reward(EvalRewardConfig(
-        model=config.model.name_or_path, data=data, batch_size=config.eval_batch_size, device=config.model.device,
-        output_dir=config.train.output_dir or "runs/eval-reward", num_threads=config.train.num_threads,
-    ))
-
-
-# ----------------------------------------------------------------------------- the built-in task and the demo
-
-
-def builtin_reward_config(output_dir: str, *, seed: int = 0) -> RewardConfig:
-    """The built-in task's recipe (examples/reward.yaml holds the same): the tiny base model with a score head
-    on the task's pairs (right answer vs a near miss), evaluated on the 500 held-out problems."""
-    config = RewardConfig()
-    config.data.max_length = 64
-    config.train.output_dir = output_dir
-    config.train.overwrite = True
-    config.train.seed = seed
-    config.train.learning_rate = 3e-4
-    config.train.batch_size = 32
-    config.train.max_steps = 1500
-    config.train.warmup_ratio = 0.05
-    config.train.log_every = 50
-    return config
-
-
-DEMO_AUC_PROMPTS = 200  # held-out prompts x 4 base-model samples for the demo's AUC
-
-
-def sample_auc(scorer: RewardModelScorer, policy, tokenizer, *, num_prompts: int = DEMO_AUC_PROMPTS, samples: int = 4, seed: int = 0) -> dict[str, Any]:
-    """AUC of the reward model's score against exact-match correctness on the policy's own samples of
-    held-out prompts (temperature 1): the distribution rejection sampling and GRPO will feed it."""
-    from prefalign.data import tokenize_prompts
-    from prefalign.generation import LocalEngine, SamplingParams
-    from prefalign.tasks.arithmetic import exact_match_reward, prompt_dataset
-
-    prompts, _ = tokenize_prompts(prompt_dataset("held_out", limit=num_prompts), tokenizer, DataConfig())
-    engine = LocalEngine(policy, tokenizer, batch_size=128)
-    generated = engine.generate([list(ids) for ids in prompts["prompt_ids"]], SamplingParams(n=samples, temperature=1.0, max_new_tokens=8, seed=seed))
-    flat_prompts = [prompt for prompt, group in zip(prompts["prompt"], generated, strict=True) for _ in group]
-    texts = [sample.text for group in generated for sample in group]
-    answers = [answer for answer, group in zip(prompts["answer"], generated, strict=True) for _ in group]
-    correct = [value == 1.0 for value in exact_match_reward(flat_prompts, texts, answers)]
-    scores = scorer.score(flat_prompts, texts, allow_empty=True)
-    return {"auc": roc_auc(scores, correct), "samples": len(texts), "correct_fraction": sum(correct) / len(correct)}
-
-
-def demo_stage(context) -> dict[str, Any]:
-    """`prefalign demo` stage: train the built-in reward model, report held-out accuracy, AUC and time."""
-    from prefalign.models import load_causal_lm
-
-    started = time.perf_counter()
-    config = builtin_reward_config(str(context.run_dir / "reward"), seed=context.config.seed)
-    config.model.name_or_path = str(context.base_path)
-    config.train.num_threads = context.config.num_threads
-    result = train_reward_model(config)
-    train_seconds = time.perf_counter() - started
-    scorer = RewardModelScorer(str(result.model_dir))
-    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(context.base_path)), trainable=False)
-    auc = sample_auc(scorer, policy, tokenizer, num_prompts=DEMO_AUC_PROMPTS, seed=context.config.seed)
-    auc_text = "n/a (every sample right or every sample wrong)" if auc["auc"] is None else f"{auc['auc']:.3f}"
-    evaluation = result.evaluation
-    context.lines.append(
-        f"| reward model | held-out pairwise accuracy {evaluation['accuracy']:.3f} (95% CI {evaluation['accuracy_ci95_low']:.3f}-"
-        f"{evaluation['accuracy_ci95_high']:.3f}, {evaluation['num_pairs']} pairs); AUC {auc_text} against exact match on "
-        f"{auc['samples']} base-model samples ({auc['correct_fraction']:.2f} correct) | {result.step} steps, "
-        f"{train_seconds:.0f} s to train; model: `{result.model_dir}` |"
-    )
-    return {"model_dir": str(result.model_dir), "evaluation": evaluation, **{f"sample_{k}": v for k, v in auc.items()},
-            "steps": result.step, "train_seconds": round(train_seconds, 1)}

@@ -11,59 +11,23 @@ together, so a resumed run repeats the uninterrupted one bit for bit on the same
 
 from __future__ import annotations
 
-import json
+import logging
 import math
-import os
-import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from prefalign.config import TrainConfig, save_config
+from prefalign.config import TrainConfig
 from prefalign.errors import ConfigError, TrainingError
+from prefalign.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from prefalign.runtime.metrics import MetricsLogger
+from prefalign.runtime.setup import to_device
 
-CHECKPOINT_PREFIX = "step-"
-
-
-# ----------------------------------------------------------------------------- seeding and setup
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def set_threads(num_threads: int) -> None:
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-
-
-def prepare_run_dir(config: Any, command: str) -> Path:
-    """Create the run folder, refuse to clobber a finished run, write the resolved config."""
-    train: TrainConfig = config.train
-    run_dir = Path(train.output_dir or f"runs/{command}")
-    if (run_dir / "final").exists() and not (train.resume or train.overwrite):
-        raise ConfigError(
-            f"run folder {str(run_dir)!r} already holds a finished run; set train.output_dir to a new folder, "
-            "or pass --overwrite true to replace it (--resume true to continue it)"
-        )
-    if train.overwrite and not train.resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    return run_dir
-
-
-# ----------------------------------------------------------------------------- optimizer and schedule
+logger = logging.getLogger("prefalign")
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -118,9 +82,6 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     return norm_value
 
 
-# ----------------------------------------------------------------------------- data stream
-
-
 def example_stream(num_examples: int, seed: int, start: int = 0) -> Iterator[int]:
     """Indices of an endless sequence of shuffled epochs, from position `start`.
 
@@ -142,141 +103,6 @@ def total_steps_for(num_examples: int, config: TrainConfig) -> int:
         return config.max_steps
     per_step = config.batch_size * config.grad_accum
     return max(1, math.ceil(config.epochs * num_examples / per_step))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # named_parameters lists a tied weight once, so safetensors never sees shared storage.
-    return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state()}
-    return {
-        "python": [state["python"][0], list(state["python"][1]), state["python"][2]],
-        "numpy": [state["numpy"][0], state["numpy"][1].tolist(), *state["numpy"][2:]],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoints/step-NNNNNN under a temporary name, then rename it into place."""
-    checkpoints = run_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    final = checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoints))
-    try:
-        save_file(trainable_state(model), str(staging / "model.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}, staging / "rng.pt")
-        (staging / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **state}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders from an interrupted save are ignored)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.exists():
-        return []
-    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; returns its state.json."""
-    weights = load_file(str(path / "model.safetensors"))
-    parameters = dict(model.named_parameters())
-    missing = [name for name in weights if name not in parameters]
-    if missing:
-        raise TrainingError(f"checkpoint {path} does not match the model: unknown parameters {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "state.json").read_text())
-    _set_rng_state(state["rng"])
-    return state
-
-
-# ----------------------------------------------------------------------------- metrics and progress
-
-
-class MetricsLogger:
-    """metrics.jsonl in the run folder, a tqdm progress bar, and optional accelerate trackers."""
-
-    def __init__(self, run_dir: Path, total_steps: int, config: TrainConfig, *, initial_step: int = 0, description: str = "train"):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        self.run_dir = run_dir
-        self.progress = None
-        if config.progress:
-            from tqdm.auto import tqdm
-
-            self.progress = tqdm(total=total_steps, initial=initial_step, desc=description, dynamic_ncols=True)
-        self.tracker = None
-        if config.report_to:
-            from accelerate import Accelerator
-
-            self.tracker = Accelerator(log_with=config.report_to, project_dir=str(run_dir))
-            self.tracker.init_trackers(run_dir.name)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.tracker is not None:
-            self.tracker.log(record, step=step)
-        if self.progress is not None:
-            shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "eval/loss", "reward", "rewards/accuracies")}
-            self.progress.set_postfix(shown, refresh=False)
-
-    def advance(self, steps: int = 1) -> None:
-        if self.progress is not None:
-            self.progress.update(steps)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-        if self.tracker is not None:
-            self.tracker.end_training()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-# ----------------------------------------------------------------------------- the dataset-driven loop
 
 
 @dataclass
@@ -371,11 +197,6 @@ def train_on_examples(
     finally:
         logger.close()
     return TrainResult(step=step, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of a collated batch onto the model's device (a no-op where they already are)."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 def _accumulate(model, micro_batches: list[dict[str, Any]], loss_fn, units_of, step: int) -> dict[str, float]:

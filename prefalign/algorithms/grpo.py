@@ -20,109 +20,28 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from prefalign import losses
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option, save_config
+from prefalign import losses, runtime
+from prefalign.algorithms.grpo_config import DEFAULT_MAX_NEW_TOKENS, GRPOConfig, check_config
+from prefalign.algorithms.grpo_rollout import Rollout, collect_rollout
+from prefalign.config import save_config
 from prefalign.data import collate_sft, tokenize_prompts
+from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.errors import ConfigError, DataError, TrainingError
-from prefalign.eval import evaluate_policy
-from prefalign.generation import FINISH_LENGTH, LocalEngine, SamplingParams
-from prefalign.models import (
-    disable_dropout,
-    is_peft_model,
-    load_causal_lm,
-    model_card,
-    model_device,
-    reference_mode,
-    save_model,
-)
-from prefalign.rewards import WeightedRewards, describe_failures
-from prefalign.rewards.functions import as_completion, build_scorers
-from prefalign.train import runtime
-from prefalign.train.common import log_stats, resolve_rows
-from prefalign.train.forward import completion_logps, grouped_completion_logps
+from prefalign.evaluation.policy import evaluate_policy
+from prefalign.models.forward import completion_logps, grouped_completion_logps
+from prefalign.models.loading import disable_dropout, is_peft_model, load_causal_lm, model_device
+from prefalign.models.reference import reference_mode
+from prefalign.models.saving import model_card, save_model
+from prefalign.rewards import WeightedRewards
+from prefalign.rewards.functions import build_scorers
+from prefalign.rollout.engine import LocalEngine
 
 logger = logging.getLogger("prefalign")
-
-DEFAULT_MAX_NEW_TOKENS = 256
-
-
-@dataclass
-class GRPOConfig:
-    model: ModelConfig = option(help="The policy to train (full or LoRA).", factory=ModelConfig)
-    data: DataConfig = option(help="Prompt-only rows; extra columns (answer, ...) go to reward functions by name.", factory=lambda: DataConfig(max_length=1024))
-    train: TrainConfig = option(help="Optimisation and run folder; batch sizes count completions.", factory=lambda: TrainConfig(learning_rate=1e-6, batch_size=64, schedule="constant"))
-    reward_functions: list[str] = option(help="Reward functions by name (exact_match, math_answer, format, length_penalty, ...) or 'module:function'.", factory=lambda: ["exact_match"])
-    reward_weights: list[float] = option(help="One weight per reward function (default all 1).", factory=list)
-    reward_model: str | None = option(None, "A reward model folder (prefalign reward) whose score is added to the reward functions'.")
-    reward_model_weight: float = option(1.0, "Weight of the reward model's score.")
-    num_generations: int = option(8, "G: completions sampled per prompt (at least 2).")
-    max_new_tokens: int = option(0, f"Longest completion in tokens (L_max); 0 = {DEFAULT_MAX_NEW_TOKENS}, or less where the model's context leaves less room after the longest prompt (the value used is logged and written to config.yaml).")
-    temperature: float = option(1.0, "Sampling temperature; log-probs are scored at the same temperature.")
-    top_p: float = option(1.0, "Nucleus sampling.")
-    top_k: int = option(0, "Top-k sampling (0 = off).")
-    generation_batch_size: int = option(0, "Sequences decoded together (0 = the whole rollout batch).")
-    share_prompt: bool = option(True, "Training forward: run each prompt once and share its KV cache with its G completions (same values; off with gradient checkpointing).")
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = option("dapo", "Token aggregation: grpo (per-sequence mean), dapo (token mean over the step), dr_grpo (token sum / (sequences × max_new_tokens)).")
-    importance_sampling_level: Literal["token", "sequence"] = option("token", "token = GRPO's per-token ratio; sequence = GSPO's length-normalised sequence ratio.")
-    scale_rewards: Literal["group", "batch", "none"] = option("group", "Advantage scaling: group std (GRPO, sample std, δ = 1e-4), batch std, or none (Dr. GRPO).")
-    epsilon_low: float = option(0.2, "Lower clip range ε_low.")
-    epsilon_high: float = option(0.2, "Upper clip range ε_high (DAPO's clip-higher: 0.28).")
-    beta: float = option(0.0, "KL weight β; 0 loads no reference model.")
-    kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "Per-token KL estimator used in the loss.")
-    num_iterations: int = option(1, "μ: optimisation passes over each rollout batch.")
-    steps_per_generation: int = option(1, "Optimizer steps each rollout batch is split into.")
-    dynamic_sampling: bool = option(False, "DAPO: drop groups with all-equal rewards and sample more prompts until the batch is full.")
-    max_sampling_rounds: int = option(4, "Dynamic sampling: most generation rounds per rollout batch; then train on what there is (logged).")
-    mask_truncated_completions: bool = option(False, "Exclude completions cut at max_new_tokens from the loss.")
-    overlong_buffer: int = option(0, "DAPO soft overlong penalty: L_cache tokens before max_new_tokens where the reward falls to −1 (0 = off).")
-    max_time: float = option(0.0, "Stop after this many seconds of training, at a rollout boundary (0 = no limit).")
-    eval_k: int = option(0, "Samples per eval prompt for pass@k (0 = greedy accuracy only).")
-    log_completions_every: int = option(10, "Write a sample of completions to completions.jsonl every N optimizer steps (0 = never).")
-    num_completions_to_log: int = option(16, "Completions written each time.")
-
-
-def _builtin_prompts(split: str):
-    from prefalign.tasks.arithmetic import prompt_dataset
-
-    return prompt_dataset(split)
-
-
-# ----------------------------------------------------------------------------- set-up
-
-
-def check_config(config: GRPOConfig) -> None:
-    per_step, group = config.train.batch_size * config.train.grad_accum, config.num_generations
-    if group < 2:
-        raise ConfigError(f"num_generations (G) must be at least 2 for group-relative advantages, got {group}")
-    if per_step % group:
-        raise ConfigError(
-            f"train.batch_size × train.grad_accum = {per_step} completions per optimizer step is not a multiple of "
-            f"num_generations = {group}; change one of them (e.g. train.batch_size {group * max(1, per_step // group)})"
-        )
-    if not config.temperature > 0:
-        raise ConfigError(f"temperature must be > 0 for GRPO sampling, got {config.temperature}")
-    if not (0 <= config.epsilon_low < 1 and config.epsilon_high >= 0):
-        raise ConfigError(f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {config.epsilon_low}, {config.epsilon_high}")
-    for key in ("num_iterations", "steps_per_generation", "max_sampling_rounds"):
-        if getattr(config, key) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {getattr(config, key)}")
-    if config.max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be at least 1 (or 0 = fit the model's context), got {config.max_new_tokens}")
-    # With max_new_tokens = 0 the upper bound is known only once it is fitted to the context (load_prompts).
-    if config.overlong_buffer < 0 or (config.max_new_tokens and config.overlong_buffer > config.max_new_tokens):
-        raise ConfigError(f"overlong_buffer must be in [0, max_new_tokens], got {config.overlong_buffer} (max_new_tokens {config.max_new_tokens})")
-    if config.beta < 0:
-        raise ConfigError(f"beta must be >= 0, got {config.beta}")
-    if config.beta > 0 and config.kl_estimator == "k1":
-        # k1 = log π − log π_ref has expected gradient zero under on-policy samples: as a loss term it does not
-        # pull the policy toward the reference (its value is still a fine KL metric).
-        logger.warning("grpo: kl_estimator=k1 as a loss term has zero expected gradient; use k3 (default) or k2 to regularise toward the reference")
 
 
 def build_rewards(config: GRPOConfig) -> WeightedRewards:
@@ -151,7 +70,7 @@ def reference_scorer(config: GRPOConfig, model, reference):
 
 def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, run_dir: Path):
     """Tokenized training prompts (a list of rows) and eval prompts (a Dataset or None)."""
-    train_rows, eval_rows = resolve_rows(config.data, builtin=_builtin_prompts, dataset=dataset, eval_dataset=eval_dataset)
+    train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     context = getattr(model.config, "max_position_embeddings", None)
     train, stats = tokenize_prompts(train_rows, tokenizer, config.data)
     data_stats = {"train": log_stats("train", stats)}
@@ -196,131 +115,6 @@ def fit_context(prompts, context: int | None, config: GRPOConfig, name: str):
         dropped = set(too_long)
         prompts = prompts.select([i for i in range(len(prompts)) if i not in dropped])
     return prompts, len(too_long)
-
-
-# ----------------------------------------------------------------------------- rollouts
-
-
-@dataclass
-class Rollout:
-    """Scored, kept groups ready for optimisation, and what to log about them."""
-
-    examples: list[dict[str, Any]] = field(default_factory=list)  # one per completion, groups contiguous
-    metrics: dict[str, float] = field(default_factory=dict)
-    logged: list[dict[str, Any]] = field(default_factory=list)
-    generation_time: float = 0.0
-
-
-def sample_groups(engine, rows, row_ids, rewards: WeightedRewards, config: GRPOConfig, seed: int):
-    """Generate G completions per row and score them.
-
-    Returns samples (per row, G each), scores (rows, G) with NaN where a sample has no score (a reward
-    failed or every function returned None), per-function scores and the failures.
-    """
-    group = config.num_generations
-    params = SamplingParams(n=group, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=seed)
-    samples = engine.generate([row["prompt_ids"] for row in rows], params)
-    owners = [row for row in rows for _ in range(group)]
-    flat = [sample for samples_of_row in samples for sample in samples_of_row]
-    # TRL's convention: conversational prompts get their completion as an assistant message.
-    completions = [as_completion(o["prompt"], s.text) for s, o in zip(flat, owners, strict=True)]
-    columns = {name: [o[name] for o in owners] for name in rows[0] if name not in ("prompt", "prompt_ids")}
-    total, per_function, failures = rewards([o["prompt"] for o in owners], completions, completion_ids=[s.token_ids for s in flat], **columns)
-    for failure in failures:  # flat position -> (training row, sample), so the message points at the data
-        row, failure.sample_index = divmod(failure.prompt_index, group)
-        failure.prompt_index = row_ids[row]
-    scores = torch.tensor([math.nan if value is None else value for value in total]).view(len(rows), group)
-    if config.overlong_buffer:
-        lengths = torch.tensor([len(s.token_ids) for s in flat], dtype=torch.float32).view(len(rows), group)
-        scores = scores + losses.overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer)
-    return samples, scores, per_function, failures
-
-
-def collect_rollout(engine, prompts, stream, rewards, config: GRPOConfig, progress: dict[str, int]) -> Rollout:
-    """Sample and score groups until the rollout batch is full (one round without dynamic sampling)."""
-    started = time.perf_counter()
-    wanted = config.train.batch_size * config.train.grad_accum // config.num_generations * config.steps_per_generation
-    kept: list[tuple[dict, list, torch.Tensor]] = []
-    all_scores, all_samples, per_function, failures = [], [], {}, []
-    rounds = 0
-    while rounds < config.max_sampling_rounds and len(kept) < wanted:
-        row_ids = [next(stream) for _ in range(wanted)]
-        rows = [prompts[i] for i in row_ids]
-        # Seeds follow the count of generation calls, so a resumed run samples what the whole run would.
-        seed = config.train.seed * 1_000_003 + progress["generation_calls"]
-        progress["position"] += wanted
-        progress["generation_calls"] += 1
-        rounds += 1
-        samples, scores, scored, failed = sample_groups(engine, rows, row_ids, rewards, config, seed)
-        failures += failed
-        for name, values in scored.items():
-            per_function.setdefault(name, []).extend(v for v in values if v is not None)
-        all_scores.append(scores)
-        all_samples += [s for samples_of_row in samples for s in samples_of_row]
-        usable = ~torch.isnan(scores).any(dim=1)  # a group with an unscored sample is dropped (counted)
-        if config.dynamic_sampling:
-            usable &= ~losses.zero_std_groups(torch.nan_to_num(scores), config.num_generations)
-        kept += [item for item, use in zip(zip(rows, samples, scores, strict=True), usable.tolist(), strict=True) if use]
-        if not config.dynamic_sampling:
-            break
-    if failures:
-        logger.warning("%s", describe_failures(failures))
-    if not kept:
-        unscored = bool(torch.isnan(torch.cat(all_scores)).any())
-        reason = describe_failures(failures) if failures else "a sample with no score (every reward function returned None) in every group" if unscored else "every group had all-equal rewards"
-        raise TrainingError(f"no usable group in the rollout batch before optimizer step {progress['step'] + 1} ({rounds} sampling round(s)): {reason}")
-    if config.dynamic_sampling and len(kept) < wanted:
-        logger.warning("dynamic sampling: %d of %d groups after %d rounds (max_sampling_rounds); training on those", len(kept), wanted, rounds)
-    kept = kept[:wanted]
-    rollout = Rollout(generation_time=time.perf_counter() - started)
-    rollout.metrics = rollout_metrics(torch.cat(all_scores), all_samples, per_function, failures, config)
-    if config.dynamic_sampling:
-        rollout.metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/short_batch": float(len(kept) < wanted)})
-    rollout.metrics["groups_trained"] = len(kept)
-    build_examples(rollout, kept, config)
-    return rollout
-
-
-def rollout_metrics(scores, samples, per_function, failures, config: GRPOConfig) -> dict[str, float]:
-    """Reward and completion statistics over every sampled completion (TRL's names)."""
-    scored = scores[~torch.isnan(scores).any(dim=1)]  # (scored groups, G)
-    lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float32)
-    has_scores = scored.numel() > 0
-    metrics = {
-        "reward": scored.mean().item() if has_scores else math.nan,
-        "reward_std": scored.std(dim=1).mean().item() if has_scores else math.nan,  # mean within-group std
-        "frac_reward_zero_std": losses.zero_std_groups(scored, config.num_generations).float().mean().item() if has_scores else math.nan,
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": sum(s.finish_reason == FINISH_LENGTH for s in samples) / len(samples),
-        "rewards/failed_samples": len(failures),
-        "rewards/dropped_groups": int(torch.isnan(scores).any(dim=1).sum()),
-    }
-    for name, values in per_function.items():
-        metrics[f"rewards/{name}/mean"] = sum(values) / len(values) if values else math.nan
-    return metrics
-
-
-def build_examples(rollout: Rollout, kept, config: GRPOConfig) -> None:
-    """One training example per completion, with its group advantage and log π_old."""
-    scores = torch.stack([score for _, _, score in kept])  # (groups, G)
-    advantages = losses.group_advantages(scores, config.num_generations, scale=config.scale_rewards)
-    for (row, samples, score), group_advantages in zip(kept, advantages, strict=True):
-        for sample, reward, advantage in zip(samples, score.tolist(), group_advantages.tolist(), strict=True):
-            truncated = sample.finish_reason == FINISH_LENGTH
-            rollout.examples.append({
-                "prompt_ids": row["prompt_ids"], "completion_ids": sample.token_ids, "old_logps": sample.logprobs,
-                "advantage": advantage, "trained": not (truncated and config.mask_truncated_completions),
-            })  # fmt: skip
-            if len(rollout.logged) < config.num_completions_to_log:
-                rollout.logged.append({
-                    "prompt": row["prompt"], "completion": sample.text, "reward": reward, "advantage": advantage,
-                    "finish_reason": sample.finish_reason, "tokens": len(sample.token_ids),
-                })  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- optimisation
 
 
 def collate_rollout(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
@@ -420,9 +214,6 @@ def optimise_rollout(model, optimizer, scheduler, rollout: Rollout, config: GRPO
             metrics["train_time"] = time.perf_counter() - started
             results.append(metrics)
     return results
-
-
-# ----------------------------------------------------------------------------- the loop
 
 
 def grpo(config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None, save: bool = True) -> runtime.TrainResult:
@@ -532,35 +323,3 @@ def _card_lines(config: GRPOConfig, result: runtime.TrainResult) -> dict[str, An
         "learning rate": config.train.learning_rate,
         "final train reward": f"{last.get('reward', float('nan')):.4f}",
     }
-
-
-# ----------------------------------------------------------------------------- the demo stage
-
-# Tuned on the built-in base (benchmarks/grpo_task.py): lr 1e-4 is the largest that does not lose accuracy
-# early. A fixed step count, not a time budget, so the result does not depend on the machine's load:
-# 2,500 steps take about 4 minutes on one thread of this 2-core CPU and reach about +30 points (the curve in
-# BENCHMARKS.md, "GRPO").
-DEMO = {"steps": 2500, "learning_rate": 1e-4, "prompts": 16, "generations": 8}
-
-
-def grpo_stage(context) -> dict[str, Any]:
-    """`prefalign demo`: GRPO with the exact-match reward from the base model; held-out accuracy before and after."""
-    base = ModelConfig(name_or_path=str(context.base_path))
-    model, tokenizer = load_causal_lm(base)
-    config = GRPOConfig(model=base, data=DataConfig(max_length=64), max_new_tokens=8, num_generations=DEMO["generations"], log_completions_every=50)
-    config.train = TrainConfig(
-        output_dir=str(context.run_dir / "grpo"), overwrite=True, learning_rate=DEMO["learning_rate"], batch_size=DEMO["prompts"] * DEMO["generations"],
-        max_steps=DEMO["steps"], schedule="constant", seed=context.config.seed, num_threads=context.config.num_threads,
-    )  # fmt: skip
-    started = time.perf_counter()
-    result = grpo(config, model=model, tokenizer=tokenizer)
-    reference, _ = load_causal_lm(base, trainable=False)
-    after = context.evaluate(model, tokenizer, reference=reference)
-    wall = time.perf_counter() - started
-    before = context.base_metrics
-    context.lines.append(
-        f"| GRPO (exact-match reward) | held-out greedy accuracy {before.get('accuracy', float('nan')):.3f} → {after['accuracy']:.3f}, "
-        f"pass@8 {before.get('pass@8', float('nan')):.3f} → {after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats | {result.step} steps × "
-        f"{DEMO['prompts']} prompts × G={DEMO['generations']}, lr {DEMO['learning_rate']:g}, loss {config.loss_type}, β {config.beta:g}; {wall:.0f} s |"
-    )
-    return {"after": after, "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}

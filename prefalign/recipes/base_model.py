@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import prefalign
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
-from prefalign.models import count_parameters, model_card, save_model
+from prefalign.models.loading import count_parameters
+from prefalign.models.saving import model_card, save_model
+from prefalign.tasks.model import new_model  # BaseConfig carries its fields
+from prefalign.version import __version__
 
 logger = logging.getLogger("prefalign")
 
@@ -55,7 +56,7 @@ def cache_root() -> Path:
 
 def cache_key(config: BaseConfig) -> str:
     relevant = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("output_dir", "force", "eval_prompts")}
-    payload = json.dumps({"builder": relevant, "prefalign": prefalign.__version__, "torch": torch.__version__}, sort_keys=True)
+    payload = json.dumps({"builder": relevant, "prefalign": __version__, "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -72,31 +73,13 @@ def ensure_base_model(config: BaseConfig | None = None) -> Path:
     return target
 
 
-def new_model(config: BaseConfig, tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(config.seed)
-    model_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(model_config)
-
-
 def build_base_model(config: BaseConfig, target: Path) -> dict:
     """Train the base model and write it (with its calibration numbers in the card) to `target`."""
-    from prefalign.eval import evaluate_policy
+    from prefalign.algorithms.sft import SFTConfig, sft
+    from prefalign.evaluation.policy import evaluate_policy
     from prefalign.rewards import WeightedRewards
     from prefalign.tasks.arithmetic import prompt_dataset, sft_dataset
     from prefalign.tasks.tokenizer import build_char_tokenizer
-    from prefalign.train.sft import SFTConfig, sft
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
@@ -158,13 +141,3 @@ def build_base_model(config: BaseConfig, target: Path) -> dict:
             "gains will not compare; try another --seed or --steps for a base with headroom.", summary["greedy_accuracy"],
         )
     return summary
-
-
-def base(config: BaseConfig) -> Path:
-    """`prefalign base`: build (or reuse) the base model and print where it is and how good it is."""
-    path = ensure_base_model(config)
-    summary = json.loads((path / "prefalign_base.json").read_text())
-    print(f"base model: {path}")
-    for key in ("parameters", "greedy_accuracy", "pass@8_t1", "train_seconds"):
-        print(f"  {key}: {summary[key]}")
-    return path

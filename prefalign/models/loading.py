@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +25,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """`builtin` means the built-in task's base model, built (or reused from the cache) on demand."""
-    if name_or_path == "builtin":
-        from prefalign.tasks.base import ensure_base_model
+BUILTIN = "builtin"
 
-        return str(ensure_base_model())
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A model folder or hub name, checked. `builtin` (the built-in task's base model) is resolved by the
+    commands layer; reaching this layer it is an error that names the function that builds it."""
+    if name_or_path == BUILTIN:
+        raise ModelError(
+            "model 'builtin' names the built-in task's tiny base model, which is built on demand by "
+            "prefalign.commands.builtin.resolve_builtin (the CLI and the functions `from prefalign import ...` do "
+            "this) or prefalign.ensure_base_model(); pass that folder's path here."
+        )
     folder = Path(name_or_path)
     if folder.is_dir() and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
         raise ModelError(
@@ -141,15 +142,6 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-@contextlib.contextmanager
-def reference_mode(model):
-    """The frozen reference of a LoRA policy is the same network with its adapters switched off."""
-    if not is_peft_model(model):
-        raise ModelError("reference_mode needs a LoRA (peft) model; load a separate reference model otherwise")
-    with model.disable_adapter():
-        yield model
-
-
 def disable_dropout(model) -> None:
     """p = 0 in every dropout module (the saved config keeps the model's own rates). Algorithms that compare
     log-probs of one network at two moments (policy vs reference, new vs old) turn it off, or the noise
@@ -185,44 +177,3 @@ def count_parameters(model, *, trainable_only: bool = False, exclude_embeddings:
         seen.add(id(parameter))
         total += parameter.numel()
     return total
-
-
-def model_card(title: str, lines: dict[str, Any]) -> str:
-    body = "\n".join(f"- **{key}**: {value}" for key, value in lines.items())
-    return f"---\nlibrary_name: transformers\ntags: [prefalign]\n---\n\n# {title}\n\nTrained with prefalign.\n\n{body}\n"
-
-
-def save_model(model, tokenizer, out_dir: str | Path, *, card: str | None = None, merge_lora: bool = False, extra_files: dict[str, Any] | None = None) -> Path:
-    """Write a Hugging Face folder atomically (temporary folder, then rename).
-
-    For a LoRA model the folder holds the adapter; with `merge_lora` a full merged model is written to
-    `<out_dir>/merged` as well. `extra_files` (name -> JSON-able object) are written beside the weights.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if is_peft_model(model) and merge_lora:
-            merged = _merged_copy(model)
-            merged.save_pretrained(staging / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(staging / "merged")
-        if card:
-            (staging / "README.md").write_text(card)
-        for name, content in (extra_files or {}).items():
-            (staging / name).write_text(json.dumps(content, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
-
-
-def _merged_copy(peft_model):
-    """A merged full model without touching the live adapter-carrying one."""
-    import copy
-
-    return copy.deepcopy(peft_model).merge_and_unload()

@@ -27,29 +27,51 @@ import logging
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import datasets
 
-from prefalign.config import DataConfig
-from prefalign.data import load_rows, tokenize_prompts
-from prefalign.data.sources import HIDDEN_COLUMNS
-from prefalign.errors import ConfigError, DataError
-from prefalign.models import is_peft_model, load_causal_lm, model_card, save_model
-from prefalign.train.common import resolve_rows
-from prefalign.train.runtime import TrainResult, prepare_run_dir, seed_everything, set_threads
-from prefalign.train.sampling import (
+from prefalign.algorithms.dpo import DPOConfig, check_config, dpo
+from prefalign.algorithms.rejection_sampling import (
     PAIR_STRATEGIES,
+    RoundSamplingConfig,
     build_rewards,
     check_settings,
     rejection_sample,
     write_rows,
 )
+from prefalign.config import DataConfig, option
+from prefalign.data import load_rows, tokenize_prompts
+from prefalign.data.sources import HIDDEN_COLUMNS
+from prefalign.data.splits import resolve_rows
+from prefalign.errors import ConfigError, DataError
+from prefalign.evaluation.policy import evaluate_policy
+from prefalign.models.loading import is_peft_model, load_causal_lm
+from prefalign.models.reference import frozen_copy
+from prefalign.models.saving import model_card, save_model
+from prefalign.runtime.loop import TrainResult
+from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads
 
 logger = logging.getLogger("prefalign")
 
+
 PAIR_COLUMNS = ("chosen", "rejected", "margin", "chosen_score", "rejected_score", "prompt_index")
+
+
+@dataclass
+class IterativeDPOConfig(DPOConfig):
+    """DPO's keys plus the rounds: each round samples from the current policy, pairs, and trains DPO."""
+
+    rounds: int = option(2, "Rounds of sample -> pairs -> DPO with the current policy (train.max_steps per round), at least 2.")
+    round_reference: Literal["original", "previous"] = option("original", "Each round's reference is the original model, or the policy as it starts the round.")
+    sampling: RoundSamplingConfig = option(help="How each round samples (prompts from data.path or sampling.prompt_path), scores and pairs.", factory=RoundSamplingConfig)
+
+
+def plain_dpo_config(config: DPOConfig) -> DPOConfig:
+    """The DPO part of a config that may carry more keys (IterativeDPOConfig, the dpo command's), as a copy."""
+    return DPOConfig(**{field.name: copy.deepcopy(getattr(config, field.name)) for field in dataclasses.fields(DPOConfig)})
 
 
 def check_iterative(config) -> None:
@@ -113,25 +135,11 @@ def round_prompts(pool: datasets.Dataset, round_index: int, per_round: int) -> d
     return pool.select([(start + offset) % len(pool) for offset in range(per_round)])
 
 
-def frozen_copy(model):
-    """The policy as it is now, frozen and detached from further training (merged when it carries LoRA)."""
-    clone = copy.deepcopy(model)
-    if is_peft_model(clone):
-        clone = clone.merge_and_unload()
-    return clone.eval().requires_grad_(False)
-
-
 def original_reference(config, model, reference):
     """round_reference=original: an explicit reference, the LoRA base (adapters off, None here), or a copy."""
     if reference is not None or config.reference or is_peft_model(model):
         return reference  # dpo() loads config.reference itself; LoRA uses the base with adapters off
     return frozen_copy(model)
-
-
-def _builtin_pairs(split: str) -> datasets.Dataset:
-    from prefalign.tasks.arithmetic import preference_dataset
-
-    return preference_dataset(split)  # only its prompts and answers are used
 
 
 def _clear_unfinished(run_dir: Path) -> None:
@@ -148,8 +156,7 @@ def _clear_unfinished(run_dir: Path) -> None:
 
 def round_config(config, run_dir: Path, round_index: int):
     """Round k's plain DPO config: its own folder, the sampled pairs as its whole training set."""
-    single = copy.deepcopy(config)
-    single.rounds = 1
+    single = plain_dpo_config(config)
     # No overwrite: that would empty the round folder, pairs.jsonl included, before DPO reads it.
     single.train = dataclasses.replace(config.train, output_dir=str(run_dir / f"round-{round_index}"), overwrite=False, resume=False)
     single.data = dataclasses.replace(config.data, path=[str(run_dir / f"round-{round_index}" / "pairs.jsonl")], eval_path=[], eval_fraction=0.0, max_samples=None)
@@ -159,8 +166,6 @@ def round_config(config, run_dir: Path, round_index: int):
 
 
 def held_out_metrics(model, tokenizer, prompts, rewards, config) -> dict[str, float]:
-    from prefalign.eval import evaluate_policy
-
     metrics = evaluate_policy(
         model, tokenizer, prompts, rewards, k=0, max_new_tokens=config.sampling.max_new_tokens,
         batch_size=config.sampling.generation_batch_size, seed=config.train.seed,
@@ -169,10 +174,8 @@ def held_out_metrics(model, tokenizer, prompts, rewards, config) -> dict[str, fl
     return {"heldout/accuracy": metrics["accuracy"], "heldout/mean_reward": metrics["mean_reward"], "heldout/mean_length": metrics["mean_length"]}
 
 
-def iterative_dpo(config, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None, save: bool = True) -> TrainResult:
+def iterative_dpo(config: IterativeDPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None, save: bool = True) -> TrainResult:
     """K rounds of sample -> pairs -> DPO. Returns a TrainResult whose metrics hold one record per round."""
-    from prefalign.train.dpo import check_config, dpo
-
     check_config(config)
     check_iterative(config)
     set_threads(config.train.num_threads)
@@ -184,7 +187,7 @@ def iterative_dpo(config, *, dataset=None, eval_dataset=None, model=None, tokeni
         model, tokenizer = load_causal_lm(config.model)
     elif tokenizer is None:
         raise ConfigError("dpo(model=...) needs tokenizer=... as well.")
-    train_rows, eval_rows = resolve_rows(config.data, builtin=_builtin_pairs, dataset=dataset, eval_dataset=eval_dataset)
+    train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     pool, held_out = _prompt_pool(config, train_rows, eval_rows, tokenizer)
     rewards = build_rewards(config.sampling, device=config.model.device)
     anchor = original_reference(config, model, reference) if config.round_reference == "original" else None
@@ -295,46 +298,3 @@ def _card_lines(config, history: list[dict[str, Any]], total_steps: int) -> dict
     if "heldout/accuracy" in last:
         lines["held-out greedy accuracy per round"] = ", ".join(f"{record['heldout/accuracy']:.3f}" for record in history)
     return lines
-
-
-# ----------------------------------------------------------------------------- demo stage
-
-DEMO_ROUNDS = 2
-DEMO_PROMPTS_PER_ROUND = 4000  # of the 9,500 training prompts: keeps the stage near its 3-minute budget
-
-
-def iterative_stage(context) -> dict[str, Any]:
-    """`prefalign demo`: rejection sampling + on-policy DPO rounds from the base model; held-out accuracy per round.
-
-    The DPO stage's recipe (DPO + RPO term) and its total step count, split over the rounds, so the two
-    stages compare at equal DPO steps (see BENCHMARKS.md, "Iterative DPO").
-    """
-    from prefalign.config import ModelConfig, apply_overrides
-    from prefalign.train.dpo import DEMO_RECIPE, DPOConfig
-
-    started = time.perf_counter()
-    base = ModelConfig(name_or_path=str(context.base_path))
-    model, tokenizer = load_causal_lm(base)
-    config = apply_overrides(DPOConfig(model=base, rounds=DEMO_ROUNDS), DEMO_RECIPE)
-    config.train.max_steps = max(1, config.train.max_steps // DEMO_ROUNDS)
-    config.train.output_dir, config.train.overwrite = str(context.run_dir / "iterative_dpo"), True
-    config.train.seed, config.train.num_threads = context.config.seed, context.config.num_threads
-    config.sampling.max_new_tokens = 8  # the context's evaluation length: answers are 1-3 digits
-    config.sampling.eval_prompts = context.config.eval_prompts
-    config.sampling.prompts_per_round = DEMO_PROMPTS_PER_ROUND
-    result = iterative_dpo(config, model=model, tokenizer=tokenizer)
-    reference, _ = load_causal_lm(base, trainable=False)
-    after = context.evaluate(model, tokenizer, reference=reference)
-    rounds = [record for record in result.metrics if "heldout/accuracy" in record]
-    per_round = " → ".join(f"{record['heldout/accuracy']:.3f}" for record in rounds)
-    pairs = [record["sample/pairs"] for record in result.metrics if "sample/pairs" in record]
-    wall = time.perf_counter() - started
-    context.lines.append(
-        f"| rejection sampling + iterative DPO ({config.rounds} rounds, RPO α={config.rpo_alpha:g}, β={config.beta:g}, "
-        f"reference: {config.round_reference}) | held-out greedy accuracy per round {per_round}; pass@8 "
-        f"{context.base_metrics.get('pass@8', float('nan')):.3f} → {after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats "
-        f"| each round: {config.sampling.n} samples for each of {config.sampling.prompts_per_round} training prompts, best vs worst, {', '.join(map(str, pairs))} pairs, "
-        f"{config.train.max_steps} DPO steps × {config.train.batch_size}; {wall:.0f} s; report: `{result.run_dir / 'report.md'}` |"
-    )
-    return {"accuracy_per_round": [record["heldout/accuracy"] for record in rounds], "after": after,
-            "pairs_per_round": pairs, "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}

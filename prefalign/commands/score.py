@@ -32,7 +32,7 @@ def score(config: ScoreConfig) -> Path:
     """`prefalign score`: write a copy of the data with reward column(s); returns the output path."""
     from prefalign.data import load_rows, normalize_preference, normalize_sft
     from prefalign.data.sources import visible_columns
-    from prefalign.train.runtime import set_threads
+    from prefalign.runtime.setup import set_threads
 
     set_threads(config.num_threads)
     if not config.data:

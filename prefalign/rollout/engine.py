@@ -16,55 +16,13 @@ Other backends (a vLLM server, say) implement `RolloutBackend`; trainers only ca
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
-
-
-@dataclass
-class SamplingParams:
-    n: int = 1  # samples per prompt
-    temperature: float = 1.0  # 0.0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    max_new_tokens: int = 64
-    stop_token_ids: list[int] | None = None  # tokenizer.eos_token_id is always a stop unless ignore_eos
-    stop_strings: list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens (stop_token_ids still stop)
-
-    def validate(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.stop_strings and any(not stop for stop in self.stop_strings):
-            raise ValueError("SamplingParams.stop_strings must not contain an empty string")
-
-
-@dataclass
-class Sample:
-    token_ids: list[int]  # generated tokens, including the stop token if one ended it
-    text: str  # decoded completion, special tokens skipped, cut before a stop string
-    logprobs: list[float]  # per token: log_softmax(logits / T) over the full vocabulary (T = 1 when greedy)
-    finish_reason: str  # "eos" | "stop" | "length"
-
-
-@runtime_checkable
-class RolloutBackend(Protocol):
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]: ...
+from prefalign.rollout.kv_cache import cache_keyword, forward_parameters, preallocated_cache
+from prefalign.rollout.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
 
 
 @dataclass
@@ -112,7 +70,7 @@ class LocalEngine:
         self.batch_size = batch_size
         self.last_stats: dict[str, int] = {}
         self._cache_kwarg = cache_keyword(model)
-        self._can_keep_last_logits = "logits_to_keep" in _forward_parameters(model)
+        self._can_keep_last_logits = "logits_to_keep" in forward_parameters(model)
 
     # ---- public -------------------------------------------------------------------------------------
 
@@ -221,7 +179,7 @@ class LocalEngine:
         # Positions count real tokens only, so a padded prompt is computed exactly as if it were alone.
         position_ids = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # (prompts, width)
 
-        cache = _preallocated_cache(self.model.config, capacity=width + max_new)
+        cache = preallocated_cache(self.model.config, capacity=width + max_new)
         logits = self._forward(input_ids, prompt_mask, position_ids, cache, last_only=True)
         self.last_stats["prefill_tokens"] += sum(len(prompt) for prompt in prompts)
         self.last_stats["prefill_padded_tokens"] += input_ids.numel()
@@ -321,9 +279,6 @@ def generate(
     return LocalEngine(model, tokenizer, **engine_kwargs).generate(prompt_token_ids, params)
 
 
-# ---- sampling ---------------------------------------------------------------------------------------------
-
-
 def sample_next_tokens(
     logits: torch.Tensor, params: SamplingParams, generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,79 +327,6 @@ def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-# ---- KV cache ----------------------------------------------------------------------------------------------
-
-
-class _PreallocatedLayer(DynamicLayer):
-    """A DynamicLayer that writes into a buffer sized for prompt + max_new_tokens.
-
-    DynamicLayer concatenates the whole cache with each new token (O(length^2) copying over a
-    completion); here a token is one slice write. `keys` / `values` stay views of the filled part.
-    """
-
-    is_croppable = False  # `crop` from DynamicLayer would not know about the buffer
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, head_dim = key_states.shape
-        self.device = key_states.device
-        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, head_dim)
-        self.value_buffer = value_states.new_empty(
-            batch, value_states.shape[1], self.capacity, value_states.shape[-1]
-        )
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} positions for a buffer of {self.capacity}")
-        self.key_buffer[:, :, self.length : end] = key_states
-        self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self._refresh_views()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
-            self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
-            self._refresh_views()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.key_buffer = self.key_buffer[indices]
-            self.value_buffer = self.value_buffer[indices]
-            self._refresh_views()
-
-    def _refresh_views(self) -> None:
-        self.keys = self.key_buffer[:, :, : self.length]
-        self.values = self.value_buffer[:, :, : self.length]
-
-
-def _preallocated_cache(config, capacity: int) -> DynamicCache:
-    """The model's DynamicCache, with plain full-attention layers swapped for preallocated ones.
-
-    Other layer kinds (sliding window, linear attention, ...) keep their own behaviour.
-    """
-    cache = DynamicCache(config=config)
-    cache.layers = [
-        _PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
-    ]
-    return cache
-
-
-# ---- helpers ----------------------------------------------------------------------------------------------
-
-
 def _cut_at_stop(text: str, strings: list[str]) -> str:
     cuts = [text.find(stop) for stop in strings if stop in text]
     return text[: min(cuts)] if cuts else text
@@ -458,18 +340,6 @@ def _as_id_list(token_ids) -> list[int]:
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _forward_parameters(model) -> set[str]:
-    # A wrapper (PEFT, say) may hide the signature behind **kwargs: look at the model it wraps.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
-
-
-def cache_keyword(model) -> str:
-    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes."""
-    parameters = _forward_parameters(model)
-    return "cache" if "cache" in parameters or "past_key_values" not in parameters else "past_key_values"
 
 
 def _set_eval(model) -> list[tuple[torch.nn.Module, bool]]:

@@ -138,7 +138,7 @@ def grouped_completion_logps(
     from transformers import DynamicCache
 
     from prefalign.data import pad_sequences
-    from prefalign.generation import cache_keyword
+    from prefalign.rollout.kv_cache import cache_keyword
 
     distinct: dict[tuple[int, ...], int] = {}
     owner = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]  # row -> its prompt

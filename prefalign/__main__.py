@@ -1,0 +1,7 @@
+"""`python -m prefalign <command> ...` (what `torchrun -m prefalign` and `accelerate launch -m prefalign` start)."""
+
+import sys
+
+from prefalign.cli import main
+
+sys.exit(main())

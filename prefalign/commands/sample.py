@@ -1,0 +1,13 @@
+"""`prefalign sample`: rejection sampling from the policy (the built-in task's training prompts by default)."""
+
+from __future__ import annotations
+
+from prefalign.algorithms import rejection_sampling as algorithm
+from prefalign.algorithms.rejection_sampling import SampleConfig, SampleOutput
+from prefalign.commands.builtin import resolve_builtin
+
+
+def sample(config: SampleConfig, *, dataset=None, model=None, tokenizer=None) -> SampleOutput:
+    """Resolve `builtin`, then sample (prefalign.algorithms.rejection_sampling.sample)."""
+    dataset, _ = resolve_builtin(config, "prompts", dataset=dataset, model=model)
+    return algorithm.sample(config, dataset=dataset, model=model, tokenizer=tokenizer)

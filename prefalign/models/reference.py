@@ -1,0 +1,84 @@
+"""The frozen reference: LoRA adapters off, a frozen copy, checks that a separate reference fits the policy."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+
+import torch
+
+from prefalign.errors import ModelError
+from prefalign.models.loading import (
+    is_peft_model,
+)
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """The frozen reference of a LoRA policy is the same network with its adapters switched off."""
+    if not is_peft_model(model):
+        raise ModelError("reference_mode needs a LoRA (peft) model; load a separate reference model otherwise")
+    with model.disable_adapter():
+        yield model
+
+
+def check_same_tokenizer(policy_tokenizer, reference_tokenizer, where: str) -> None:
+    """DPO compares the same token ids under two models: the vocabularies must be identical."""
+    policy_vocab, reference_vocab = policy_tokenizer.get_vocab(), reference_tokenizer.get_vocab()
+    differing = sorted(set(policy_vocab.items()) ^ set(reference_vocab.items()), key=lambda item: item[1])[:3]
+    special = [
+        name for name in ("bos_token_id", "eos_token_id")
+        if getattr(policy_tokenizer, name) != getattr(reference_tokenizer, name)
+    ]  # fmt: skip
+    if differing or special:
+        detail = f"tokens that differ (token, id): {differing}" if differing else f"different {', '.join(special)}"
+        raise ModelError(
+            f"the reference model {where} does not share the policy's tokenizer ({len(reference_vocab)} vs "
+            f"{len(policy_vocab)} tokens; {detail}). DPO compares log-probs of the same token ids under both "
+            "models, so they must use one tokenizer: pick a reference from the policy's own family (usually the "
+            "SFT model the policy starts from), or leave `reference` empty to use the policy's initial weights."
+        )
+
+
+def check_reference_model(policy, reference) -> None:
+    """A reference given as a model object: at least its vocabulary size must match the policy's."""
+    policy_size = policy.get_input_embeddings().num_embeddings
+    reference_size = reference.get_input_embeddings().num_embeddings
+    if policy_size != reference_size:
+        raise ModelError(
+            f"the reference model has {reference_size} token embeddings but the policy has {policy_size}: they do "
+            "not share a tokenizer, so their log-probs of the same ids cannot be compared. Pass a reference from "
+            "the policy's own family, or reference=None to use the policy's initial weights."
+        )
+
+
+@contextlib.contextmanager
+def reference_network(policy, reference):
+    """The network that plays π_ref: a separate model, the LoRA base (adapters off), or the policy as it is."""
+    if reference is not None:
+        yield reference
+    elif is_peft_model(policy):
+        with reference_mode(policy):
+            yield policy
+    else:
+        yield policy  # only valid before the first update (precompute) or for a frozen copy
+
+
+def weights_fingerprint(network) -> str:
+    """Identifies a network's weights cheaply: each tensor's name, shape, sum and sum of squares (float64).
+    Called before training, when the network playing the reference holds its initial weights."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            values = tensor.detach().double()
+            digest.update(f"{name}{tuple(tensor.shape)}{values.sum().item():.17g}{values.square().sum().item():.17g}".encode())
+    return digest.hexdigest()[:32]
+
+
+def frozen_copy(model):
+    """The policy as it is now, frozen and detached from further training (merged when it carries LoRA)."""
+    clone = copy.deepcopy(model)
+    if is_peft_model(clone):
+        clone = clone.merge_and_unload()
+    return clone.eval().requires_grad_(False)
