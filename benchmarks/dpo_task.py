@@ -6,7 +6,8 @@ KL to the base) and the implicit-reward accuracy on the 500 held-out pairs. Vari
 
   rpo          the demo's recipe (prefalign.train.dpo.DEMO_RECIPE): sigmoid DPO + RPO SFT term (α = 1),
                β = 0.1, lr 1e-3, 300 steps x 32 pairs
-  dpo          plain DPO (α = 0), β = 0.1, lr 1e-4, 300 steps x 32 pairs (the issue's "bare DPO loop" settings)
+  dpo          plain DPO (α = 0), β = 0.1, lr 1e-4, 300 steps x 32 pairs (the issue's "bare DPO loop"
+               settings)
   dpo-lr1e-3   plain DPO (α = 0) at the recipe's learning rate
   sft          control: SFT on the chosen answers only, same steps, batch and learning rate as `rpo`
 
@@ -40,7 +41,10 @@ from prefalign.tasks.arithmetic import prompt_dataset
 
 def evaluate(model, tokenizer, reference) -> dict[str, float]:
     prompts, _ = tokenize_prompts(prompt_dataset("held_out"), tokenizer, DataConfig())
-    return evaluate_policy(model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=8, max_new_tokens=8, reference=reference, seed=0)
+    return evaluate_policy(
+        model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=8, max_new_tokens=8,
+        reference=reference, seed=0,
+    )
 
 
 def run_variant(variant: str, seed: int, base: Path, scratch: Path, threads: int) -> dict[str, float]:
@@ -50,8 +54,9 @@ def run_variant(variant: str, seed: int, base: Path, scratch: Path, threads: int
     if variant == "sft":
         defaults = apply_overrides(DPOConfig(), DEMO_RECIPE).train
         config = SFTConfig(train=TrainConfig(
-            output_dir=str(scratch / f"sft-{seed}"), learning_rate=defaults.learning_rate, batch_size=defaults.batch_size,
-            max_steps=defaults.max_steps, warmup_ratio=defaults.warmup_ratio, seed=seed, progress=False, num_threads=threads,
+            output_dir=str(scratch / f"sft-{seed}"), learning_rate=defaults.learning_rate,
+            batch_size=defaults.batch_size, max_steps=defaults.max_steps, warmup_ratio=defaults.warmup_ratio,
+            seed=seed, progress=False, num_threads=threads,
         ))  # fmt: skip
         sft(config, model=model, tokenizer=tokenizer, eval_dataset=None, save=False)
     else:
@@ -62,12 +67,15 @@ def run_variant(variant: str, seed: int, base: Path, scratch: Path, threads: int
         config.train.output_dir, config.train.seed = str(scratch / f"{variant}-{seed}"), seed
         config.train.progress, config.train.num_threads = False, threads
         result = dpo(config, model=model, tokenizer=tokenizer, save=False)
-        implicit = next(m for m in reversed(result.metrics) if "eval/rewards/accuracies" in m)["eval/rewards/accuracies"]
+        implicit = next(
+            m for m in reversed(result.metrics) if "eval/rewards/accuracies" in m
+        )["eval/rewards/accuracies"]
     train_seconds = time.perf_counter() - started
     reference, _ = load_causal_lm(ModelConfig(name_or_path=str(base)), trainable=False)
     metrics = evaluate(model.eval(), tokenizer, reference)
-    return {"accuracy": metrics["accuracy"], "mean_reward": metrics["mean_reward"], "pass@8": metrics["pass@8"],
-            "kl": metrics["kl"], "implicit_reward_accuracy": implicit, "train_seconds": train_seconds}  # fmt: skip
+    return {"accuracy": metrics["accuracy"], "mean_reward": metrics["mean_reward"],
+            "pass@8": metrics["pass@8"], "kl": metrics["kl"], "implicit_reward_accuracy": implicit,
+            "train_seconds": train_seconds}  # fmt: skip
 
 
 def spread(values: list[float]) -> str:
@@ -86,7 +94,8 @@ def main() -> None:
     base = ensure_base_model()
     reference, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(base)), trainable=False)
     before = evaluate(reference, tokenizer, None)
-    print(f"base {base.name}: greedy accuracy {before['accuracy']:.3f}, mean reward {before['mean_reward']:.3f}, pass@8 {before['pass@8']:.3f}")
+    print(f"base {base.name}: greedy accuracy {before['accuracy']:.3f}, mean reward "
+          f"{before['mean_reward']:.3f}, pass@8 {before['pass@8']:.3f}")
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="dpo-task-") as scratch:
         for variant in args.variants.split(","):
@@ -94,14 +103,16 @@ def main() -> None:
                 row = run_variant(variant, seed, base, Path(scratch), args.threads)
                 results.setdefault(variant, []).append(row)
                 print(json.dumps({"variant": variant, "seed": seed, **row}), flush=True)
-    print("\n| variant | greedy accuracy | gain (points) | mean reward | pass@8 | implicit-reward accuracy | KL to base | train s |")
+    print("\n| variant | greedy accuracy | gain (points) | mean reward | pass@8 | implicit-reward "
+          "accuracy | KL to base | train s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for variant, rows in results.items():
         gains = [100 * (r["accuracy"] - before["accuracy"]) for r in rows]
         implicit = [r["implicit_reward_accuracy"] for r in rows if r["implicit_reward_accuracy"] is not None]
-        print(f"| {variant} | {spread([r['accuracy'] for r in rows])} | {statistics.mean(gains):+.1f} | {spread([r['mean_reward'] for r in rows])} "
-              f"| {spread([r['pass@8'] for r in rows])} | {spread(implicit) if implicit else '-'} | {spread([r['kl'] for r in rows])} "
-              f"| {statistics.median(r['train_seconds'] for r in rows):.0f} |")
+        print(f"| {variant} | {spread([r['accuracy'] for r in rows])} | {statistics.mean(gains):+.1f} | "
+              f"{spread([r['mean_reward'] for r in rows])} | {spread([r['pass@8'] for r in rows])} | "
+              f"{spread(implicit) if implicit else '-'} | {spread([r['kl'] for r in rows])} | "
+              f"{statistics.median(r['train_seconds'] for r in rows):.0f} |")
 
 
 if __name__ == "__main__":

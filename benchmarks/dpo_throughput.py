@@ -54,9 +54,10 @@ def build_model(folder: Path, hidden_size: int, num_layers: int, context: int = 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
-        max_position_embeddings=context, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64, max_position_embeddings=context, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
@@ -95,7 +96,10 @@ def gsm8k_pairs(count: int, prompt_chars: int, completion_chars: int) -> list[di
 def builtin_pairs(count: int) -> list[dict]:
     from prefalign.tasks.arithmetic import preference_dataset
 
-    return [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in preference_dataset("train", limit=count)]
+    return [
+        {k: row[k] for k in ("prompt", "chosen", "rejected")}
+        for row in preference_dataset("train", limit=count)
+    ]
 
 
 def matmul_rate(threads: int, repeats: int = 15, dtype: str = "float32") -> float:
@@ -103,7 +107,10 @@ def matmul_rate(threads: int, repeats: int = 15, dtype: str = "float32") -> floa
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048, dtype=getattr(torch, dtype)), torch.randn(2048, 2048, dtype=getattr(torch, dtype))
+    a, b = (
+        torch.randn(2048, 2048, dtype=getattr(torch, dtype)),
+        torch.randn(2048, 2048, dtype=getattr(torch, dtype)),
+    )
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
@@ -155,8 +162,9 @@ def worker_prefalign(args, precision: str) -> dict:
         2 * len(p) + len(c) + len(r)
         for p, c, r in _our_token_ids(rows, tokenizer, config.data)
     )  # fmt: skip
-    return {"job_seconds": job, "job_cpu_seconds": job_cpu, "step_seconds": step_times, "tokens": tokens, "pairs": data["train"]["kept"],
-            "reference_tokens": tokens, "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+    return {"job_seconds": job, "job_cpu_seconds": job_cpu, "step_seconds": step_times, "tokens": tokens,
+            "pairs": data["train"]["kept"], "reference_tokens": tokens, "baseline_rss_mb": baseline,
+            "peak_rss_mb": peak_rss_mb()}  # fmt: skip
 
 
 def _our_token_ids(rows, tokenizer, data_config):
@@ -195,14 +203,23 @@ def worker_trl(args, matched: bool, bf16: bool = True) -> dict:
 
     baseline = rss_now_mb()
     started, cpu_started = time.perf_counter(), time.process_time()
-    trainer = DPOTrainer(model=model, args=DPOConfig(**settings), train_dataset=rows, processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer = DPOTrainer(
+        model=model, args=DPOConfig(**settings), train_dataset=rows, processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
     trainer.train()
     job, job_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     dataset = trainer.train_dataset
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True))
-    return {"job_seconds": job, "job_cpu_seconds": job_cpu, "step_seconds": step_times, "tokens": tokens, "pairs": len(dataset),
-            "reference_tokens": tokens, "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(),
-            "settings": {k: getattr(trainer.args, k) for k in ("precompute_ref_log_probs", "gradient_checkpointing", "bf16")}}  # fmt: skip
+    tokens = sum(
+        2 * len(p) + len(c) + len(r)
+        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True)
+    )
+    return {"job_seconds": job, "job_cpu_seconds": job_cpu, "step_seconds": step_times, "tokens": tokens,
+            "pairs": len(dataset), "reference_tokens": tokens, "baseline_rss_mb": baseline,
+            "peak_rss_mb": peak_rss_mb(),
+            "settings": {k: getattr(trainer.args, k)
+                         for k in ("precompute_ref_log_probs", "gradient_checkpointing", "bf16")},
+            }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- parent: run, collect, report
@@ -214,13 +231,19 @@ JOBS = {
     "trl-matched": "TRL, precomputed ref, no ckpt, bf16",
     "trl-matched-fp32": "TRL, precomputed ref, no ckpt, fp32",
 }
-COMPARISONS = [("prefalign", "trl-defaults"), ("prefalign", "trl-matched"), ("prefalign-fp32", "trl-matched-fp32")]
+COMPARISONS = [
+    ("prefalign", "trl-defaults"), ("prefalign", "trl-matched"), ("prefalign-fp32", "trl-matched-fp32"),
+]
 
 
 def run_worker(job: str, args) -> dict:
-    command = [sys.executable, str(HERE), "--worker", job, "--workdir", str(args.workdir), "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--learning-rate", str(args.learning_rate)]  # fmt: skip
-    environment = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, str(HERE), "--worker", job, "--workdir", str(args.workdir),
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--learning-rate", str(args.learning_rate)]  # fmt: skip
+    environment = {
+        **os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     if completed.returncode != 0:
         raise SystemExit(f"{job} failed:\n{completed.stderr[-4000:]}")
@@ -267,7 +290,9 @@ def main() -> None:
         if args.worker.startswith("prefalign"):
             result = worker_prefalign(args, "off" if args.worker == "prefalign-fp32" else "auto")
         else:
-            result = worker_trl(args, matched=args.worker != "trl-defaults", bf16=args.worker != "trl-matched-fp32")
+            result = worker_trl(
+                args, matched=args.worker != "trl-defaults", bf16=args.worker != "trl-matched-fp32",
+            )
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as scratch:
@@ -299,17 +324,21 @@ def report(args) -> None:
     for repeat in range(args.repeats):
         for job in jobs:
             runs[job].append(run_worker(job, args))
-            print(f"repeat {repeat + 1}/{args.repeats} {job}: {runs[job][-1]['job_seconds']:.1f} s ({runs[job][-1]['job_cpu_seconds']:.1f} CPU s)", flush=True)
+            print(f"repeat {repeat + 1}/{args.repeats} {job}: {runs[job][-1]['job_seconds']:.1f} s "
+                  f"({runs[job][-1]['job_cpu_seconds']:.1f} CPU s)", flush=True)
     rate_after = matmul_rate(args.threads)
     summary = {job: summarise(results, args.batch_size, parameters) for job, results in runs.items()}
-    print(f"\nmodel: Llama, {parameters:,} non-embedding parameters; torch {torch.__version__}, {args.threads} thread(s); "
-          f"{summary[jobs[0]]['pairs']} pairs x {args.steps} steps of batch {args.batch_size}; "
+    print(f"\nmodel: Llama, {parameters:,} non-embedding parameters; torch {torch.__version__}, "
+          f"{args.threads} thread(s); {summary[jobs[0]]['pairs']} pairs x {args.steps} steps of "
+          f"batch {args.batch_size}; "
           f"{summary[jobs[0]]['tokens'] / summary[jobs[0]]['pairs'] / 2:.1f} non-pad tokens per sequence")
-    print(f"fp32 matmul rate (torch.mm 2048x2048, median): {rate / 1e9:.1f} GFLOP/s before, {rate_after / 1e9:.1f} after; "
-          f"bf16: {bf16_rate / 1e9:.1f} GFLOP/s")
-    print(f"\n{'job':<44}{'pairs/s':>9}{'pairs/CPU-s':>13}{'tokens/s':>10}{'steady pairs/s':>16}{'peak RSS MB':>13}{'job RSS MB':>12}{'FLOP/s / mm':>13}")
+    print(f"fp32 matmul rate (torch.mm 2048x2048, median): {rate / 1e9:.1f} GFLOP/s before, "
+          f"{rate_after / 1e9:.1f} after; bf16: {bf16_rate / 1e9:.1f} GFLOP/s")
+    print(f"\n{'job':<44}{'pairs/s':>9}{'pairs/CPU-s':>13}{'tokens/s':>10}{'steady pairs/s':>16}"
+          f"{'peak RSS MB':>13}{'job RSS MB':>12}{'FLOP/s / mm':>13}")
     for job, row in summary.items():
-        print(f"{JOBS[job]:<44}{row['pairs_per_second']:>9.2f}{row['pairs_per_cpu_second']:>13.2f}{row['tokens_per_second']:>10.0f}{row['steady_pairs_per_second']:>16.2f}"
+        print(f"{JOBS[job]:<44}{row['pairs_per_second']:>9.2f}{row['pairs_per_cpu_second']:>13.2f}"
+              f"{row['tokens_per_second']:>10.0f}{row['steady_pairs_per_second']:>16.2f}"
               f"{row['peak_rss_mb']:>13.0f}{row['job_rss_mb']:>12.0f}{row['flops_per_second'] / rate:>13.2f}")
     token_counts = {job: row["tokens"] for job, row in summary.items()}
     if len(set(token_counts.values())) > 1:
@@ -317,11 +346,15 @@ def report(args) -> None:
     for mine, peer in COMPARISONS:
         if mine in summary and peer in summary:
             ours, theirs = summary[mine], summary[peer]
-            print(f"\n{JOBS[mine]} / {JOBS[peer]}: pairs/s x{ours['pairs_per_second'] / theirs['pairs_per_second']:.2f}, "
-                  f"pairs per CPU-second x{ours['pairs_per_cpu_second'] / theirs['pairs_per_cpu_second']:.2f}, "
+            print(f"\n{JOBS[mine]} / {JOBS[peer]}: "
+                  f"pairs/s x{ours['pairs_per_second'] / theirs['pairs_per_second']:.2f}, "
+                  "pairs per CPU-second "
+                  f"x{ours['pairs_per_cpu_second'] / theirs['pairs_per_cpu_second']:.2f}, "
                   f"tokens/s x{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}, "
-                  f"steady-state pairs/s x{ours['steady_pairs_per_second'] / theirs['steady_pairs_per_second']:.2f}, "
-                  f"peak memory x{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} (job memory x{ours['job_rss_mb'] / max(theirs['job_rss_mb'], 1):.2f})"
+                  "steady-state pairs/s "
+                  f"x{ours['steady_pairs_per_second'] / theirs['steady_pairs_per_second']:.2f}, "
+                  f"peak memory x{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} "
+                  f"(job memory x{ours['job_rss_mb'] / max(theirs['job_rss_mb'], 1):.2f})"
                   f"; TRL settings {theirs['settings']}")
     print(json.dumps({"matmul_flops": rate, "bf16_matmul_flops": bf16_rate, "summary": summary}, default=str))
 

@@ -1,6 +1,8 @@
-"""Wall time per GRPO step, split into generation and training: prefalign's `grpo` against TRL's `GRPOTrainer`.
+"""Wall time per GRPO step, split into generation and training: prefalign's `grpo` against TRL's \
+`GRPOTrainer`.
 
-Same tiny Llama (about 4M parameters, char tokenizer with a chat template), same built-in task prompts, same G,
+Same tiny Llama (about 4M parameters, char tokenizer with a chat template), same built-in task prompts, \
+same G,
 completions per step, completion limit, learning rate and reward function; TRL generates with transformers
 (no vLLM). Each tool runs in its own subprocess with one torch thread, alternating, `--repeats` times; the
 first `--warmup` steps of each run are left out and the median step is reported.
@@ -16,7 +18,8 @@ is ours); prefalign's comes from its metrics (`generation_time`: sampling, scori
 
     python benchmarks/grpo_step.py                  # 4 prompts x G=8 = 32 completions of up to 32 tokens
     python benchmarks/grpo_step.py --repeats 3 --steps 12
-    PREFALIGN_DATA_DIR=../shared/data python benchmarks/grpo_step.py --data gsm8k   # GSM8K questions as prompts
+    PREFALIGN_DATA_DIR=../shared/data python benchmarks/grpo_step.py --data gsm8k   \
+# GSM8K questions as prompts
 """
 
 from __future__ import annotations
@@ -46,14 +49,20 @@ def digit_share(prompts, completions, **_columns):
 
 
 def prompt_rows(count: int, data: str = "task") -> list[dict]:
-    """{"prompt": [user message], "answer": ...}: the built-in task's (7-9 tokens) or GSM8K questions (~260)."""
+    """{"prompt": [user message], "answer": ...}: the built-in task's (7-9 tokens) or GSM8K questions
+    (~260)."""
     if data == "gsm8k":
         folder = os.environ.get("PREFALIGN_DATA_DIR")
         if not folder or not (Path(folder) / "gsm8k" / "test.jsonl").is_file():
-            raise SystemExit("--data gsm8k needs PREFALIGN_DATA_DIR set to the folder holding gsm8k/test.jsonl")
+            raise SystemExit(
+                "--data gsm8k needs PREFALIGN_DATA_DIR set to the folder holding gsm8k/test.jsonl"
+            )
         lines = (Path(folder) / "gsm8k" / "test.jsonl").read_text().splitlines()[:count]
         rows = [json.loads(line) for line in lines]
-        return [{"prompt": [{"role": "user", "content": row["question"]}], "answer": row["answer"]} for row in rows]
+        return [
+            {"prompt": [{"role": "user", "content": row["question"]}], "answer": row["answer"]}
+            for row in rows
+        ]
     from prefalign.tasks.arithmetic import prompt_dataset
 
     return prompt_dataset("train", limit=count).to_list()  # {"prompt": [user message], "answer": "68"}
@@ -75,8 +84,13 @@ def worker_prefalign(args) -> dict:
     config = GRPOConfig(
         model=ModelConfig(name_or_path=args.model, device="cpu"),
         data=DataConfig(max_length=1024),
-        train=TrainConfig(output_dir=args.out, overwrite=True, learning_rate=1e-5, batch_size=args.prompts * args.generations, max_steps=args.warmup + args.steps, schedule="constant", progress=False, seed=args.seed),
-        reward_functions=["digit_share"], num_generations=args.generations, max_new_tokens=args.max_new_tokens, log_completions_every=0,
+        train=TrainConfig(
+            output_dir=args.out, overwrite=True, learning_rate=1e-5,
+            batch_size=args.prompts * args.generations, max_steps=args.warmup + args.steps,
+            schedule="constant", progress=False, seed=args.seed,
+        ),
+        reward_functions=["digit_share"], num_generations=args.generations,
+        max_new_tokens=args.max_new_tokens, log_completions_every=0,
     )  # fmt: skip
     rows = datasets.Dataset.from_list(prompt_rows(args.prompts * (args.warmup + args.steps), args.data))
     result = grpo(config, dataset=rows, save=False)
@@ -126,15 +140,19 @@ def worker_trl(args, matched: bool) -> dict:
                 lengths.append(logs["completions/mean_length"])
 
     settings = dict(
-        output_dir=args.out, use_cpu=True, bf16=False, learning_rate=1e-5, per_device_train_batch_size=args.prompts * args.generations,
-        num_generations=args.generations, max_completion_length=args.max_new_tokens, max_steps=args.warmup + args.steps,
-        logging_steps=1, save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=args.out, use_cpu=True, bf16=False, learning_rate=1e-5,
+        per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
+        max_completion_length=args.max_new_tokens, max_steps=args.warmup + args.steps, logging_steps=1,
+        save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
     if matched:
         settings["gradient_checkpointing"] = False
     clock = StepClock()
     rows = datasets.Dataset.from_list(prompt_rows(args.prompts * (args.warmup + args.steps), args.data))
-    trainer = GRPOTrainer(model=model, reward_funcs=digit_share, args=GRPOConfig(**settings), train_dataset=rows, processing_class=tokenizer, callbacks=[clock])
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=digit_share, args=GRPOConfig(**settings), train_dataset=rows,
+        processing_class=tokenizer, callbacks=[clock],
+    )
     trainer.train()
     return {
         "step_time": clock.times[args.warmup :],
@@ -174,11 +192,16 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--worker", choices=["prefalign", "trl-defaults", "trl-matched"])
     parser.add_argument("--model", default="")
     parser.add_argument("--out", default="")
-    parser.add_argument("--data", choices=["task", "gsm8k"], default="task", help="prompts: the built-in task's or GSM8K questions")
+    parser.add_argument(
+        "--data", choices=["task", "gsm8k"], default="task",
+        help="prompts: the built-in task's or GSM8K questions",
+    )
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--generations", type=int, default=8, help="G")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -192,7 +215,10 @@ def main() -> None:
     parser.add_argument("--json", default="", help="write the summary here too")
     args = parser.parse_args()
     if args.worker:
-        job = {"prefalign": worker_prefalign, "trl-defaults": lambda a: worker_trl(a, matched=False), "trl-matched": lambda a: worker_trl(a, matched=True)}[args.worker]
+        job = {
+            "prefalign": worker_prefalign, "trl-defaults": lambda a: worker_trl(a, matched=False),
+            "trl-matched": lambda a: worker_trl(a, matched=True),
+        }[args.worker]
         print(json.dumps(job(args)))
         return
     with tempfile.TemporaryDirectory(prefix="grpo-step-model-") as folder:
@@ -206,20 +232,27 @@ def main() -> None:
     summary = {job: summarise(found) for job, found in runs.items()}
     report(args, parameters, summary)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "parameters": parameters, "summary": summary, "runs": runs}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"settings": vars(args), "parameters": parameters, "summary": summary, "runs": runs}, indent=2,
+        ))
 
 
 def report(args, parameters: int, summary: dict) -> None:
     ours = summary["prefalign"]
-    print(f"\nGRPO step ({args.data} prompts): {parameters / 1e6:.1f}M-parameter Llama, {args.prompts} prompts x G={args.generations} = {args.prompts * args.generations} completions of up to {args.max_new_tokens} tokens, {args.threads} thread(s), median of {ours['steps_measured']} steps per tool")
+    print(f"\nGRPO step ({args.data} prompts): {parameters / 1e6:.1f}M-parameter Llama, "
+          f"{args.prompts} prompts x G={args.generations} = {args.prompts * args.generations} "
+          f"completions of up to {args.max_new_tokens} tokens, {args.threads} thread(s), median of "
+          f"{ours['steps_measured']} steps per tool")
     print(f"{'tool':<14} {'step s':>8} {'generate s':>11} {'train s':>8} {'gen share':>10} {'mean len':>9}")
     for job, found in summary.items():
-        print(f"{job:<14} {found['step_s']:>8.3f} {found['generation_s']:>11.3f} {found['train_s']:>8.3f} {found['generation_share']:>10.2f} {found['mean_length']:>9.1f}")
+        print(f"{job:<14} {found['step_s']:>8.3f} {found['generation_s']:>11.3f} {found['train_s']:>8.3f} "
+              f"{found['generation_share']:>10.2f} {found['mean_length']:>9.1f}")
     for job in ("trl-defaults", "trl-matched"):
         theirs = summary[job]
         print(
-            f"prefalign / {job}: step {ours['step_s'] / theirs['step_s']:.2f}x, generation {ours['generation_s'] / theirs['generation_s']:.2f}x, "
-            f"training {ours['train_s'] / theirs['train_s']:.2f}x (below 1 = prefalign faster)"
+            f"prefalign / {job}: step {ours['step_s'] / theirs['step_s']:.2f}x, generation "
+            f"{ours['generation_s'] / theirs['generation_s']:.2f}x, training "
+            f"{ours['train_s'] / theirs['train_s']:.2f}x (below 1 = prefalign faster)"
         )
 
 

@@ -64,7 +64,10 @@ def run_arm(arguments) -> dict:
     result = dpo(config, model=model, tokenizer=tokenizer, save=False)
     seconds = time.perf_counter() - started
     prompts, _ = tokenize_prompts(prompt_dataset("held_out"), tokenizer, DataConfig())
-    metrics = evaluate_policy(model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=8, max_new_tokens=8, seed=arguments.seed)
+    metrics = evaluate_policy(
+        model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=8, max_new_tokens=8,
+        seed=arguments.seed,
+    )
     rounds = [record.get("heldout/accuracy") for record in result.metrics if "round" in record]
     return {
         "arm": arguments.arm, "seed": arguments.seed, "steps": result.step, "seconds": round(seconds, 1),
@@ -81,10 +84,14 @@ def summary(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=250, help="DPO steps per round (offline runs rounds x steps)")
+    parser.add_argument(
+        "--steps", type=int, default=250, help="DPO steps per round (offline runs rounds x steps)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--n", type=int, default=8, help="samples per prompt in each round")
-    parser.add_argument("--prompts-per-round", type=int, default=0, help="0 = every training prompt each round")
+    parser.add_argument(
+        "--prompts-per-round", type=int, default=0, help="0 = every training prompt each round",
+    )
     parser.add_argument("--round-reference", choices=["original", "previous"], default="original")
     parser.add_argument("--rpo-alpha", type=float, default=0.0)
     parser.add_argument("--beta", type=float, default=None)
@@ -110,17 +117,22 @@ def main() -> None:
             results[arm].append(record)
             print(json.dumps(record), flush=True)
 
-    print(f"\nbuilt-in task, {len(arguments.seeds)} seeds, {arguments.rounds} x {arguments.steps} DPO steps each arm, "
-          f"rpo_alpha={arguments.rpo_alpha}, reference={arguments.round_reference}")  # fmt: skip
-    print("| arm | held-out greedy accuracy | held-out pass@8 | greedy length (tokens) | wall time (s, median) |")
+    print(f"\nbuilt-in task, {len(arguments.seeds)} seeds, {arguments.rounds} x {arguments.steps} DPO steps "
+          f"each arm, rpo_alpha={arguments.rpo_alpha}, reference={arguments.round_reference}")  # fmt: skip
+    print("| arm | held-out greedy accuracy | held-out pass@8 | greedy length (tokens) | "
+          "wall time (s, median) |")
     print("| --- | --- | --- | --- | --- |")
     for arm, records in results.items():
-        print(f"| {arm} | {summary([r['accuracy'] for r in records])} | {summary([r['pass@8'] for r in records])} | "
+        print(f"| {arm} | {summary([r['accuracy'] for r in records])} | "
+              f"{summary([r['pass@8'] for r in records])} | "
               f"{summary([r.get('mean_length', float('nan')) for r in records])} | "
               f"{statistics.median(r['seconds'] for r in records):.0f} |")  # fmt: skip
     offline = statistics.mean(r["accuracy"] for r in results["offline"])
     iterative = statistics.mean(r["accuracy"] for r in results["iterative"])
-    print(f"\nratio iterative / offline held-out accuracy: {iterative / offline:.2f}" if offline else "\noffline accuracy is 0")
+    print(
+        f"\nratio iterative / offline held-out accuracy: {iterative / offline:.2f}" if offline
+        else "\noffline accuracy is 0"
+    )
     per_round = [[round(value, 3) for value in r["accuracy_per_round"]] for r in results["iterative"]]
     print(f"iterative held-out accuracy per round (round 0 = base), per seed: {per_round}")
 

@@ -14,7 +14,8 @@ max_grad_norm 1, batch (pairs per step) and seed; dropout off in both (each tool
 - defaults, one epoch: each tool's own speed-relevant defaults. TRL's RewardConfig: bf16 autocast, gradient
   checkpointing, random batches (on a CPU it also needs use_cpu=True to start at all). prefalign's: bf16
   autocast where the CPU has native bf16 (mixed_precision=auto; this AMD EPYC has AVX512-BF16), with
-  attention over at most 128 keys in fp32 (faster on a CPU), no checkpointing, length-grouped micro-batches. Held-out pairwise accuracy of
+  attention over at most 128 keys in fp32 (faster on a CPU), no checkpointing, length-grouped micro-batches. \
+Held-out pairwise accuracy of
   each trained model (95% Wilson interval), by one shared plain-transformers evaluation in fp32, and
   training throughput;
 - matched, a few steps: fp32 and no gradient checkpointing for both, throughput only (prefalign keeps its
@@ -23,8 +24,10 @@ max_grad_norm 1, batch (pairs per step) and seed; dropout off in both (each tool
 Throughput = pairs per second over all measured steps (data loading included): grouped batches differ in
 width, so a median step is not an epoch's. The padded tokens per epoch of each batching are printed.
 
-    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py           # about 15 min here (2 shared cores)
-    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py --train 48 --held-out 32 --steps 3 --matched-steps 3 --batch-size 4   # smoke
+    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py           \
+# about 15 min here (2 shared cores)
+    PREFALIGN_DATA_DIR=../shared/data python benchmarks/reward_hh.py --train 48 --held-out 32 --steps 3 \
+--matched-steps 3 --batch-size 4   # smoke
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ def parse_transcript(text: str) -> list[dict[str, str]] | None:
     parts = TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         return None
-    messages = [{"role": ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2], strict=True)]
+    messages = [
+        {"role": ROLES[role], "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
     if any(not message["content"] for message in messages) or messages[-1]["role"] != "assistant":
         return None
     return messages
@@ -62,7 +68,9 @@ def parse_transcript(text: str) -> list[dict[str, str]] | None:
 def load_split(data_dir: str, train: int, held_out: int, seed: int) -> tuple[list[dict], list[dict], int]:
     path = Path(data_dir) / "hh-rlhf-harmless" / "test.jsonl.gz"
     if not path.is_file():
-        sys.exit(f"{path} not found: set PREFALIGN_DATA_DIR to the folder holding hh-rlhf-harmless/test.jsonl.gz")
+        sys.exit(
+            f"{path} not found: set PREFALIGN_DATA_DIR to the folder holding hh-rlhf-harmless/test.jsonl.gz"
+        )
     with gzip.open(path, "rt") as lines:
         raw = [json.loads(line) for line in lines]
     rows, skipped = [], 0
@@ -81,7 +89,9 @@ def load_split(data_dir: str, train: int, held_out: int, seed: int) -> tuple[lis
 # ----------------------------------------------------------------------------- worker (one per tool and mode)
 
 
-def heldout_accuracy(model, examples: list[dict], pad_token_id: int, batch_size: int = 32) -> dict[str, float]:
+def heldout_accuracy(
+    model, examples: list[dict], pad_token_id: int, batch_size: int = 32,
+) -> dict[str, float]:
     """Plain transformers forward over the held-out ids, identical for both tools."""
     import torch
 
@@ -139,7 +149,9 @@ def run_ours(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
     config.train.log_every = 1
     if not spec["evaluate"]:
         config.normalization_pairs = 16  # the saved mean/std; kept small in throughput-only runs
-    train_rows = datasets.Dataset.from_list([json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()])
+    train_rows = datasets.Dataset.from_list(
+        [json.loads(line) for line in (work / "train_rows.jsonl").read_text().splitlines()]
+    )
     started = time.perf_counter()
     result = train_reward_model(config, dataset=train_rows)
     train_seconds = time.perf_counter() - started
@@ -167,7 +179,8 @@ def run_trl(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     class StepClock(TrainerCallback):
-        """Seconds between consecutive optimizer steps (data loading included, as in prefalign's step_time)."""
+        """Seconds between consecutive optimizer steps (data loading included, as in prefalign's
+        step_time)."""
 
         def __init__(self):
             self.stamps = []
@@ -181,23 +194,34 @@ def run_trl(spec: dict, work: Path, held_out: list[dict], mode: str) -> dict:
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["backbone"])
     model = AutoModelForSequenceClassification.from_pretrained(spec["backbone"], num_labels=1)
-    train_ids = datasets.Dataset.from_list([json.loads(line) for line in (work / "train_ids.jsonl").read_text().splitlines()])
+    train_ids = datasets.Dataset.from_list(
+        [json.loads(line) for line in (work / "train_ids.jsonl").read_text().splitlines()]
+    )
     settings = dict(
-        output_dir=str(work / f"{mode}-run"), per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
-        learning_rate=spec["learning_rate"], max_length=spec["max_length"], seed=spec["seed"], report_to="none",
-        save_strategy="no", logging_steps=10, disable_tqdm=True,
+        output_dir=str(work / f"{mode}-run"), per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"], learning_rate=spec["learning_rate"], max_length=spec["max_length"],
+        seed=spec["seed"], report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True,
         use_cpu=True,  # without it TRL's default bf16=True stops at start-up on a machine without a GPU
     )
     settings.update(lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0)
     if mode.startswith("trl-matched"):
         settings.update(bf16=False, gradient_checkpointing=False)
     if mode == "trl-matched-grouped":
-        # TrainingArguments' public length-grouped sampler, on the `length` column (the longer side of each pair).
-        # remove_unused_columns=False keeps that column until the sampler reads it (TRL's collator ignores it).
-        settings.update(train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False)
-        train_ids = train_ids.map(lambda row: {"length": max(len(row["chosen_ids"]), len(row["rejected_ids"]))})
+        # TrainingArguments' public length-grouped sampler, on the `length` column (the longer side of each
+        # pair). remove_unused_columns=False keeps that column until the sampler reads it (TRL's collator
+        # ignores it).
+        settings.update(
+            train_sampling_strategy="group_by_length", length_column_name="length",
+            remove_unused_columns=False,
+        )
+        train_ids = train_ids.map(
+            lambda row: {"length": max(len(row["chosen_ids"]), len(row["rejected_ids"]))}
+        )
     clock = StepClock()
-    trainer = RewardTrainer(model=model, args=RewardConfig(**settings), train_dataset=train_ids, processing_class=tokenizer, callbacks=[clock])
+    trainer = RewardTrainer(
+        model=model, args=RewardConfig(**settings), train_dataset=train_ids, processing_class=tokenizer,
+        callbacks=[clock],
+    )
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
@@ -236,7 +260,9 @@ def prepare(args, work: Path) -> dict:
     for name, examples in (("train_ids", train_ids), ("held_out_ids", held_ids)):
         with (work / f"{name}.jsonl").open("w") as handle:
             for e in examples:
-                handle.write(json.dumps({"chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]}) + "\n")
+                handle.write(
+                    json.dumps({"chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]}) + "\n"
+                )
     with (work / "train_rows.jsonl").open("w") as handle:
         for row in train_rows:
             handle.write(json.dumps(row) + "\n")
@@ -248,11 +274,13 @@ def prepare(args, work: Path) -> dict:
     (work / "spec.json").write_text(json.dumps(spec))
     lengths = [len(e["chosen_ids"]) for e in train_ids] + [len(e["rejected_ids"]) for e in train_ids]
     print(
-        f"HH-RLHF harmless-base: {len(train_rows) + len(held_rows)} pairs used ({skipped} rows skipped before the split: "
-        f"a transcript that does not parse or has an empty turn); train {train_stats.summary()}; held out {held_stats.summary()}; "
-        f"train sequence length mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens"
+        f"HH-RLHF harmless-base: {len(train_rows) + len(held_rows)} pairs used ({skipped} rows skipped "
+        "before the split: a transcript that does not parse or has an empty turn); train "
+        f"{train_stats.summary()}; held out {held_stats.summary()}; train sequence length mean "
+        f"{statistics.mean(lengths):.0f}, max {max(lengths)} tokens"
     )
-    print(f"backbone MiniLM-L6 (BERT encoder, {backbone}); batch {args.batch_size} pairs, {steps} steps, lr {args.learning_rate}, {args.threads} thread(s)")
+    print(f"backbone MiniLM-L6 (BERT encoder, {backbone}); batch {args.batch_size} pairs, {steps} steps, lr "
+          f"{args.learning_rate}, {args.threads} thread(s)")
     print(padding_report(train_ids, args.batch_size, args.seed, args.matched_steps))
     return spec
 
@@ -284,23 +312,37 @@ def padding_report(examples: list[dict], batch_size: int, seed: int, matched_ste
     sampler = LengthGroupedSampler(batch_size, lengths=width, generator=torch.Generator().manual_seed(seed))
     stream = example_stream(len(ours), seed)
     first = [ours[next(stream)] for _ in range(min(matched_steps, len(ours)))]
-    rows = {"random batches": padded(cut(shuffled)), "prefalign length-grouped": padded(ours), "TRL group_by_length": padded(cut(list(sampler)))}
+    rows = {
+        "random batches": padded(cut(shuffled)), "prefalign length-grouped": padded(ours),
+        "TRL group_by_length": padded(cut(list(sampler))),
+    }
     shown = ", ".join(f"{name} {tokens:,} ({1 - real / tokens:.1%} padding)" for name, tokens in rows.items())
     return (
-        f"tokens per epoch: real {real:,}; padded to the batch's longest: {shown}; prefalign's first {len(first)} batches "
-        f"{padded(first):,} padded tokens ({padded(first) / len(first):,.0f} per step vs {rows['random batches'] / len(ours):,.0f} for random batches)"
+        f"tokens per epoch: real {real:,}; padded to the batch's longest: {shown}; prefalign's first "
+        f"{len(first)} batches {padded(first):,} padded tokens ({padded(first) / len(first):,.0f} per step "
+        f"vs {rows['random batches'] / len(ours):,.0f} for random batches)"
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--train", type=int, default=1800)
     parser.add_argument("--held-out", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step (both tools)")
-    parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = one epoch of the training pairs)")
-    parser.add_argument("--matched-steps", type=int, default=12, help="steps of the throughput-only runs with matched settings")
-    parser.add_argument("--matched-repeats", type=int, default=1, help="rounds of the matched runs, the tools in turn (load on a shared machine drifts)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="optimizer steps (0 = one epoch of the training pairs)",
+    )
+    parser.add_argument(
+        "--matched-steps", type=int, default=12,
+        help="steps of the throughput-only runs with matched settings",
+    )
+    parser.add_argument(
+        "--matched-repeats", type=int, default=1,
+        help="rounds of the matched runs, the tools in turn (load on a shared machine drifts)",
+    )
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS, help="which runs (default: all)")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=0)
@@ -323,10 +365,15 @@ def main() -> None:
         matched_names = [name for name in RUNS[2:] if name in args.runs]
         for name in [name for name in RUNS[:2] if name in args.runs] + matched_names * args.matched_repeats:
             matched = "matched" in name
-            run_spec = dict(spec, steps=args.matched_steps, evaluate=False) if matched else dict(spec, evaluate=True)
+            run_spec = (
+                dict(spec, steps=args.matched_steps, evaluate=False) if matched else dict(spec, evaluate=True)
+            )
             (work / "spec.json").write_text(json.dumps(run_spec))
             started = time.perf_counter()
-            command = [sys.executable, __file__, "--worker", name, "--work", str(work), "--threads", str(args.threads)]
+            command = [
+                sys.executable, __file__, "--worker", name, "--work", str(work), "--threads",
+                str(args.threads),
+            ]
             completed = subprocess.run(command, capture_output=True, text=True)
             if completed.returncode != 0:
                 sys.exit(f"{name} failed:\n{completed.stderr[-4000:]}")
@@ -336,9 +383,12 @@ def main() -> None:
     report({name: merge_runs(runs) for name, runs in results.items()}, spec)
     if args.matched_repeats > 1 and "ours-matched" in results:
         for other in [name for name in matched_names if name != "ours-matched"]:
-            ratios = [(theirs["sum_step_seconds"] / theirs["steps"]) / (ours["sum_step_seconds"] / ours["steps"])
-                      for ours, theirs in zip(results["ours-matched"], results[other], strict=True)]
-            print(f"ours-matched / {other} throughput in each round: {', '.join(f'{r:.2f}x' for r in ratios)}")
+            ratios = [
+                (theirs["sum_step_seconds"] / theirs["steps"]) / (ours["sum_step_seconds"] / ours["steps"])
+                for ours, theirs in zip(results["ours-matched"], results[other], strict=True)
+            ]
+            print(f"ours-matched / {other} throughput in each round: "
+                  f"{', '.join(f'{r:.2f}x' for r in ratios)}")
 
 
 def merge_runs(runs: list[dict]) -> dict:
@@ -357,14 +407,18 @@ def report(results: dict, spec: dict) -> None:
     length-grouped batches the steps differ in width, so a median step says little about an epoch (on HH the
     median grouped batch is a full 128-token one, as most pairs have a side cut to 128)."""
     pairs = spec["batch_size"]
-    print("\n| run | bf16 | grad. ckpt | dropout off | steps | held-out accuracy (95% CI) | median s/step | mean s/step | pairs/s |")
+    print("\n| run | bf16 | grad. ckpt | dropout off | steps | held-out accuracy (95% CI) | median s/step | "
+          "mean s/step | pairs/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in results.items():
-        accuracy = f"{row['accuracy']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})" if "accuracy" in row else "-"
+        accuracy = (
+            f"{row['accuracy']:.3f} ({row['ci_low']:.3f}-{row['ci_high']:.3f})" if "accuracy" in row else "-"
+        )
         row["pairs_per_second"] = pairs * row["steps"] / row["sum_step_seconds"]
         print(
-            f"| {name} | {row['bf16']} | {row['gradient_checkpointing']} | {row['dropout_off']} | {row['steps']} | {accuracy} | "
-            f"{row['median_step_seconds']:.2f} | {row['sum_step_seconds'] / row['steps']:.2f} | {row['pairs_per_second']:.2f} |"
+            f"| {name} | {row['bf16']} | {row['gradient_checkpointing']} | {row['dropout_off']} | "
+            f"{row['steps']} | {accuracy} | {row['median_step_seconds']:.2f} | "
+            f"{row['sum_step_seconds'] / row['steps']:.2f} | {row['pairs_per_second']:.2f} |"
         )
     comparisons = [("defaults", "ours-defaults", "trl-defaults"), ("matched", "ours-matched", "trl-matched")]
     if "trl-matched-grouped" in results:

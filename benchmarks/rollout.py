@@ -124,12 +124,16 @@ def measure(model, tokenizer, engine, prompts, n: int, args) -> dict[str, float]
     return {"tokens": tokens["ours"], "ours": ours_rate, "hf": hf_rate, "ratio": ours_rate / hf_rate}
 
 
-def print_table(title: str, prompts, rows: dict[int, dict[str, float]], flops_per_token: float, rate: float) -> None:
+def print_table(
+    title: str, prompts, rows: dict[int, dict[str, float]], flops_per_token: float, rate: float,
+) -> None:
     lengths = [len(prompt) for prompt in prompts]
     print(
-        f"\n{title}: {len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f})"
+        f"\n{title}: {len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens (mean "
+        f"{statistics.mean(lengths):.0f})"
     )
-    print(f"{'n':>4} {'tokens':>7} {'prefalign tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} {'ours/mm':>8} {'theirs/mm':>10}")
+    print(f"{'n':>4} {'tokens':>7} {'prefalign tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} "
+          f"{'ours/mm':>8} {'theirs/mm':>10}")
     for n, row in rows.items():
         ours_share, theirs_share = (row[key] * flops_per_token / rate for key in ("ours", "hf"))
         print(
@@ -151,7 +155,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     # 256 = every row of the largest case (16 prompts x n = 16) in one batch, as model.generate runs them.
     parser.add_argument("--batch-size", type=int, default=256, help="LocalEngine batch_size (sequences)")
-    parser.add_argument("--profile", action="store_true", help="also profile one engine call at n = 8 on task prompts")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one engine call at n = 8 on task prompts",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

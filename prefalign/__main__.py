@@ -1,4 +1,5 @@
-"""`python -m prefalign <command> ...` (what `torchrun -m prefalign` and `accelerate launch -m prefalign` start)."""
+"""`python -m prefalign <command> ...` (what `torchrun -m prefalign` and `accelerate launch -m prefalign`
+start)."""
 
 import sys
 

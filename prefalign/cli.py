@@ -28,20 +28,52 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "sft": Command("prefalign.commands.sft", "sft", "SFTConfig", "supervised fine-tuning on prompt/completion data"),
-    "sample": Command("prefalign.commands.sample", "sample", "SampleConfig", "rejection sampling: n samples per prompt, scored, as pairs or best-of-n"),
-    "base": Command("prefalign.commands.base", "base", "BaseConfig", "build (or reuse) the built-in task's tiny base model"),
-    "dpo": Command("prefalign.commands.dpo", "dpo", "DPOCommandConfig", "DPO and its family (IPO, cDPO, robust, hinge, SimPO, RPO) on preference pairs"),
-    "grpo": Command("prefalign.commands.grpo", "grpo", "GRPOConfig", "GRPO (and Dr. GRPO, DAPO, GSPO): group-relative RL with reward functions and/or a reward model"),
-    "eval": Command("prefalign.commands.eval", "evaluate", "EvalConfig", "accuracy, pass@k and KL of a model on a prompt set"),
-    "reward": Command("prefalign.commands.reward", "reward", "RewardConfig", "train a reward model on preference pairs (Bradley-Terry); --eval-only to evaluate one"),
-    "score": Command("prefalign.commands.score", "score", "ScoreConfig", "score a file of completions (or pairs) with a reward model; writes a copy with reward columns"),
-    "eval-reward": Command("prefalign.commands.reward", "eval_reward", "EvalRewardConfig", "pairwise accuracy (95% CI), margin and length correlation of a reward model"),
-    "demo": Command("prefalign.commands.demo", "demo", "DemoConfig", "the whole stage on the built-in task, with a report"),
+    "sft": Command(
+        "prefalign.commands.sft", "sft", "SFTConfig", "supervised fine-tuning on prompt/completion data",
+    ),
+    "sample": Command(
+        "prefalign.commands.sample", "sample", "SampleConfig",
+        "rejection sampling: n samples per prompt, scored, as pairs or best-of-n",
+    ),
+    "base": Command(
+        "prefalign.commands.base", "base", "BaseConfig",
+        "build (or reuse) the built-in task's tiny base model",
+    ),
+    "dpo": Command(
+        "prefalign.commands.dpo", "dpo", "DPOCommandConfig",
+        "DPO and its family (IPO, cDPO, robust, hinge, SimPO, RPO) on preference pairs",
+    ),
+    "grpo": Command(
+        "prefalign.commands.grpo", "grpo", "GRPOConfig",
+        "GRPO (and Dr. GRPO, DAPO, GSPO): group-relative RL with reward functions and/or a reward model",
+    ),
+    "eval": Command(
+        "prefalign.commands.eval", "evaluate", "EvalConfig",
+        "accuracy, pass@k and KL of a model on a prompt set",
+    ),
+    "reward": Command(
+        "prefalign.commands.reward", "reward", "RewardConfig",
+        "train a reward model on preference pairs (Bradley-Terry); --eval-only to evaluate one",
+    ),
+    "score": Command(
+        "prefalign.commands.score", "score", "ScoreConfig",
+        "score a file of completions (or pairs) with a reward model; writes a copy with reward columns",
+    ),
+    "eval-reward": Command(
+        "prefalign.commands.reward", "eval_reward", "EvalRewardConfig",
+        "pairwise accuracy (95% CI), margin and length correlation of a reward model",
+    ),
+    "demo": Command(
+        "prefalign.commands.demo", "demo", "DemoConfig",
+        "the whole stage on the built-in task, with a report",
+    ),
     "env": Command("prefalign.commands.env", "env", "EnvConfig", "versions and hardware, for bug reports"),
 }
 
-USAGE = "usage: prefalign <command> [--config FILE.yaml] [--key value ...]   (prefalign <command> --help lists every key)"
+USAGE = (
+    "usage: prefalign <command> [--config FILE.yaml] [--key value ...]   (prefalign <command> "
+    "--help lists every key)"
+)
 
 
 def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], bool]:
@@ -94,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         import difflib
 
         close = difflib.get_close_matches(name, COMMANDS, n=1)
-        print(f"prefalign: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "") + f"\n{USAGE}", file=sys.stderr)
+        print(
+            f"prefalign: unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+            + f"\n{USAGE}",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()

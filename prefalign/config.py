@@ -33,32 +33,66 @@ def option(default: Any = None, help: str = "", *, factory: Any = None) -> Any:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = option("builtin", "Hugging Face model folder or hub name; `builtin` = the tiny base model of the built-in task (built on first use).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+    name_or_path: str = option(
+        "builtin",
+        "Hugging Face model folder or hub name; `builtin` = the tiny base model of the built-in "
+        "task (built on first use).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+    )
     device: str = option("auto", "Device: auto, cpu, cuda, cuda:1, ...")
-    trust_remote_code: bool = option(False, "Allow code shipped with the model to run. Off unless you trust the source.")
+    trust_remote_code: bool = option(
+        False, "Allow code shipped with the model to run. Off unless you trust the source.",
+    )
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
-    attn_implementation: str | None = option(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = transformers' choice.")
+    attn_implementation: str | None = option(
+        None,
+        "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); "
+        "None = transformers' choice.",
+    )
     lora: bool = option(False, "Train LoRA adapters instead of all weights (through peft).")
     lora_r: int = option(8, "LoRA rank.")
     lora_alpha: int = option(16, "LoRA scaling alpha.")
     lora_dropout: float = option(0.0, "Dropout on the LoRA path.")
-    lora_target_modules: list[str] = option(help="Module names that get adapters; `all-linear` = every linear layer but the output head.", factory=lambda: ["all-linear"])
+    lora_target_modules: list[str] = option(
+        help="Module names that get adapters; `all-linear` = every linear layer but the output head.",
+        factory=lambda: ["all-linear"],
+    )
     merge_lora: bool = option(False, "Also save a merged full model (final/merged) next to the adapter.")
 
 
 @dataclass
 class DataConfig:
-    path: list[str] = option(help="Training data: JSONL/JSON/Parquet/CSV files, save_to_disk folders or hub names; several are concatenated. `builtin` = the built-in task.", factory=lambda: ["builtin"])
-    eval_path: list[str] = option(help="Held-out data in the same forms; empty = split from `path` with eval_fraction.", factory=list)
+    path: list[str] = option(
+        help="Training data: JSONL/JSON/Parquet/CSV files, save_to_disk folders or hub names; several are "
+             "concatenated. `builtin` = the built-in task.",
+        factory=lambda: ["builtin"],
+    )
+    eval_path: list[str] = option(
+        help="Held-out data in the same forms; empty = split from `path` with eval_fraction.", factory=list,
+    )
     split: str = option("train", "Split to read from a hub dataset or a DatasetDict folder.")
-    columns: dict[str, str] = option(help="Rename source columns to ours, e.g. {question: prompt, best: chosen}.", factory=dict)
-    eval_fraction: float = option(0.0, "Fraction of the training source held out for evaluation when eval_path is empty.")
-    max_samples: int | None = option(None, "Use at most this many training rows (after shuffling with the seed).")
+    columns: dict[str, str] = option(
+        help="Rename source columns to ours, e.g. {question: prompt, best: chosen}.", factory=dict,
+    )
+    eval_fraction: float = option(
+        0.0, "Fraction of the training source held out for evaluation when eval_path is empty.",
+    )
+    max_samples: int | None = option(
+        None, "Use at most this many training rows (after shuffling with the seed).",
+    )
     max_eval_samples: int | None = option(None, "Use at most this many eval rows.")
-    max_length: int = option(512, "Longest prompt+completion in tokens; completions are truncated to fit (counted and reported).")
-    max_prompt_length: int | None = option(None, "Longest prompt in tokens; longer prompts are cut from the left (counted). None = no separate limit.")
-    too_long_prompt: Literal["drop", "error"] = option("drop", "A prompt that alone fills max_length: drop the row (counted) or stop with an error.")
+    max_length: int = option(
+        512, "Longest prompt+completion in tokens; completions are truncated to fit (counted and reported).",
+    )
+    max_prompt_length: int | None = option(
+        None,
+        "Longest prompt in tokens; longer prompts are cut from the left (counted). None = no separate limit.",
+    )
+    too_long_prompt: Literal["drop", "error"] = option(
+        "drop", "A prompt that alone fills max_length: drop the row (counted) or stop with an error.",
+    )
     seed: int = option(0, "Seed for shuffling before max_samples and for the eval split.")
 
 
@@ -67,7 +101,9 @@ class TrainConfig:
     output_dir: str = option("", "Run folder; empty = runs/<command>.")
     learning_rate: float = option(1e-5, "Peak learning rate of AdamW.")
     batch_size: int = option(8, "Examples per micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step; the loss is normalised over the whole step.")
+    grad_accum: int = option(
+        1, "Micro-batches per optimizer step; the loss is normalised over the whole step.",
+    )
     epochs: float = option(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = option(0, "Optimizer steps to run; 0 = derive from epochs.")
     warmup_ratio: float = option(0.0, "Fraction of steps with linear warmup.")
@@ -77,8 +113,14 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
-    fused_optimizer: bool = option(True, "torch's fused AdamW kernel where the parameters allow it: several times faster on CPU, numerically a little different from the per-tensor loop.")
-    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 = no clipping); the pre-clip norm is logged.")
+    fused_optimizer: bool = option(
+        True,
+        "torch's fused AdamW kernel where the parameters allow it: several times faster on CPU, numerically "
+        "a little different from the per-tensor loop.",
+    )
+    max_grad_norm: float = option(
+        1.0, "Clip the global gradient norm to this (0 = no clipping); the pre-clip norm is logged.",
+    )
     seed: int = option(42, "Seed for initialisation, shuffling and sampling.")
     eval_every: int = option(0, "Evaluate every N optimizer steps (0 = only at the end).")
     save_every: int = option(0, "Checkpoint every N optimizer steps (0 = no intermediate checkpoints).")
@@ -86,7 +128,9 @@ class TrainConfig:
     log_every: int = option(1, "Write metrics every N optimizer steps.")
     resume: bool = option(False, "Continue from the newest checkpoint in the run folder.")
     num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
-    report_to: list[str] = option(help="Extra trackers through accelerate (tensorboard, wandb, ...).", factory=list)
+    report_to: list[str] = option(
+        help="Extra trackers through accelerate (tensorboard, wandb, ...).", factory=list,
+    )
     progress: bool = option(True, "Show a progress bar with ETA.")
     overwrite: bool = option(False, "Allow writing into a run folder that already holds a finished run.")
 
@@ -163,7 +207,9 @@ def coerce(key: str, value: Any, hint: Any, *, from_string: bool = False) -> Any
         raise ConfigError(f"config key {key!r} must be one of {list(args)}, got {value!r}{hint_text}")
     if origin in (list, tuple):
         if from_string and isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            parsed = (
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            )
             value = parsed
         if isinstance(value, str):
             value = [value]
@@ -245,7 +291,10 @@ def apply_overrides(config: Any, overrides: dict[str, Any], *, from_string: bool
     return config
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None, *, from_string: bool = False) -> Any:
+def load_config(
+    cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+    from_string: bool = False,
+) -> Any:
     """Build a config: defaults, then a YAML file, then overrides (later wins)."""
     config = cls()
     if path is not None:
@@ -276,7 +325,9 @@ def help_text(cls: type) -> str:
                 walk(hint, value, f"{prefix}{f.name}.")
                 continue
             type_text = _type_name(hint)
-            lines.append(f"  --{prefix}{f.name} ({type_text}, default {value!r})\n      {f.metadata.get('help', '')}")
+            lines.append(
+                f"  --{prefix}{f.name} ({type_text}, default {value!r})\n      {f.metadata.get('help', '')}"
+            )
 
     walk(cls, cls(), "")
     return "\n".join(lines)

@@ -34,7 +34,9 @@ def check_cuda() -> str:
 def small_train(output_dir: Path, **train):
     from prefalign.config import TrainConfig
 
-    return TrainConfig(output_dir=str(output_dir), max_steps=3, batch_size=8, progress=False, overwrite=True, **train)
+    return TrainConfig(
+        output_dir=str(output_dir), max_steps=3, batch_size=8, progress=False, overwrite=True, **train,
+    )
 
 
 def check_sft(out: Path) -> str:
@@ -53,10 +55,15 @@ def check_generation(out: Path) -> str:
     from prefalign.rollout.types import SamplingParams
 
     model, tokenizer = load_causal_lm(ModelConfig(), trainable=False)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "12+34"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "12+34"}], tokenize=False, add_generation_prompt=True,
+    )
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     samples = LocalEngine(model, tokenizer).generate([ids] * 4, SamplingParams(n=8, max_new_tokens=8, seed=0))
-    return f"{sum(len(s) for s in samples)} samples on {next(model.parameters()).device}, dtype {next(model.parameters()).dtype}"
+    return (
+        f"{sum(len(s) for s in samples)} samples on {next(model.parameters()).device}, dtype "
+        f"{next(model.parameters()).dtype}"
+    )
 
 
 def check_command(module: str, function: str, config_class: str, configure) -> str:
@@ -86,9 +93,15 @@ def main() -> int:
         "generation": lambda: check_generation(out),
         "sft": lambda: check_sft(out),
         "dpo": lambda: check_command("prefalign.train.dpo", "dpo", "DPOConfig", lambda c: limit(c, "dpo")),
-        "reward": lambda: check_command("prefalign.train.reward_model", "train_reward_model", "RewardConfig", lambda c: limit(c, "reward")),
+        "reward": lambda: check_command(
+            "prefalign.train.reward_model", "train_reward_model", "RewardConfig",
+            lambda c: limit(c, "reward"),
+        ),
         # The built-in base has a 128-token context: GRPO's default 256 new tokens would not fit.
-        "grpo": lambda: check_command("prefalign.train.grpo", "grpo", "GRPOConfig", lambda c: (limit(c, "grpo"), setattr(c, "max_new_tokens", 8))),
+        "grpo": lambda: check_command(
+            "prefalign.train.grpo", "grpo", "GRPOConfig",
+            lambda c: (limit(c, "grpo"), setattr(c, "max_new_tokens", 8)),
+        ),
     }
     failures = 0
     for name, check in checks.items():

@@ -61,23 +61,65 @@ from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_thread
 
 @dataclass
 class DPOConfig:
-    model: ModelConfig = option(help="The policy to align (full weights, or LoRA with model.lora).", factory=ModelConfig)
-    data: DataConfig = option(help="Preference rows: prompt/chosen/rejected as strings or messages, or chosen/rejected with an implicit prompt.", factory=lambda: DataConfig(max_length=512))
+    model: ModelConfig = option(
+        help="The policy to align (full weights, or LoRA with model.lora).", factory=ModelConfig,
+    )
+    data: DataConfig = option(
+        help="Preference rows: prompt/chosen/rejected as strings or messages, or chosen/rejected "
+             "with an implicit prompt.",
+        factory=lambda: DataConfig(max_length=512),
+    )
     train: TrainConfig = option(
-        help="Optimisation and run folder. The defaults suit the built-in task's tiny model; for billion-parameter models use a learning rate near 5e-7 to 1e-6.",
+        help="Optimisation and run folder. The defaults suit the built-in task's tiny model; for "
+             "billion-parameter models use a learning rate near 5e-7 to 1e-6.",
         factory=lambda: TrainConfig(learning_rate=1e-4, batch_size=32, max_steps=250, warmup_ratio=0.05),
     )
-    beta: float = option(0.1, "β: strength of the pull towards the reference (higher = stay closer). IPO's τ; SimPO's reward scale (about 2 there).")
-    loss_type: list[str] = option(help="Loss by name, or several to add up with loss_weights: " + ", ".join(DPO_LOSSES) + " (`ipo` is the paper's, on summed log-ratios; TRL's `ipo` is `ipo_length_normalized`).", factory=lambda: ["sigmoid"])
+    beta: float = option(
+        0.1,
+        "β: strength of the pull towards the reference (higher = stay closer). IPO's τ; SimPO's "
+        "reward scale (about 2 there).",
+    )
+    loss_type: list[str] = option(
+        help="Loss by name, or several to add up with loss_weights: " + ", ".join(DPO_LOSSES)
+        + " (`ipo` is the paper's, on summed log-ratios; TRL's `ipo` is `ipo_length_normalized`).",
+        factory=lambda: ["sigmoid"],
+    )
     loss_weights: list[float] = option(help="One weight per loss_type entry (empty = all 1).", factory=list)
-    label_smoothing: float = option(0.0, "ε: assumed rate of flipped labels, for conservative (sigmoid/cdpo, ≤ 0.5) and robust (< 0.5) DPO.")
+    label_smoothing: float = option(
+        0.0,
+        "ε: assumed rate of flipped labels, for conservative (sigmoid/cdpo, ≤ 0.5) and robust (< 0.5) DPO.",
+    )
     simpo_gamma: float = option(0.5, "SimPO's target reward margin γ.")
-    rpo_alpha: float = option(0.0, "α of the RPO SFT term: α · (chosen-token NLL summed) / (chosen tokens in the optimizer step); 0 = plain DPO. About 1 (Pang et al.) for tasks with right answers, where plain DPO tends to lower the chosen log-probs too; Llama 3 used 0.2 on chat data.")
-    precompute_ref_logps: bool = option(True, "Compute the frozen reference's log-probs once before training (then free the reference) instead of one reference forward per step.")
-    reference: str | None = option(None, "Reference model folder or hub name; None = the policy before training (LoRA: adapters off). Must share the policy's tokenizer.")
-    ref_batch_size: int = option(64, "Pairs per no-grad batch when computing reference log-probs and eval metrics.")
-    share_prompt: bool = option(True, "Run each prompt once for its chosen and rejected (its KV cache serves both): fewer tokens per pair, same values. Off under gradient checkpointing.")
-    mixed_precision: Literal["auto", "bf16", "off"] = option("auto", "bf16 autocast of forward passes (weights and optimizer stay in their dtype). auto = on for CUDA and for CPUs with native bf16 (AVX512-BF16 or AMX), where a training step runs about twice as fast; off elsewhere.")
+    rpo_alpha: float = option(
+        0.0,
+        "α of the RPO SFT term: α · (chosen-token NLL summed) / (chosen tokens in the optimizer step); 0 = "
+        "plain DPO. About 1 (Pang et al.) for tasks with right answers, where plain DPO tends to lower the "
+        "chosen log-probs too; Llama 3 used 0.2 on chat data.",
+    )
+    precompute_ref_logps: bool = option(
+        True,
+        "Compute the frozen reference's log-probs once before training (then free the reference) instead of "
+        "one reference forward per step.",
+    )
+    reference: str | None = option(
+        None,
+        "Reference model folder or hub name; None = the policy before training (LoRA: adapters off). Must "
+        "share the policy's tokenizer.",
+    )
+    ref_batch_size: int = option(
+        64, "Pairs per no-grad batch when computing reference log-probs and eval metrics.",
+    )
+    share_prompt: bool = option(
+        True,
+        "Run each prompt once for its chosen and rejected (its KV cache serves both): fewer tokens per pair, "
+        "same values. Off under gradient checkpointing.",
+    )
+    mixed_precision: Literal["auto", "bf16", "off"] = option(
+        "auto",
+        "bf16 autocast of forward passes (weights and optimizer stay in their dtype). auto = on for "
+        "CUDA and for CPUs with native bf16 (AVX512-BF16 or AMX), where a training step runs about "
+        "twice as fast; off elsewhere.",
+    )
 
 
 def loss_types(config: DPOConfig) -> list[str]:
@@ -90,7 +132,8 @@ def needs_reference(config: DPOConfig) -> bool:
 
 
 def check_config(config: DPOConfig) -> None:
-    """Fail on a bad loss setup before any model is loaded (dpo_loss owns the rules; ask it on one dummy pair)."""
+    """Fail on a bad loss setup before any model is loaded (dpo_loss owns the rules; ask it on one dummy
+    pair)."""
     one = torch.ones(1)
     try:
         dpo_loss(
@@ -106,7 +149,10 @@ def check_config(config: DPOConfig) -> None:
         raise ConfigError(f"ref_batch_size must be at least 1, got {config.ref_batch_size}.")
 
 
-def make_loss(config: DPOConfig, forward: PairForward, reference_on_the_fly: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None):
+def make_loss(
+    config: DPOConfig, forward: PairForward,
+    reference_on_the_fly: Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]] | None,
+):
     """loss_fn(model, batch) -> LossOutput for the runtime: sums over the micro-batch's pairs."""
     names = loss_types(config)
     weights = list(config.loss_weights) or None
@@ -129,8 +175,8 @@ def make_loss(config: DPOConfig, forward: PairForward, reference_on_the_fly: Cal
         loss_sum = loss * pairs  # the runtime divides by the pairs of the whole optimizer step
         metrics = {key: value * pairs for key, value in metrics.items()}
         if config.rpo_alpha > 0:
-            # The SFT term is a per-token mean over the step's chosen tokens; scaled by the step's pairs so the
-            # runtime's division by pairs leaves exactly α · NLL / chosen tokens.
+            # The SFT term is a per-token mean over the step's chosen tokens; scaled by the step's pairs so
+            # the runtime's division by pairs leaves exactly α · NLL / chosen tokens.
             step_pairs, step_tokens = batch["step_pairs"], batch["step_chosen_tokens"]
             chosen_nll = -scored.token_logps[:pairs].sum()
             loss_sum = loss_sum + sft_term(chosen_nll, step_tokens, alpha=config.rpo_alpha) * step_pairs
@@ -152,7 +198,9 @@ def annotate_step(micro_batches: list[dict[str, Any]]) -> None:
         batch["step_pairs"], batch["step_chosen_tokens"] = pairs, tokens
 
 
-def make_evaluator(config: DPOConfig, pairs, ref_logps, forward: PairForward, reference_on_the_fly) -> Callable[[Any], dict[str, float]]:
+def make_evaluator(
+    config: DPOConfig, pairs, ref_logps, forward: PairForward, reference_on_the_fly,
+) -> Callable[[Any], dict[str, float]]:
     """The training metrics on held-out pairs (pair-weighted means), no gradient."""
     loss_fn = make_loss(config, forward, reference_on_the_fly)
 
@@ -174,7 +222,10 @@ def make_evaluator(config: DPOConfig, pairs, ref_logps, forward: PairForward, re
     return evaluate
 
 
-def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None, save: bool = True) -> TrainResult:
+def dpo(
+    config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None,
+    save: bool = True,
+) -> TrainResult:
     """Run DPO (or a family member) as configured; returns the training result (model saved to <run>/final).
 
     `model`/`tokenizer` replace config.model; `reference` (a model object) replaces config.reference.
@@ -200,7 +251,10 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
     # The KV cache that shares prompts is off under gradient checkpointing (transformers disables it there).
     checkpointing = config.model.gradient_checkpointing or activation_checkpointing(model)
     share_prompt = config.share_prompt and not checkpointing
-    forward = PairForward(tokenizer.pad_token_id, use_bf16_autocast(config.mixed_precision, model_device(model)), share_prompt, float32_attention=not checkpointing)
+    forward = PairForward(
+        tokenizer.pad_token_id, use_bf16_autocast(config.mixed_precision, model_device(model)), share_prompt,
+        float32_attention=not checkpointing,
+    )
     ref_logps: dict[str, dict[str, torch.Tensor]] = {}
     reference_on_the_fly = None
     if needs_reference(config) and config.precompute_ref_logps:
@@ -211,7 +265,9 @@ def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, token
 
     evaluate = None
     if "eval" in splits:
-        evaluate = make_evaluator(config, splits["eval"], ref_logps.get("eval"), forward, reference_on_the_fly)
+        evaluate = make_evaluator(
+            config, splits["eval"], ref_logps.get("eval"), forward, reference_on_the_fly,
+        )
     result = train_on_examples(
         model=model,
         examples=train_pairs,
@@ -245,10 +301,14 @@ def load_reference(config: DPOConfig, policy, tokenizer, reference):
     if not config.reference:
         return None
     path = resolve_model_path(config.reference)
-    check_same_tokenizer(tokenizer, load_tokenizer(path, trust_remote_code=config.model.trust_remote_code), f"{config.reference!r}")
+    check_same_tokenizer(
+        tokenizer, load_tokenizer(path, trust_remote_code=config.model.trust_remote_code),
+        f"{config.reference!r}",
+    )
     reference_config = ModelConfig(
         name_or_path=path, dtype=config.model.dtype, device=str(model_device(policy)),
-        trust_remote_code=config.model.trust_remote_code, attn_implementation=config.model.attn_implementation,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
     )  # fmt: skip
     network, _ = load_causal_lm(reference_config, trainable=False)
     check_reference_model(policy, network)
@@ -261,7 +321,9 @@ def _card_lines(config: DPOConfig, result: TrainResult) -> dict[str, Any]:
     lines = {
         "method": f"DPO family: {', '.join(loss_types(config))} (β = {config.beta})",
         "base model": config.model.name_or_path,
-        "reference": config.reference or ("the base with LoRA adapters off" if config.model.lora else "the starting policy"),
+        "reference": config.reference or (
+            "the base with LoRA adapters off" if config.model.lora else "the starting policy"
+        ),
         "data": ", ".join(config.data.path),
         "steps": result.step,
         "learning rate": config.train.learning_rate,

@@ -47,10 +47,15 @@ class PairForward:
     share_prompt: bool = True
     float32_attention: bool = True
 
-    def collate(self, pairs: list[dict[str, Any]], ref_logps: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, Any]:
-        """One batch: the pairs, their padded chosen rows [0, B) and rejected rows [B, 2B) (collate_preference)
-        unless prompts are shared, and their precomputed reference log-probs, (B,) each."""
-        batch: dict[str, Any] = {} if self.share_prompt else {k: v.to(device) for k, v in collate_preference(pairs, self.pad_token_id).items()}
+    def collate(
+        self, pairs: list[dict[str, Any]], ref_logps: dict[str, torch.Tensor] | None, device: torch.device,
+    ) -> dict[str, Any]:
+        """One batch: the pairs, their padded chosen rows [0, B) and rejected rows [B, 2B)
+        (collate_preference) unless prompts are shared, and their precomputed reference log-probs, (B,)
+        each."""
+        batch: dict[str, Any] = {} if self.share_prompt else {
+            k: v.to(device) for k, v in collate_preference(pairs, self.pad_token_id).items()
+        }
         batch["pairs"] = pairs
         if ref_logps is not None:
             index = torch.tensor([pair["index"] for pair in pairs])
@@ -64,14 +69,20 @@ class PairForward:
             if not self.share_prompt:
                 return completion_logps(model, batch)
             pairs = batch["pairs"]
-            # Chosen and rejected share their prompt: it goes through the model once and its KV cache (with its
-            # graph) serves both rows, so a pair costs |x| + |y_w| + |y_l| tokens instead of 2|x| + |y_w| + |y_l|.
+            # Chosen and rejected share their prompt: it goes through the model once and its KV cache (with
+            # its graph) serves both rows, so a pair costs |x| + |y_w| + |y_l| tokens instead of 2|x| + |y_w|
+            # + |y_l|.
             completions = [pair["chosen_ids"] for pair in pairs] + [pair["rejected_ids"] for pair in pairs]
-            return grouped_completion_logps(model, [pair["prompt_ids"] for pair in pairs] * 2, completions, self.pad_token_id)
+            return grouped_completion_logps(
+                model, [pair["prompt_ids"] for pair in pairs] * 2, completions, self.pad_token_id,
+            )
 
 
-def tokenized_pairs(rows, tokenizer, data_config: DataConfig, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Tokenized pairs as plain dicts with their `index`; identical chosen/rejected pairs dropped and counted."""
+def tokenized_pairs(
+    rows, tokenizer, data_config: DataConfig, name: str,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Tokenized pairs as plain dicts with their `index`; identical chosen/rejected pairs dropped and
+    counted."""
     data, stats = tokenize_preference(rows, tokenizer, data_config)
     report = log_stats(name, stats)
     pairs = [example for example in data.to_list() if example["chosen_ids"] != example["rejected_ids"]]
@@ -79,13 +90,14 @@ def tokenized_pairs(rows, tokenizer, data_config: DataConfig, name: str) -> tupl
     if report["identical_pairs_dropped"]:
         logger.warning(
             "%s data: %d pairs dropped because chosen and rejected are the same tokens (after truncation to "
-            "data.max_length=%d): they carry no preference", name, report["identical_pairs_dropped"], data_config.max_length,
+            "data.max_length=%d): they carry no preference", name, report["identical_pairs_dropped"],
+            data_config.max_length,
         )
     if not pairs:
         raise DataError(
             f"no {name} preference pairs left after filtering: {stats.summary()}, and "
-            f"{report['identical_pairs_dropped']} pairs had identical chosen and rejected tokens. Check that the "
-            "chosen and rejected columns differ, and raise data.max_length if truncation made them equal."
+            f"{report['identical_pairs_dropped']} pairs had identical chosen and rejected tokens. Check that "
+            "the chosen and rejected columns differ, and raise data.max_length if truncation made them equal."
         )
     for index, pair in enumerate(pairs):
         pair["index"] = index
@@ -102,13 +114,19 @@ def fingerprint(pairs: list[dict[str, Any]]) -> str:
 
 def pair_tokens(pairs: list[dict[str, Any]]) -> int:
     """Non-pad tokens of the chosen and rejected sequences (prompt counted in both), for tokens_per_second."""
-    return sum(2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"]) for pair in pairs)
+    return sum(
+        2 * len(pair["prompt_ids"]) + len(pair["chosen_ids"]) + len(pair["rejected_ids"]) for pair in pairs
+    )
 
 
-def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int, forward: PairForward | None = None) -> dict[str, torch.Tensor]:
+def sequence_logps(
+    network, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int,
+    forward: PairForward | None = None,
+) -> dict[str, torch.Tensor]:
     """Summed completion log-probs of every pair's chosen and rejected, {chosen, rejected}: (num_pairs,) each.
     `forward` (default: float32, prompts shared) says how the pairs go through the network. Values only, no
-    graph: the forwards run under inference mode (no autograd bookkeeping at all), in length-sorted batches."""
+    graph: the forwards run under inference mode (no autograd bookkeeping at all), in length-sorted
+    batches."""
     forward = forward or PairForward(pad_token_id)
     was_training = network.training
     network.eval()
@@ -116,24 +134,41 @@ def sequence_logps(network, pairs: list[dict[str, Any]], pad_token_id: int, batc
     chosen = torch.zeros(len(pairs))
     rejected = torch.zeros(len(pairs))
     # Pairs of similar length batched together waste less compute on padding.
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]["prompt_ids"]) + max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"])))
+    order = sorted(
+        range(len(pairs)),
+        key=lambda i: len(pairs[i]["prompt_ids"]) + max(
+            len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"]),
+        ),
+    )
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         with torch.inference_mode():
-            sums = forward(network, forward.collate([pairs[i] for i in chunk], None, device)).sums.float().cpu()  # (2B,)
+            # (2B,)
+            sums = forward(
+                network, forward.collate([pairs[i] for i in chunk], None, device),
+            ).sums.float().cpu()
         chosen[chunk] = sums[: len(chunk)]  # copied out into ordinary tensors, usable next to autograd
         rejected[chunk] = sums[len(chunk):]
     network.train(was_training)
     return {"chosen": chosen, "rejected": rejected}
 
 
-def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, list[dict[str, Any]]], forward: PairForward, batch_size: int) -> dict[str, dict[str, torch.Tensor]]:
+def precompute_reference(
+    run_dir: Path, policy, reference, splits: dict[str, list[dict[str, Any]]], forward: PairForward,
+    batch_size: int,
+) -> dict[str, dict[str, torch.Tensor]]:
     """Reference log-probs of every split, from `<run>/ref_logps.safetensors` when it matches the data, the
-    precision and the reference network's weights (a rerun with another model in the same folder recomputes)."""
+    precision and the reference network's weights (a rerun with another model in the same folder
+    recomputes)."""
     path = run_dir / REF_LOGPS_FILE
-    precision = {"bf16": str(forward.bf16), "float32_attention": str(forward.bf16 and forward.float32_attention)}
+    precision = {
+        "bf16": str(forward.bf16), "float32_attention": str(forward.bf16 and forward.float32_attention),
+    }
     with reference_network(policy, reference) as network:
-        prints = {name: fingerprint(pairs) for name, pairs in splits.items()} | precision | {"reference_weights": weights_fingerprint(network)}
+        prints = (
+            {name: fingerprint(pairs) for name, pairs in splits.items()} | precision
+            | {"reference_weights": weights_fingerprint(network)}
+        )
         if path.exists():
             from safetensors import safe_open
 
@@ -142,15 +177,22 @@ def precompute_reference(run_dir: Path, policy, reference, splits: dict[str, lis
             if all(stored.get(name) == value for name, value in prints.items()):
                 tensors = load_file(str(path))
                 logger.info("reference log-probs reused from %s", path)
-                return {name: {side: tensors[f"{name}/{side}"] for side in ("chosen", "rejected")} for name in splits}
-        results = {name: sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward) for name, pairs in splits.items()}
+                return {
+                    name: {side: tensors[f"{name}/{side}"] for side in ("chosen", "rejected")}
+                    for name in splits
+                }
+        results = {
+            name: sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward)
+            for name, pairs in splits.items()
+        }
     tensors = {f"{name}/{side}": values for name, sides in results.items() for side, values in sides.items()}
     save_file(tensors, str(path), metadata=prints)
     return results
 
 
 def on_the_fly_reference(policy, reference, forward: PairForward):
-    """Reference log-probs per micro-batch (precompute_ref_logps off): a frozen network kept for the whole run."""
+    """Reference log-probs per micro-batch (precompute_ref_logps off): a frozen network kept for the whole
+    run."""
     if reference is None and not is_peft_model(policy):
         # Full fine-tuning: the reference is the policy's starting point, so keep a frozen copy of it.
         reference = copy.deepcopy(policy).eval().requires_grad_(False)

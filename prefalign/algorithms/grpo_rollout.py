@@ -38,14 +38,19 @@ def sample_groups(engine, rows, row_ids, rewards: WeightedRewards, config: GRPOC
     failed or every function returned None), per-function scores and the failures.
     """
     group = config.num_generations
-    params = SamplingParams(n=group, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=seed)
+    params = SamplingParams(
+        n=group, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+        max_new_tokens=config.max_new_tokens, seed=seed,
+    )
     samples = engine.generate([row["prompt_ids"] for row in rows], params)
     owners = [row for row in rows for _ in range(group)]
     flat = [sample for samples_of_row in samples for sample in samples_of_row]
     # TRL's convention: conversational prompts get their completion as an assistant message.
     completions = [as_completion(o["prompt"], s.text) for s, o in zip(flat, owners, strict=True)]
     columns = {name: [o[name] for o in owners] for name in rows[0] if name not in ("prompt", "prompt_ids")}
-    total, per_function, failures = rewards([o["prompt"] for o in owners], completions, completion_ids=[s.token_ids for s in flat], **columns)
+    total, per_function, failures = rewards(
+        [o["prompt"] for o in owners], completions, completion_ids=[s.token_ids for s in flat], **columns,
+    )
     for failure in failures:  # flat position -> (training row, sample), so the message points at the data
         row, failure.sample_index = divmod(failure.prompt_index, group)
         failure.prompt_index = row_ids[row]
@@ -56,10 +61,15 @@ def sample_groups(engine, rows, row_ids, rewards: WeightedRewards, config: GRPOC
     return samples, scores, per_function, failures
 
 
-def collect_rollout(engine, prompts, stream, rewards, config: GRPOConfig, progress: dict[str, int]) -> Rollout:
+def collect_rollout(
+    engine, prompts, stream, rewards, config: GRPOConfig, progress: dict[str, int],
+) -> Rollout:
     """Sample and score groups until the rollout batch is full (one round without dynamic sampling)."""
     started = time.perf_counter()
-    wanted = config.train.batch_size * config.train.grad_accum // config.num_generations * config.steps_per_generation
+    wanted = (
+        config.train.batch_size * config.train.grad_accum // config.num_generations
+        * config.steps_per_generation
+    )
     kept: list[tuple[dict, list, torch.Tensor]] = []
     all_scores, all_samples, per_function, failures = [], [], {}, []
     rounds = 0
@@ -80,22 +90,38 @@ def collect_rollout(engine, prompts, stream, rewards, config: GRPOConfig, progre
         usable = ~torch.isnan(scores).any(dim=1)  # a group with an unscored sample is dropped (counted)
         if config.dynamic_sampling:
             usable &= ~losses.zero_std_groups(torch.nan_to_num(scores), config.num_generations)
-        kept += [item for item, use in zip(zip(rows, samples, scores, strict=True), usable.tolist(), strict=True) if use]
+        kept += [
+            item
+            for item, use in zip(zip(rows, samples, scores, strict=True), usable.tolist(), strict=True)
+            if use
+        ]
         if not config.dynamic_sampling:
             break
     if failures:
         logger.warning("%s", describe_failures(failures))
     if not kept:
         unscored = bool(torch.isnan(torch.cat(all_scores)).any())
-        reason = describe_failures(failures) if failures else "a sample with no score (every reward function returned None) in every group" if unscored else "every group had all-equal rewards"
-        raise TrainingError(f"no usable group in the rollout batch before optimizer step {progress['step'] + 1} ({rounds} sampling round(s)): {reason}")
+        reason = (
+            describe_failures(failures) if failures
+            else "a sample with no score (every reward function returned None) in every group" if unscored
+            else "every group had all-equal rewards"
+        )
+        raise TrainingError(
+            f"no usable group in the rollout batch before optimizer step {progress['step'] + 1} ({rounds} "
+            f"sampling round(s)): {reason}"
+        )
     if config.dynamic_sampling and len(kept) < wanted:
-        logger.warning("dynamic sampling: %d of %d groups after %d rounds (max_sampling_rounds); training on those", len(kept), wanted, rounds)
+        logger.warning(
+            "dynamic sampling: %d of %d groups after %d rounds (max_sampling_rounds); training on those",
+            len(kept), wanted, rounds,
+        )
     kept = kept[:wanted]
     rollout = Rollout(generation_time=time.perf_counter() - started)
     rollout.metrics = rollout_metrics(torch.cat(all_scores), all_samples, per_function, failures, config)
     if config.dynamic_sampling:
-        rollout.metrics.update({"dynamic_sampling/rounds": rounds, "dynamic_sampling/short_batch": float(len(kept) < wanted)})
+        rollout.metrics.update(
+            {"dynamic_sampling/rounds": rounds, "dynamic_sampling/short_batch": float(len(kept) < wanted)}
+        )
     rollout.metrics["groups_trained"] = len(kept)
     build_examples(rollout, kept, config)
     return rollout
@@ -109,7 +135,10 @@ def rollout_metrics(scores, samples, per_function, failures, config: GRPOConfig)
     metrics = {
         "reward": scored.mean().item() if has_scores else math.nan,
         "reward_std": scored.std(dim=1).mean().item() if has_scores else math.nan,  # mean within-group std
-        "frac_reward_zero_std": losses.zero_std_groups(scored, config.num_generations).float().mean().item() if has_scores else math.nan,
+        "frac_reward_zero_std": (
+            losses.zero_std_groups(scored, config.num_generations).float().mean().item() if has_scores
+            else math.nan
+        ),
         "completions/mean_length": lengths.mean().item(),
         "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
@@ -130,11 +159,13 @@ def build_examples(rollout: Rollout, kept, config: GRPOConfig) -> None:
         for sample, reward, advantage in zip(samples, score.tolist(), group_advantages.tolist(), strict=True):
             truncated = sample.finish_reason == FINISH_LENGTH
             rollout.examples.append({
-                "prompt_ids": row["prompt_ids"], "completion_ids": sample.token_ids, "old_logps": sample.logprobs,
-                "advantage": advantage, "trained": not (truncated and config.mask_truncated_completions),
+                "prompt_ids": row["prompt_ids"], "completion_ids": sample.token_ids,
+                "old_logps": sample.logprobs, "advantage": advantage,
+                "trained": not (truncated and config.mask_truncated_completions),
             })  # fmt: skip
             if len(rollout.logged) < config.num_completions_to_log:
                 rollout.logged.append({
-                    "prompt": row["prompt"], "completion": sample.text, "reward": reward, "advantage": advantage,
-                    "finish_reason": sample.finish_reason, "tokens": len(sample.token_ids),
+                    "prompt": row["prompt"], "completion": sample.text, "reward": reward,
+                    "advantage": advantage, "finish_reason": sample.finish_reason,
+                    "tokens": len(sample.token_ids),
                 })  # fmt: skip

@@ -57,8 +57,9 @@ PAIR_STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
 OUTPUT_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet", "hf": ""}
 
 
-# A prompt file's own answers (preference, SFT, unpaired formats): they describe its static answers, not the samples
-# (a static `margin` would reach reward training on the sampled pairs), so they are not copied into the rows.
+# A prompt file's own answers (preference, SFT, unpaired formats): they describe its static answers, not the
+# samples (a static `margin` would reach reward training on the sampled pairs), so they are not copied into
+# the rows.
 STATIC_ANSWER_COLUMNS = ("chosen", "rejected", "completion", "label", "margin")
 
 
@@ -71,16 +72,31 @@ class RejectionSamplingConfig:
     top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.")
     top_k: int = option(0, "Keep only the k most likely tokens (0 = off).")
     max_new_tokens: int = option(64, "Longest completion in tokens.")
-    stop_strings: list[str] = option(help="Extra strings that end a completion (EOS always does).", factory=list)
-    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs", "best_of_n"] = option(
-        "best_vs_worst", "Pairs by strategy (preference data), or best_of_n (SFT data: each prompt's best sample)."
+    stop_strings: list[str] = option(
+        help="Extra strings that end a completion (EOS always does).", factory=list,
     )
-    score_margin: float = option(0.0, "A pair needs chosen score - rejected score >= this (and > 0: ties never pair).")
-    min_best_score: float | None = option(None, "Keep a prompt only when its best sample scores at least this (e.g. 1.0: only right answers are chosen); None = no floor.")
-    drop_truncated: bool = option(False, "Leave out samples cut at max_new_tokens (counted); otherwise they are scored as they are.")
-    reward_functions: list[str] = option(help="Reward functions by registry name or 'module:function'.", factory=lambda: ["exact_match"])
+    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs", "best_of_n"] = option(
+        "best_vs_worst",
+        "Pairs by strategy (preference data), or best_of_n (SFT data: each prompt's best sample)."
+    )
+    score_margin: float = option(
+        0.0, "A pair needs chosen score - rejected score >= this (and > 0: ties never pair).",
+    )
+    min_best_score: float | None = option(
+        None,
+        "Keep a prompt only when its best sample scores at least this (e.g. 1.0: only right answers are "
+        "chosen); None = no floor.",
+    )
+    drop_truncated: bool = option(
+        False, "Leave out samples cut at max_new_tokens (counted); otherwise they are scored as they are.",
+    )
+    reward_functions: list[str] = option(
+        help="Reward functions by registry name or 'module:function'.", factory=lambda: ["exact_match"],
+    )
     reward_weights: list[float] = option(help="One weight per reward function (default all 1).", factory=list)
-    reward_model: str | None = option(None, "A reward model folder scored alongside the functions (prefalign.rewards.RewardModelScorer).")
+    reward_model: str | None = option(
+        None, "A reward model folder scored alongside the functions (prefalign.rewards.RewardModelScorer).",
+    )
     reward_model_weight: float = option(1.0, "Weight of the reward model's score in the sum.")
     generation_batch_size: int = option(64, "Sequences (prompts x n) the engine decodes together.")
 
@@ -90,20 +106,37 @@ class RoundSamplingConfig(RejectionSamplingConfig):
     """The sampling of each round of iterative DPO (`prefalign dpo --rounds K`): the above, plus where
     the prompts come from, how many each round uses, and the per-round held-out check."""
 
-    prompt_path: list[str] = option(help="Prompt-only rows to sample from; empty = the prompts (and extra columns) of data.path.", factory=list)
-    prompts_per_round: int = option(0, "Prompts sampled per round, taken in turn from the shuffled pool (0 = every prompt, every round).")
-    eval_prompts: int = option(200, "Held-out prompts (from the eval rows) scored greedily after each round; 0 = skip.")
+    prompt_path: list[str] = option(
+        help="Prompt-only rows to sample from; empty = the prompts (and extra columns) of data.path.",
+        factory=list,
+    )
+    prompts_per_round: int = option(
+        0, "Prompts sampled per round, taken in turn from the shuffled pool (0 = every prompt, every round).",
+    )
+    eval_prompts: int = option(
+        200, "Held-out prompts (from the eval rows) scored greedily after each round; 0 = skip.",
+    )
 
 
 @dataclass
 class SampleConfig:
     model: ModelConfig = option(help="The policy that samples.", factory=ModelConfig)
-    data: DataConfig = option(help="Prompt-only rows (extra columns such as `answer` go to the reward functions); builtin = the task's training prompts.", factory=lambda: DataConfig(max_length=256))
-    sampling: RejectionSamplingConfig = option(help="Sampling, scoring and pairing.", factory=RejectionSamplingConfig)
+    data: DataConfig = option(
+        help="Prompt-only rows (extra columns such as `answer` go to the reward functions); builtin = the "
+             "task's training prompts.",
+        factory=lambda: DataConfig(max_length=256),
+    )
+    sampling: RejectionSamplingConfig = option(
+        help="Sampling, scoring and pairing.", factory=RejectionSamplingConfig,
+    )
     seed: int = option(0, "Sampling seed (the same seed and settings give the same samples).")
     output_dir: str = option("runs/sample", "Folder for the rows, samples.jsonl, stats and provenance.")
-    output_format: Literal["jsonl", "parquet", "hf"] = option("jsonl", "Rows as JSON Lines, Parquet, or a datasets.save_to_disk folder.")
-    save_samples: bool = option(True, "Also write every sample with its scores and finish reason (samples.jsonl).")
+    output_format: Literal["jsonl", "parquet", "hf"] = option(
+        "jsonl", "Rows as JSON Lines, Parquet, or a datasets.save_to_disk folder.",
+    )
+    save_samples: bool = option(
+        True, "Also write every sample with its scores and finish reason (samples.jsonl).",
+    )
     overwrite: bool = option(False, "Replace rows already in output_dir.")
     num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
 
@@ -130,19 +163,21 @@ class SampleStats:
     mean_score: float = 0.0
     finish_reasons: dict[str, int] = field(default_factory=dict)
     score_by_function: dict[str, float] = field(default_factory=dict)
-    failure_examples: list[str] = field(default_factory=list)  # the first few scorer failures, with prompt index
+    # the first few scorer failures, with prompt index
+    failure_examples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
         return (
-            f"{self.prompts} prompts, {self.samples} samples -> {self.rows} rows from {self.prompts_with_rows} prompts; mean score "
-            f"{self.mean_score:.4f}; dropped: {self.dropped_over_context} prompts over the context, "
-            f"{self.reward_failures} samples a scorer failed on, {self.unscored_samples} unscored, "
-            f"{self.empty_samples} empty, groups: {self.groups_all_equal} all-equal, {self.groups_below_margin} "
-            f"below the margin, {self.groups_below_min_score} below min_best_score, {self.groups_too_few_scored} "
-            f"with too few scored samples; {self.truncated_samples} samples hit max_new_tokens"
+            f"{self.prompts} prompts, {self.samples} samples -> {self.rows} rows from "
+            f"{self.prompts_with_rows} prompts; mean score {self.mean_score:.4f}; dropped: "
+            f"{self.dropped_over_context} prompts over the context, {self.reward_failures} samples a scorer "
+            f"failed on, {self.unscored_samples} unscored, {self.empty_samples} empty, groups: "
+            f"{self.groups_all_equal} all-equal, {self.groups_below_margin} below the margin, "
+            f"{self.groups_below_min_score} below min_best_score, {self.groups_too_few_scored} with too few "
+            f"scored samples; {self.truncated_samples} samples hit max_new_tokens"
         )
 
 
@@ -164,7 +199,8 @@ def choose_pairs(
     if best == worst:
         return [], "all_equal", 0
 
-    def clears(gap: float) -> bool:  # a gap equal to the margin up to float rounding (0.3 - 0.1 vs 0.2) counts
+    # a gap equal to the margin up to float rounding (0.3 - 0.1 vs 0.2) counts
+    def clears(gap: float) -> bool:
         return gap >= margin or math.isclose(gap, margin, rel_tol=1e-9, abs_tol=1e-12)
 
     best_index = scores.index(best)
@@ -188,7 +224,9 @@ def choose_pairs(
     raise ConfigError(f"unknown pair strategy {strategy!r}; use one of {PAIR_STRATEGIES} or best_of_n")
 
 
-def _usable(group: list[dict[str, Any]], settings: RejectionSamplingConfig, stats: SampleStats) -> list[dict[str, Any]]:
+def _usable(
+    group: list[dict[str, Any]], settings: RejectionSamplingConfig, stats: SampleStats,
+) -> list[dict[str, Any]]:
     """The samples that can take part in a row: scored, non-empty, and not truncated when asked."""
     usable = []
     for sample in group:
@@ -204,7 +242,8 @@ def _usable(group: list[dict[str, Any]], settings: RejectionSamplingConfig, stat
 
 
 def rows_for_prompt(
-    prompt_row: dict[str, Any], group: list[dict[str, Any]], settings: RejectionSamplingConfig, rng: random.Random, stats: SampleStats
+    prompt_row: dict[str, Any], group: list[dict[str, Any]], settings: RejectionSamplingConfig,
+    rng: random.Random, stats: SampleStats
 ) -> list[dict[str, Any]]:
     """One prompt's scored samples -> its preference or SFT rows (possibly none, counted in stats)."""
     usable = _usable(group, settings, stats)
@@ -216,11 +255,18 @@ def rows_for_prompt(
     if settings.min_best_score is not None and max(scores) < settings.min_best_score:
         stats.groups_below_min_score += 1
         return []
-    extra = {name: value for name, value in prompt_row.items() if name not in ("prompt", "prompt_ids", *STATIC_ANSWER_COLUMNS)}
+    extra = {
+        name: value
+        for name, value in prompt_row.items()
+        if name not in ("prompt", "prompt_ids", *STATIC_ANSWER_COLUMNS)
+    }
     prompt = prompt_row["prompt"]
     if settings.strategy == "best_of_n":
         best = usable[scores.index(max(scores))]
-        return [_with_extra({"prompt": prompt, "completion": as_completion(prompt, best["text"]), "score": best["score"]}, extra)]
+        return [_with_extra(
+            {"prompt": prompt, "completion": as_completion(prompt, best["text"]), "score": best["score"]},
+            extra,
+        )]
     pairs, reason, ties = choose_pairs(scores, settings.strategy, settings.score_margin, rng)
     stats.tied_pairs += ties
     if reason == "all_equal":
@@ -253,23 +299,26 @@ def build_rewards(settings: RejectionSamplingConfig, *, device: str = "auto") ->
     """The weighted scorers: reward functions, plus the reward model when one is configured."""
     return build_scorers(
         settings.reward_functions, settings.reward_weights, reward_model=settings.reward_model,
-        reward_model_weight=settings.reward_model_weight, device=device, batch_size=settings.generation_batch_size,
-        needed_by="rejection sampling",
+        reward_model_weight=settings.reward_model_weight, device=device,
+        batch_size=settings.generation_batch_size, needed_by="rejection sampling",
     )
 
 
 def check_settings(settings: RejectionSamplingConfig) -> None:
     if settings.strategy in PAIR_STRATEGIES and settings.n < 2:
         raise ConfigError(
-            f"config key 'sampling.n' is {settings.n}, but the pair strategy {settings.strategy!r} needs at least "
-            "2 samples per prompt to compare; raise sampling.n or use strategy=best_of_n"
+            f"config key 'sampling.n' is {settings.n}, but the pair strategy {settings.strategy!r} needs at "
+            "least 2 samples per prompt to compare; raise sampling.n or use strategy=best_of_n"
         )
     if settings.n < 1:
         raise ConfigError(f"config key 'sampling.n' must be at least 1, got {settings.n}")
     if settings.score_margin < 0:
         raise ConfigError(f"config key 'sampling.score_margin' must be >= 0, got {settings.score_margin}")
     if settings.generation_batch_size < 1:
-        raise ConfigError(f"config key 'sampling.generation_batch_size' must be at least 1, got {settings.generation_batch_size}")
+        raise ConfigError(
+            "config key 'sampling.generation_batch_size' must be at least 1, got "
+            f"{settings.generation_batch_size}"
+        )
 
 
 def fit_context(
@@ -284,16 +333,22 @@ def fit_context(
     over = [index for index, length in enumerate(lengths) if length + settings.max_new_tokens > context]
     if over and too_long == "error":
         raise DataError(
-            f"prompt {over[0]} is {lengths[over[0]]} tokens; with sampling.max_new_tokens={settings.max_new_tokens} it "
-            f"exceeds the model's context of {context} tokens ({len(over)} prompts do). Shorten the prompts "
-            "(data.max_prompt_length), lower max_new_tokens, or set data.too_long_prompt=drop."
+            f"prompt {over[0]} is {lengths[over[0]]} tokens; with "
+            f"sampling.max_new_tokens={settings.max_new_tokens} it exceeds the model's context of {context} "
+            f"tokens ({len(over)} prompts do). Shorten the prompts (data.max_prompt_length), lower "
+            "max_new_tokens, or set data.too_long_prompt=drop."
         )
     stats.dropped_over_context += len(over)
     if over:
-        logger.warning("dropped %d prompts longer than the context (%d tokens) minus max_new_tokens", len(over), context)
+        logger.warning(
+            "dropped %d prompts longer than the context (%d tokens) minus max_new_tokens", len(over), context,
+        )
         keep = sorted(set(range(len(lengths))) - set(over))
         if not keep:
-            raise DataError(f"every prompt exceeds the model's context of {context} tokens with max_new_tokens={settings.max_new_tokens}")
+            raise DataError(
+                f"every prompt exceeds the model's context of {context} tokens with "
+                f"max_new_tokens={settings.max_new_tokens}"
+            )
         return prompts.select(keep), keep
     return prompts, list(range(len(prompts)))
 
@@ -302,10 +357,12 @@ def rejection_sample(
     model, tokenizer, prompts: datasets.Dataset, rewards: WeightedRewards, settings: RejectionSamplingConfig,
     *, seed: int, too_long_prompt: str = "drop",
 ) -> SampleOutput:
-    """Sample n completions per tokenized prompt (`prompt_ids`, `prompt`, extra columns), score, build rows."""
+    """Sample n completions per tokenized prompt (`prompt_ids`, `prompt`, extra columns), score, build
+    rows."""
     check_settings(settings)
     stats = SampleStats(prompts=len(prompts))
-    prompts, positions = fit_context(prompts, model, settings, too_long_prompt, stats)  # positions[i]: i's index in the input
+    # positions[i]: i's index in the input
+    prompts, positions = fit_context(prompts, model, settings, too_long_prompt, stats)
     params = SamplingParams(
         n=settings.n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
         max_new_tokens=settings.max_new_tokens, stop_strings=list(settings.stop_strings) or None, seed=seed,
@@ -314,8 +371,14 @@ def rejection_sample(
     generated = engine.generate([list(ids) for ids in prompts["prompt_ids"]], params)  # [prompt][sample]
     prompt_rows = prompts.remove_columns(["prompt_ids"]).to_list()
     raw_prompts = [row["prompt"] for row in prompt_rows]
-    columns = {name: [row[name] for row in prompt_rows] for name in prompt_rows[0] if name != "prompt"} if prompt_rows else {}
-    completions = [[as_completion(prompt, sample.text) for sample in group] for prompt, group in zip(raw_prompts, generated, strict=True)]
+    columns = (
+        {name: [row[name] for row in prompt_rows] for name in prompt_rows[0] if name != "prompt"}
+        if prompt_rows else {}
+    )
+    completions = [
+        [as_completion(prompt, sample.text) for sample in group]
+        for prompt, group in zip(raw_prompts, generated, strict=True)
+    ]
     # The sampled token ids go to the scorers by name, as GRPO passes them (TRL's `completion_ids`).
     token_ids = {"completion_ids": [[list(sample.token_ids) for sample in group] for group in generated]}
     scored = rewards.score_groups(raw_prompts, completions, columns, token_ids)
@@ -328,7 +391,8 @@ def rejection_sample(
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     for prompt_index, prompt_row in enumerate(prompt_rows):
-        group = samples[prompt_index * settings.n : (prompt_index + 1) * settings.n]  # the engine returns n each
+        # the engine returns n each
+        group = samples[prompt_index * settings.n : (prompt_index + 1) * settings.n]
         new_rows = rows_for_prompt(prompt_row, group, settings, rng, stats)
         stats.prompts_with_rows += bool(new_rows)
         rows.extend({**row, "prompt_index": positions[prompt_index]} for row in new_rows)
@@ -348,14 +412,19 @@ def _sample_records(generated, scored, positions: list[int]) -> list[dict[str, A
             "finish_reason": sample.finish_reason,
             "score": scored.scores[prompt_index][sample_index],
             "reward_failed": scored.failed[prompt_index][sample_index],
-            **{f"score/{name}": values[prompt_index][sample_index] for name, values in scored.per_function.items()},
+            **{
+                f"score/{name}": values[prompt_index][sample_index]
+                for name, values in scored.per_function.items()
+            },
         }
         for prompt_index, group in enumerate(generated)
         for sample_index, sample in enumerate(group)
     ]
 
 
-def _fill_sample_stats(stats: SampleStats, samples: list[dict[str, Any]], per_function: dict[str, Any]) -> None:
+def _fill_sample_stats(
+    stats: SampleStats, samples: list[dict[str, Any]], per_function: dict[str, Any],
+) -> None:
     stats.samples = len(samples)
     stats.truncated_samples = sum(sample["finish_reason"] == FINISH_LENGTH for sample in samples)
     stats.finish_reasons = dict(Counter(sample["finish_reason"] for sample in samples))
@@ -379,7 +448,9 @@ def write_rows(rows: list[dict[str, Any]], path: Path, output_format: str) -> Pa
     elif output_format == "hf":
         datasets.Dataset.from_list(rows).save_to_disk(str(staging))
     else:
-        raise ConfigError(f"config key 'output_format' must be one of {list(OUTPUT_SUFFIX)}, got {output_format!r}")
+        raise ConfigError(
+            f"config key 'output_format' must be one of {list(OUTPUT_SUFFIX)}, got {output_format!r}"
+        )
     if path.is_dir():
         import shutil
 
@@ -388,7 +459,9 @@ def write_rows(rows: list[dict[str, Any]], path: Path, output_format: str) -> Pa
     return path
 
 
-def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, model=None, tokenizer=None) -> SampleOutput:
+def sample(
+    config: SampleConfig, *, dataset: datasets.Dataset | None = None, model=None, tokenizer=None,
+) -> SampleOutput:
     """`prefalign sample`: write rows (pairs or best-of-n), samples, stats and provenance to output_dir."""
     set_threads(config.num_threads)
     seed_everything(config.seed)
@@ -397,7 +470,9 @@ def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, mod
     name = "best_of_n" if config.sampling.strategy == "best_of_n" else "pairs"
     rows_path = out / f"{name}{OUTPUT_SUFFIX[config.output_format]}"
     if rows_path.exists() and not config.overwrite:
-        raise ConfigError(f"{rows_path} already exists; set output_dir to a new folder or pass --overwrite true")
+        raise ConfigError(
+            f"{rows_path} already exists; set output_dir to a new folder or pass --overwrite true"
+        )
     if model is None:
         model, tokenizer = load_causal_lm(config.model, trainable=False)
     rewards = build_rewards(config.sampling, device=config.model.device)
@@ -406,11 +481,17 @@ def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, mod
     prompts, tokenize_stats = tokenize_prompts(rows, tokenizer, config.data)
     data_stats = log_stats("prompts", tokenize_stats)
     started = time.perf_counter()
-    output = rejection_sample(model, tokenizer, prompts, rewards, config.sampling, seed=config.seed, too_long_prompt=config.data.too_long_prompt)
+    output = rejection_sample(
+        model, tokenizer, prompts, rewards, config.sampling, seed=config.seed,
+        too_long_prompt=config.data.too_long_prompt,
+    )
     seconds = time.perf_counter() - started
     logger.info("sample: %s", output.stats.summary())
     if not output.rows:
-        raise DataError(f"no rows to write: {output.stats.summary()}. Sample more (sampling.n), lower score_margin or min_best_score.")
+        raise DataError(
+            f"no rows to write: {output.stats.summary()}. Sample more (sampling.n), lower "
+            "score_margin or min_best_score."
+        )
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     write_rows(output.rows, rows_path, config.output_format)
@@ -418,7 +499,10 @@ def sample(config: SampleConfig, *, dataset: datasets.Dataset | None = None, mod
         write_rows(output.samples, out / "samples.jsonl", "jsonl")
     provenance = {
         "prefalign": __version__,
-        "model": resolve_model_path(config.model.name_or_path) if config.model.name_or_path == "builtin" else config.model.name_or_path,
+        "model": (
+            resolve_model_path(config.model.name_or_path) if config.model.name_or_path == "builtin"
+            else config.model.name_or_path
+        ),
         "data": list(config.data.path),
         "seed": config.seed,
         "sampling": dataclasses.asdict(config.sampling),

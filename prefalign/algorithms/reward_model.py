@@ -52,18 +52,54 @@ logger = logging.getLogger("prefalign")
 
 @dataclass
 class RewardConfig:
-    model: ModelConfig = option(help="Backbone: a causal LM or an encoder folder (a one-label score head is added); builtin = the tiny base model.", factory=ModelConfig)
-    data: DataConfig = option(help="Preference rows (prompt/chosen/rejected, plain or conversational, implicit prompt, optional margin). max_length cuts whole sequences from the left.", factory=lambda: DataConfig(max_length=512))
-    train: TrainConfig = option(help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5))
-    rendering: Literal["auto", "chat_template", "plain"] = option("auto", "How conversations become text: the tokenizer's chat template, or 'User: ...\\nAssistant: ...' (plain); auto = the template when there is one.")
-    center_rewards_coefficient: float = option(0.0, "Reward centering c · mean((r_w + r_l)²) (Eisenstein et al. 2023 suggest 0.01); 0 = off.")
+    model: ModelConfig = option(
+        help="Backbone: a causal LM or an encoder folder (a one-label score head is added); "
+             "builtin = the tiny base model.",
+        factory=ModelConfig,
+    )
+    data: DataConfig = option(
+        help="Preference rows (prompt/chosen/rejected, plain or conversational, implicit prompt, optional "
+             "margin). max_length cuts whole sequences from the left.",
+        factory=lambda: DataConfig(max_length=512),
+    )
+    train: TrainConfig = option(
+        help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5),
+    )
+    rendering: Literal["auto", "chat_template", "plain"] = option(
+        "auto",
+        "How conversations become text: the tokenizer's chat template, or 'User: ...\\nAssistant: ...' "
+        "(plain); auto = the template when there is one.",
+    )
+    center_rewards_coefficient: float = option(
+        0.0, "Reward centering c · mean((r_w + r_l)²) (Eisenstein et al. 2023 suggest 0.01); 0 = off.",
+    )
     use_margin: bool = option(True, "Subtract the data's `margin` column from r_w − r_l when it has one.")
-    mixed_precision: Literal["auto", "bf16", "no"] = option("auto", "bf16 autocast for the training forward/backward (weights and optimizer stay in their dtype): auto = on CUDA with bf16, and on CPUs with native bf16 instructions (AVX512-BF16 or AMX) for models at least 256 wide, where bf16 matmuls run several times faster than fp32 (attention over at most 128 keys stays in fp32 there: faster on a CPU); no = never. Scoring and evaluation never autocast.")
-    group_by_length: bool = option(True, "Build micro-batches of pairs of similar length (seeded, from shuffled groups of 64 batches) to cut padding; batches come in random order each epoch.")
-    disable_dropout: bool = option(True, "Turn the backbone's dropout off while training (TRL's RewardConfig does the same by default): on HH-RLHF with MiniLM the held-out accuracy was the same without it (0.600-0.604 vs 0.602), and on a CPU in bf16 its random masks cost about a third of the forward pass.")
-    normalization_pairs: int = option(1000, "Training pairs scored after training for the saved reward mean/std (0 = all).")
+    mixed_precision: Literal["auto", "bf16", "no"] = option(
+        "auto",
+        "bf16 autocast for the training forward/backward (weights and optimizer stay in their dtype): auto = "
+        "on CUDA with bf16, and on CPUs with native bf16 instructions (AVX512-BF16 or AMX) for models at "
+        "least 256 wide, where bf16 matmuls run several times faster than fp32 (attention over at most 128 "
+        "keys stays in fp32 there: faster on a CPU); no = never. Scoring and evaluation never autocast.",
+    )
+    group_by_length: bool = option(
+        True,
+        "Build micro-batches of pairs of similar length (seeded, from shuffled groups of 64 batches) to cut "
+        "padding; batches come in random order each epoch.",
+    )
+    disable_dropout: bool = option(
+        True,
+        "Turn the backbone's dropout off while training (TRL's RewardConfig does the same by default): on "
+        "HH-RLHF with MiniLM the held-out accuracy was the same without it (0.600-0.604 vs 0.602), and on a "
+        "CPU in bf16 its random masks cost about a third of the forward pass.",
+    )
+    normalization_pairs: int = option(
+        1000, "Training pairs scored after training for the saved reward mean/std (0 = all).",
+    )
     eval_batch_size: int = option(64, "Sequences per forward pass when evaluating and scoring.")
-    eval_only: bool = option(False, "Only evaluate model.name_or_path (a trained reward model) on data.eval_path (else data.path).")
+    eval_only: bool = option(
+        False,
+        "Only evaluate model.name_or_path (a trained reward model) on data.eval_path (else data.path).",
+    )
 
 
 @dataclass
@@ -74,7 +110,8 @@ class RewardTrainResult(TrainResult):
 
 
 def make_reward_loss(center_coefficient: float, use_margin: bool, autocast_bf16: bool = False):
-    """loss_fn for train_on_examples: sums over the micro-batch's pairs (the runtime divides by the step's pairs)."""
+    """loss_fn for train_on_examples: sums over the micro-batch's pairs (the runtime divides by the step's
+    pairs)."""
 
     def reward_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
         # bf16 autocast with short attention kept in fp32 on a CPU (faster there: MiniLM-L6, 32 rows x 128
@@ -83,7 +120,9 @@ def make_reward_loss(center_coefficient: float, use_margin: bool, autocast_bf16:
             scores = reward_scores(model, batch).float()  # (2B,): the loss and its differences in fp32
         pairs = scores.shape[0] // 2
         margin = batch["margin"].to(scores.device) if use_margin and "margin" in batch else None
-        loss, metrics = bradley_terry_loss(scores[:pairs], scores[pairs:], margin=margin, center_coefficient=center_coefficient)
+        loss, metrics = bradley_terry_loss(
+            scores[:pairs], scores[pairs:], margin=margin, center_coefficient=center_coefficient,
+        )
         detached = scores.detach().float()
         # std/min/max of each micro-batch, weighted by its pairs: exact with grad_accum = 1.
         metrics.update(
@@ -92,7 +131,10 @@ def make_reward_loss(center_coefficient: float, use_margin: bool, autocast_bf16:
             min_reward=detached.min().item(),
             max_reward=detached.max().item(),
         )
-        return LossOutput(loss_sum=loss * pairs, metrics={k: v * pairs for k, v in metrics.items()}, tokens=count_tokens(batch))
+        return LossOutput(
+            loss_sum=loss * pairs, metrics={k: v * pairs for k, v in metrics.items()},
+            tokens=count_tokens(batch),
+        )
 
     return reward_loss
 
@@ -101,7 +143,9 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> float:
     return batch["input_ids"].shape[0] / 2
 
 
-def length_grouped_batches(examples: list[dict[str, Any]], batch_size: int, seed: int, group: int = 64) -> list[list[dict[str, Any]]]:
+def length_grouped_batches(
+    examples: list[dict[str, Any]], batch_size: int, seed: int, group: int = 64,
+) -> list[list[dict[str, Any]]]:
     """Micro-batches of pairs of similar length: shuffle, cut into groups of `group` batches, sort each
     group by the longer side of each pair, slice into batches. Padding shrinks to the spread inside a batch;
     the runtime then draws the batches in a new random order every epoch."""
@@ -110,15 +154,25 @@ def length_grouped_batches(examples: list[dict[str, Any]], batch_size: int, seed
     batches = []
     span = batch_size * group
     for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: max(len(examples[i]["chosen_ids"]), len(examples[i]["rejected_ids"])))
-        batches += [[examples[i] for i in chunk[k : k + batch_size]] for k in range(0, len(chunk), batch_size)]
+        chunk = sorted(
+            order[start : start + span],
+            key=lambda i: max(len(examples[i]["chosen_ids"]), len(examples[i]["rejected_ids"])),
+        )
+        batches += [
+            [examples[i] for i in chunk[k : k + batch_size]] for k in range(0, len(chunk), batch_size)
+        ]
     return batches
 
 
-def train_reward_model(config: RewardConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True) -> RewardTrainResult:
+def train_reward_model(
+    config: RewardConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True,
+) -> RewardTrainResult:
     """Train a reward model as configured; saved to <run>/final unless save=False."""
     if not config.center_rewards_coefficient >= 0:  # also catches NaN
-        raise ConfigError(f"center_rewards_coefficient must be >= 0 (0 = off, e.g. 0.01), got {config.center_rewards_coefficient}")
+        raise ConfigError(
+            "center_rewards_coefficient must be >= 0 (0 = off, e.g. 0.01), got "
+            f"{config.center_rewards_coefficient}"
+        )
     set_threads(config.train.num_threads)
     seed_everything(config.train.seed)
     run_dir = prepare_run_dir(config, "reward")
@@ -126,7 +180,9 @@ def train_reward_model(config: RewardConfig, *, dataset=None, eval_dataset=None,
         model, tokenizer = load_reward_backbone(config.model)
     elif tokenizer is None:
         raise ValueError("train_reward_model: give the tokenizer together with model=")
-    settings = RewardSettings(rendering=resolve_rendering(config.rendering, tokenizer), max_length=config.data.max_length)
+    settings = RewardSettings(
+        rendering=resolve_rendering(config.rendering, tokenizer), max_length=config.data.max_length,
+    )
     train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     examples, stats = encode_pairs(train_rows, tokenizer, settings, config.data)
     data_stats = {"train": _log_stats("train", stats)}
@@ -141,7 +197,9 @@ def train_reward_model(config: RewardConfig, *, dataset=None, eval_dataset=None,
     logger.info("reward model training in %s", "bf16 autocast" if autocast_bf16 else "the weights' dtype")
     if config.disable_dropout:
         disable_dropout(model)
-    items, collate, runtime_config = examples, lambda batch: collate_pairs(batch, tokenizer.pad_token_id), config.train
+    items, collate, runtime_config = (
+        examples, lambda batch: collate_pairs(batch, tokenizer.pad_token_id), config.train,
+    )
     if config.group_by_length:
         # The runtime then draws whole micro-batches: one "example" per micro-batch.
         items = length_grouped_batches(examples, config.train.batch_size, config.train.seed)
@@ -164,7 +222,9 @@ def train_reward_model(config: RewardConfig, *, dataset=None, eval_dataset=None,
         (run_dir / "eval_reward.json").write_text(json.dumps(evaluation, indent=2))
     model_dir = None
     if save:
-        model_dir = save_reward_model(model, tokenizer, run_dir / "final", settings, _card_lines(config, result, evaluation))
+        model_dir = save_reward_model(
+            model, tokenizer, run_dir / "final", settings, _card_lines(config, result, evaluation),
+        )
     return RewardTrainResult(
         step=result.step, metrics=result.metrics, run_dir=run_dir, wall_time=result.wall_time,
         evaluation=evaluation, settings=settings, model_dir=model_dir,
@@ -182,8 +242,11 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: value for key, value in metrics.items() if value is not None}
 
 
-def _training_reward_statistics(scorer: RewardModelScorer, examples: list[dict[str, Any]], config: RewardConfig) -> tuple[float, float]:
-    """Mean and std of the scores of training completions (a seeded sample of pairs), saved for normalising."""
+def _training_reward_statistics(
+    scorer: RewardModelScorer, examples: list[dict[str, Any]], config: RewardConfig,
+) -> tuple[float, float]:
+    """Mean and std of the scores of training completions (a seeded sample of pairs), saved for
+    normalising."""
     chosen = examples
     if config.normalization_pairs and len(examples) > config.normalization_pairs:
         chosen = random.Random(config.train.seed).sample(examples, config.normalization_pairs)
@@ -193,7 +256,9 @@ def _training_reward_statistics(scorer: RewardModelScorer, examples: list[dict[s
     return mean, std
 
 
-def save_reward_model(model, tokenizer, out_dir: Path, settings: RewardSettings, card_lines: dict[str, Any]) -> Path:
+def save_reward_model(
+    model, tokenizer, out_dir: Path, settings: RewardSettings, card_lines: dict[str, Any],
+) -> Path:
     """A folder AutoModelForSequenceClassification loads as is; LoRA is merged (adapter kept in adapter/)."""
     to_save = copy.deepcopy(model).merge_and_unload() if is_peft_model(model) else model
     card = model_card("Reward model", card_lines)
@@ -203,7 +268,9 @@ def save_reward_model(model, tokenizer, out_dir: Path, settings: RewardSettings,
     return out_dir
 
 
-def _card_lines(config: RewardConfig, result: TrainResult, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+def _card_lines(
+    config: RewardConfig, result: TrainResult, evaluation: dict[str, Any] | None,
+) -> dict[str, Any]:
     lines: dict[str, Any] = {
         "method": "Bradley–Terry reward model (one-label sequence classifier)",
         "backbone": config.model.name_or_path,
@@ -212,11 +279,13 @@ def _card_lines(config: RewardConfig, result: TrainResult, evaluation: dict[str,
         "learning rate": config.train.learning_rate,
         "text rendering": config.rendering,
         "max length (left truncation)": config.data.max_length,
-        "scoring": f"see {SETTINGS_FILE}; prefalign.rewards.RewardModelScorer(folder).score(prompts, completions)",
+        "scoring": f"see {SETTINGS_FILE}; "
+                   "prefalign.rewards.RewardModelScorer(folder).score(prompts, completions)",
     }
     if evaluation:
         lines["held-out accuracy"] = (
-            f"{evaluation['accuracy']:.3f} (95% CI {evaluation['accuracy_ci95_low']:.3f}–{evaluation['accuracy_ci95_high']:.3f}, "
+            f"{evaluation['accuracy']:.3f} (95% CI "
+            f"{evaluation['accuracy_ci95_low']:.3f}–{evaluation['accuracy_ci95_high']:.3f}, "
             f"{evaluation['num_pairs']} pairs)"
         )
     return lines

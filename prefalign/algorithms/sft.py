@@ -26,7 +26,9 @@ from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_thread
 class SFTConfig:
     model: ModelConfig = option(help="The model to fine-tune.", factory=ModelConfig)
     data: DataConfig = option(help="prompt/completion or messages rows.", factory=DataConfig)
-    train: TrainConfig = option(help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5))
+    train: TrainConfig = option(
+        help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5),
+    )
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -47,7 +49,9 @@ def make_evaluator(examples, pad_token_id: int, batch_size: int):
         model.eval()
         total, tokens = 0.0, 0.0
         for start in range(0, len(examples), batch_size):
-            batch = to_device(collate_sft(examples[start:start + batch_size], pad_token_id), model_device(model))
+            batch = to_device(
+                collate_sft(examples[start:start + batch_size], pad_token_id), model_device(model),
+            )
             scored = completion_logps(model, batch)
             total -= float(scored.token_logps.sum())
             tokens += float(scored.mask.sum())
@@ -56,7 +60,9 @@ def make_evaluator(examples, pad_token_id: int, batch_size: int):
     return evaluate
 
 
-def sft(config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True) -> TrainResult:
+def sft(
+    config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True,
+) -> TrainResult:
     """Run SFT as configured; returns the training result (the model is saved to <run>/final)."""
     set_threads(config.train.num_threads)
     seed_everything(config.train.seed)

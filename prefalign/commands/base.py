@@ -1,4 +1,5 @@
-"""`prefalign base`: build (or reuse) the built-in task's tiny base model and print where it is and how good it is."""
+"""`prefalign base`: build (or reuse) the built-in task's tiny base model and print where it is and how good
+it is."""
 
 from __future__ import annotations
 

@@ -38,8 +38,11 @@ def demo(config: DemoConfig) -> dict[str, Any]:
     seed_everything(config.seed)
     run_dir = Path(config.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    context = DemoContext(seed=config.seed, num_threads=config.num_threads, eval_prompts=config.eval_prompts, run_dir=run_dir)
-    stages = config.stages if "base" in config.stages else ["base", *config.stages]  # every stage starts from the base
+    context = DemoContext(
+        seed=config.seed, num_threads=config.num_threads, eval_prompts=config.eval_prompts, run_dir=run_dir,
+    )
+    # every stage starts from the base
+    stages = config.stages if "base" in config.stages else ["base", *config.stages]
     started = time.perf_counter()
     timings = {}
     for name in stages:
@@ -58,7 +61,8 @@ def write_report(context: DemoContext, timings: dict[str, float], total: float) 
     times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     report = (
         "# prefalign demo\n\n"
-        "The built-in task (2-digit addition, exact-match reward) through each stage of preference alignment. "
+        "The built-in task (2-digit addition, exact-match reward) through each stage of preference "
+        "alignment. "
         f"Evaluations use {context.eval_prompts} held-out prompts never seen in training.\n\n"
         "| stage | result | notes |\n| --- | --- | --- |\n"
         f"{rows}\n\nWall time: {total:.0f} s ({times}).\n"

@@ -5,17 +5,17 @@ replaces only what belongs to the run: model.name_or_path (the base model built 
 output folder, the seed and the thread count (DemoConfig). `data.path: builtin` is the built-in task.
 
 Why these values (the measurements are in BENCHMARKS.md):
-- REWARD: the tiny base model with a score head on the task's pairs, 1,500 steps at lr 3e-4 (examples/reward.yaml
-  holds the same recipe).
-- DPO: on the built-in pairs (correct vs near-miss) plain DPO mostly pushes the near-misses down and the chosen
-  answers with them, so greedy accuracy barely moves; the RPO term (rpo_alpha 1) keeps the chosen answers
-  rising ("DPO on the built-in task" has both, and an SFT-only control). 300 steps at lr 1e-3.
+- REWARD: the tiny base model with a score head on the task's pairs, 1,500 steps at lr 3e-4
+  (examples/reward.yaml holds the same recipe).
+- DPO: on the built-in pairs (correct vs near-miss) plain DPO mostly pushes the near-misses down and the
+  chosen answers with them, so greedy accuracy barely moves; the RPO term (rpo_alpha 1) keeps the chosen
+  answers rising ("DPO on the built-in task" has both, and an SFT-only control). 300 steps at lr 1e-3.
 - ITERATIVE_DPO: the DPO recipe and its total step count split over 2 rounds, so the two stages compare at
   equal DPO steps; 4,000 of the 9,500 training prompts per round keep the stage near its 3-minute budget;
   max_new_tokens 8 is the evaluation length (answers are 1-3 digits).
-- GRPO: lr 1e-4 is the largest that does not lose accuracy early (benchmarks/grpo_task.py); a fixed step count,
-  not a time budget, so the result does not depend on the machine's load: 2,500 steps × 16 prompts × G = 8
-  take about 4 minutes on one thread and reach about +30 points ("GRPO").
+- GRPO: lr 1e-4 is the largest that does not lose accuracy early (benchmarks/grpo_task.py); a fixed step
+  count, not a time budget, so the result does not depend on the machine's load: 2,500 steps × 16 prompts
+  × G = 8 take about 4 minutes on one thread and reach about +30 points ("GRPO").
 """
 
 from __future__ import annotations
@@ -349,5 +349,9 @@ GRPO = {
 # Held-out prompts x base-model samples for the reward model's AUC against exact match.
 AUC_PROMPTS, AUC_SAMPLES = 200, 4
 
-# Every held-out evaluation of the demo (prefalign.evaluation.policy.evaluate_policy); the seed is DemoConfig's.
-EVALUATION = {"k": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "success_threshold": 1.0, "batch_size": 128}
+# Every held-out evaluation of the demo (prefalign.evaluation.policy.evaluate_policy); the seed is
+# DemoConfig's.
+EVALUATION = {
+    "k": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, "success_threshold": 1.0,
+    "batch_size": 128,
+}

@@ -46,17 +46,24 @@ class DemoContext:
     results: dict[str, Any] = field(default_factory=dict)
 
     def held_out_prompts(self, tokenizer):
-        prompts, _ = tokenize_prompts(prompt_dataset("held_out", limit=self.eval_prompts), tokenizer, DataConfig())
+        prompts, _ = tokenize_prompts(
+            prompt_dataset("held_out", limit=self.eval_prompts), tokenizer, DataConfig(),
+        )
         return prompts
 
     def evaluate(self, model, tokenizer, *, reference=None) -> dict[str, float]:
         """Held-out greedy accuracy, mean reward, pass@8 (and KL to `reference`) on the task."""
         prompts = self.held_out_prompts(tokenizer)
         rewards = WeightedRewards(["exact_match"])
-        return evaluate_policy(model, tokenizer, prompts, rewards, reference=reference, seed=self.seed, **recipes.EVALUATION)
+        return evaluate_policy(
+            model, tokenizer, prompts, rewards, reference=reference, seed=self.seed, **recipes.EVALUATION,
+        )
 
-    def recipe(self, config_class: type, recipe: dict[str, Any], folder: str, *, num_threads: int | None = None):
-        """The stage's config: the pinned recipe, then what belongs to this run (base model, folder, seed, threads)."""
+    def recipe(
+        self, config_class: type, recipe: dict[str, Any], folder: str, *, num_threads: int | None = None,
+    ):
+        """The stage's config: the pinned recipe, then what belongs to this run (base model, folder, seed,
+        threads)."""
         config = apply_overrides(config_class(), recipe)
         config.model.name_or_path = str(self.base_path)
         config.train.output_dir = str(self.run_dir / folder)
@@ -80,7 +87,9 @@ def base_stage(context: DemoContext) -> dict[str, Any]:
     return metrics
 
 
-def sample_auc(scorer: RewardModelScorer, policy, tokenizer, *, num_prompts: int, samples: int, seed: int) -> dict[str, Any]:
+def sample_auc(
+    scorer: RewardModelScorer, policy, tokenizer, *, num_prompts: int, samples: int, seed: int,
+) -> dict[str, Any]:
     """AUC of the reward model's score against exact-match correctness on the policy's own samples of
     held-out prompts (temperature 1): the distribution rejection sampling and GRPO will feed it."""
     prompts, _ = tokenize_prompts(prompt_dataset("held_out", limit=num_prompts), tokenizer, DataConfig())
@@ -92,7 +101,10 @@ def sample_auc(scorer: RewardModelScorer, policy, tokenizer, *, num_prompts: int
     answers = [answer for answer, group in zip(prompts["answer"], generated, strict=True) for _ in group]
     correct = [value == 1.0 for value in exact_match_reward(flat_prompts, texts, answers)]
     scores = scorer.score(flat_prompts, texts, allow_empty=True)
-    return {"auc": roc_auc(scores, correct), "samples": len(texts), "correct_fraction": sum(correct) / len(correct)}
+    return {
+        "auc": roc_auc(scores, correct), "samples": len(texts),
+        "correct_fraction": sum(correct) / len(correct),
+    }
 
 
 def reward_stage(context: DemoContext) -> dict[str, Any]:
@@ -102,16 +114,21 @@ def reward_stage(context: DemoContext) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     scorer = RewardModelScorer(str(result.model_dir), batch_size=64)
     policy, tokenizer = context.base_model()
-    auc = sample_auc(scorer, policy, tokenizer, num_prompts=recipes.AUC_PROMPTS, samples=recipes.AUC_SAMPLES, seed=context.seed)
+    auc = sample_auc(
+        scorer, policy, tokenizer, num_prompts=recipes.AUC_PROMPTS, samples=recipes.AUC_SAMPLES,
+        seed=context.seed,
+    )
     auc_text = "n/a (every sample right or every sample wrong)" if auc["auc"] is None else f"{auc['auc']:.3f}"
     evaluation = result.evaluation
     context.lines.append(
-        f"| reward model | held-out pairwise accuracy {evaluation['accuracy']:.3f} (95% CI {evaluation['accuracy_ci95_low']:.3f}-"
-        f"{evaluation['accuracy_ci95_high']:.3f}, {evaluation['num_pairs']} pairs); AUC {auc_text} against exact match on "
-        f"{auc['samples']} base-model samples ({auc['correct_fraction']:.2f} correct) | {result.step} steps, "
+        f"| reward model | held-out pairwise accuracy {evaluation['accuracy']:.3f} (95% CI "
+        f"{evaluation['accuracy_ci95_low']:.3f}-{evaluation['accuracy_ci95_high']:.3f}, "
+        f"{evaluation['num_pairs']} pairs); AUC {auc_text} against exact match on {auc['samples']} "
+        f"base-model samples ({auc['correct_fraction']:.2f} correct) | {result.step} steps, "
         f"{train_seconds:.0f} s to train; model: `{result.model_dir}` |"
     )
-    return {"model_dir": str(result.model_dir), "evaluation": evaluation, **{f"sample_{k}": v for k, v in auc.items()},
+    return {"model_dir": str(result.model_dir), "evaluation": evaluation,
+            **{f"sample_{k}": v for k, v in auc.items()},
             "steps": result.step, "train_seconds": round(train_seconds, 1)}  # fmt: skip
 
 
@@ -126,7 +143,9 @@ def dpo_stage(context: DemoContext) -> dict[str, Any]:
         result = dpo(config)
     finally:
         torch.set_num_threads(threads)
-    policy, tokenizer = load_causal_lm(ModelConfig(name_or_path=str(result.run_dir / "final")), trainable=False)
+    policy, tokenizer = load_causal_lm(
+        ModelConfig(name_or_path=str(result.run_dir / "final")), trainable=False,
+    )
     base, _ = context.base_model()
     after = context.evaluate(policy, tokenizer, reference=base)
     before = context.base_metrics
@@ -135,12 +154,12 @@ def dpo_stage(context: DemoContext) -> dict[str, Any]:
     gain = 100 * (after["accuracy"] - before["accuracy"])
     rpo = f" + RPO α={config.rpo_alpha:g}" if config.rpo_alpha else ""
     context.lines.append(
-        f"| DPO ({', '.join(loss_types(config))}{rpo}, β={config.beta:g}) "
-        f"| held-out greedy accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f} ({gain:+.1f} points), mean reward "
+        f"| DPO ({', '.join(loss_types(config))}{rpo}, β={config.beta:g}) | held-out greedy accuracy "
+        f"{before['accuracy']:.3f} → {after['accuracy']:.3f} ({gain:+.1f} points), mean reward "
         f"{before['mean_reward']:.3f} → {after['mean_reward']:.3f}, implicit-reward accuracy "
-        f"{held_out['eval/rewards/accuracies']:.3f}, KL to base {after['kl']:.3f} nats | {result.step} steps × "
-        f"{config.train.batch_size} pairs (correct vs near-miss), {wall:.0f} s with evaluation; "
-        f"model: `{result.run_dir / 'final'}` |"
+        f"{held_out['eval/rewards/accuracies']:.3f}, KL to base {after['kl']:.3f} nats | {result.step} steps "
+        f"× {config.train.batch_size} pairs (correct vs near-miss), {wall:.0f} s with evaluation; model: "
+        f"`{result.run_dir / 'final'}` |"
     )
     return {"before": before, "after": after, "implicit_reward_accuracy": held_out["eval/rewards/accuracies"],
             "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}  # fmt: skip
@@ -161,15 +180,17 @@ def iterative_stage(context: DemoContext) -> dict[str, Any]:
     wall = time.perf_counter() - started
     sampling = config.sampling
     context.lines.append(
-        f"| rejection sampling + iterative DPO ({config.rounds} rounds, RPO α={config.rpo_alpha:g}, β={config.beta:g}, "
-        f"reference: {config.round_reference}) | held-out greedy accuracy per round {per_round}; pass@8 "
-        f"{context.base_metrics.get('pass@8', float('nan')):.3f} → {after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats "
-        f"| each round: {sampling.n} samples for each of {sampling.prompts_per_round} training prompts, best vs worst, "
-        f"{', '.join(map(str, pairs))} pairs, {config.train.max_steps} DPO steps × {config.train.batch_size}; {wall:.0f} s; "
-        f"report: `{result.run_dir / 'report.md'}` |"
+        f"| rejection sampling + iterative DPO ({config.rounds} rounds, RPO α={config.rpo_alpha:g}, "
+        f"β={config.beta:g}, reference: {config.round_reference}) | held-out greedy accuracy per round "
+        f"{per_round}; pass@8 {context.base_metrics.get('pass@8', float('nan')):.3f} → "
+        f"{after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats | each round: {sampling.n} samples for "
+        f"each of {sampling.prompts_per_round} training prompts, best vs worst, {', '.join(map(str, pairs))} "
+        f"pairs, {config.train.max_steps} DPO steps × {config.train.batch_size}; {wall:.0f} s; report: "
+        f"`{result.run_dir / 'report.md'}` |"
     )
     return {"accuracy_per_round": [record["heldout/accuracy"] for record in rounds], "after": after,
-            "pairs_per_round": pairs, "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}  # fmt: skip
+            "pairs_per_round": pairs, "steps": result.step, "wall_seconds": wall,
+            "model": str(result.run_dir / "final")}  # fmt: skip
 
 
 def grpo_stage(context: DemoContext) -> dict[str, Any]:
@@ -184,12 +205,15 @@ def grpo_stage(context: DemoContext) -> dict[str, Any]:
     before = context.base_metrics
     prompts = config.train.batch_size // config.num_generations
     context.lines.append(
-        f"| GRPO (exact-match reward) | held-out greedy accuracy {before.get('accuracy', float('nan')):.3f} → "
-        f"{after['accuracy']:.3f}, pass@8 {before.get('pass@8', float('nan')):.3f} → {after['pass@8']:.3f}, KL to base "
-        f"{after['kl']:.3f} nats | {result.step} steps × {prompts} prompts × G={config.num_generations}, "
-        f"lr {config.train.learning_rate:g}, loss {config.loss_type}, β {config.beta:g}; {wall:.0f} s |"
+        f"| GRPO (exact-match reward) | held-out greedy accuracy {before.get('accuracy', float('nan')):.3f} "
+        f"→ {after['accuracy']:.3f}, pass@8 {before.get('pass@8', float('nan')):.3f} → "
+        f"{after['pass@8']:.3f}, KL to base {after['kl']:.3f} nats | {result.step} steps × {prompts} prompts "
+        f"× G={config.num_generations}, lr {config.train.learning_rate:g}, loss {config.loss_type}, β "
+        f"{config.beta:g}; {wall:.0f} s |"
     )
-    return {"after": after, "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final")}
+    return {
+        "after": after, "steps": result.step, "wall_seconds": wall, "model": str(result.run_dir / "final"),
+    }
 
 
 STAGES: dict[str, Callable[[DemoContext], dict[str, Any]]] = {

@@ -18,14 +18,26 @@ from prefalign.runtime.loop import TrainResult
 
 @dataclass
 class DPOCommandConfig(IterativeDPOConfig):
-    rounds: int = option(1, "Iterative (on-policy) DPO: rounds of sample -> pairs -> DPO with the current policy (train.max_steps per round); 1 = offline DPO on data.path's pairs.")
+    rounds: int = option(
+        1,
+        "Iterative (on-policy) DPO: rounds of sample -> pairs -> DPO with the current policy "
+        "(train.max_steps per round); 1 = offline DPO on data.path's pairs.",
+    )
 
 
-def dpo(config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None, save: bool = True) -> TrainResult:
+def dpo(
+    config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None,
+    save: bool = True,
+) -> TrainResult:
     """Resolve `builtin`, then run plain DPO, or iterative DPO when `config` has rounds > 1 (keyword
     arguments as prefalign.algorithms.dpo.dpo takes them)."""
-    dataset, eval_dataset = resolve_builtin(config, "preference", dataset=dataset, eval_dataset=eval_dataset, model=model)
-    inputs = dict(dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, reference=reference, save=save)
+    dataset, eval_dataset = resolve_builtin(
+        config, "preference", dataset=dataset, eval_dataset=eval_dataset, model=model,
+    )
+    inputs = dict(
+        dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, reference=reference,
+        save=save,
+    )
     if isinstance(config, IterativeDPOConfig) and config.rounds != 1:
         return iterative_dpo(config, **inputs)
     return algorithm.dpo(config if type(config) is DPOConfig else plain_dpo_config(config), **inputs)

@@ -7,7 +7,10 @@ import os
 import platform
 from dataclasses import dataclass
 
-PACKAGES = ["prefalign", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "safetensors", "trl", "vllm"]
+PACKAGES = [
+    "prefalign", "torch", "transformers", "tokenizers", "peft", "accelerate", "datasets", "safetensors",
+    "trl", "vllm",
+]
 
 
 @dataclass
@@ -18,7 +21,10 @@ class EnvConfig:
 def environment() -> dict[str, str]:
     import torch
 
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": str(os.cpu_count())}
+    info = {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu_count": str(os.cpu_count()),
+    }
     for package in PACKAGES:
         try:
             info[package] = importlib.metadata.version(package)
@@ -29,7 +35,10 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             properties = torch.cuda.get_device_properties(index)
-            info[f"gpu{index}"] = f"{properties.name}, {properties.total_memory / 2**30:.1f} GiB, bf16={torch.cuda.is_bf16_supported()}"
+            info[f"gpu{index}"] = (
+                f"{properties.name}, {properties.total_memory / 2**30:.1f} GiB, "
+                f"bf16={torch.cuda.is_bf16_supported()}"
+            )
     else:
         info["gpu"] = "none"
     return info

@@ -19,15 +19,22 @@ from prefalign.runtime.setup import seed_everything, set_threads
 @dataclass
 class EvalConfig:
     model: ModelConfig = option(help="The policy to evaluate.", factory=ModelConfig)
-    data: DataConfig = option(help="Prompt-only rows (extra columns go to reward functions); builtin = held-out task prompts.", factory=lambda: DataConfig(max_length=256))
-    reward_functions: list[str] = option(help="Reward functions by name or 'module:function'.", factory=lambda: ["exact_match"])
+    data: DataConfig = option(
+        help="Prompt-only rows (extra columns go to reward functions); builtin = held-out task prompts.",
+        factory=lambda: DataConfig(max_length=256),
+    )
+    reward_functions: list[str] = option(
+        help="Reward functions by name or 'module:function'.", factory=lambda: ["exact_match"],
+    )
     reward_weights: list[float] = option(help="One weight per reward function (default all 1).", factory=list)
     success_threshold: float = option(1.0, "A completion counts as correct when its reward is at least this.")
     k: int = option(8, "Samples per prompt for pass@k (0 = skip sampling).")
     temperature: float = option(1.0, "Sampling temperature for pass@k and the KL estimate.")
     top_p: float = option(1.0, "Nucleus sampling for pass@k.")
     max_new_tokens: int = option(16, "Longest completion.")
-    reference: str | None = option(None, "Reference model folder; when given, report KL(policy || reference) on the samples.")
+    reference: str | None = option(
+        None, "Reference model folder; when given, report KL(policy || reference) on the samples.",
+    )
     num_prompts: int | None = option(None, "Evaluate at most this many prompts.")
     batch_size: int = option(128, "Sequences generated together.")
     seed: int = option(0, "Sampling seed.")
@@ -35,7 +42,9 @@ class EvalConfig:
     num_threads: int = option(0, "torch CPU threads (0 = default).")
 
 
-def evaluate(config: EvalConfig, *, dataset=None, model=None, tokenizer=None, reference=None) -> dict[str, float]:
+def evaluate(
+    config: EvalConfig, *, dataset=None, model=None, tokenizer=None, reference=None,
+) -> dict[str, float]:
     """`prefalign eval`: print a table, write eval.json to the output folder, return the metrics."""
     resolve_builtin_models(config, skip=("model.name_or_path",) if model is not None else ())
     # The built-in prompts here are the task's held-out ones: evaluation never reads training prompts.
@@ -45,7 +54,10 @@ def evaluate(config: EvalConfig, *, dataset=None, model=None, tokenizer=None, re
     if model is None:
         model, tokenizer = load_causal_lm(config.model, trainable=False)
     if reference is None and config.reference:
-        reference, _ = load_causal_lm(ModelConfig(name_or_path=config.reference, device=config.model.device, dtype=config.model.dtype), trainable=False)
+        reference, _ = load_causal_lm(
+            ModelConfig(name_or_path=config.reference, device=config.model.device, dtype=config.model.dtype),
+            trainable=False,
+        )
     rows, _ = resolve_rows(config.data, dataset=dataset)
     if config.num_prompts:
         rows = rows.select(range(min(len(rows), config.num_prompts)))
@@ -53,7 +65,8 @@ def evaluate(config: EvalConfig, *, dataset=None, model=None, tokenizer=None, re
     metrics = evaluate_policy(
         model, tokenizer, prompts, WeightedRewards(config.reward_functions, list(config.reward_weights)),
         k=config.k, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-        success_threshold=config.success_threshold, reference=reference, batch_size=config.batch_size, seed=config.seed,
+        success_threshold=config.success_threshold, reference=reference, batch_size=config.batch_size,
+        seed=config.seed,
     )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

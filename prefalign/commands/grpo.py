@@ -8,7 +8,15 @@ from prefalign.commands.builtin import resolve_builtin
 from prefalign.runtime.loop import TrainResult
 
 
-def grpo(config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None, save: bool = True) -> TrainResult:
+def grpo(
+    config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None,
+    save: bool = True,
+) -> TrainResult:
     """Resolve `builtin`, then train (prefalign.algorithms.grpo.grpo, whose keyword arguments these are)."""
-    dataset, eval_dataset = resolve_builtin(config, "prompts", dataset=dataset, eval_dataset=eval_dataset, model=model)
-    return algorithm.grpo(config, dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, reference=reference, save=save)
+    dataset, eval_dataset = resolve_builtin(
+        config, "prompts", dataset=dataset, eval_dataset=eval_dataset, model=model,
+    )
+    return algorithm.grpo(
+        config, dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer,
+        reference=reference, save=save,
+    )

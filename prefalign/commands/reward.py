@@ -23,8 +23,13 @@ from prefalign.runtime.setup import set_threads
 
 @dataclass
 class EvalRewardConfig:
-    model: str = option("runs/reward/final", "Reward-model folder (final/ of `prefalign reward`, or any one-label sequence classifier).")
-    data: DataConfig = option(help="Held-out preference rows: data.path (builtin = the task's held-out pairs).", factory=DataConfig)
+    model: str = option(
+        "runs/reward/final",
+        "Reward-model folder (final/ of `prefalign reward`, or any one-label sequence classifier).",
+    )
+    data: DataConfig = option(
+        help="Held-out preference rows: data.path (builtin = the task's held-out pairs).", factory=DataConfig,
+    )
     batch_size: int = option(64, "Sequences per forward pass.")
     device: str = option("auto", "Device: auto, cpu, cuda, ...")
     output_dir: str = option("runs/eval-reward", "Where eval_reward.json is written.")
@@ -41,8 +46,9 @@ def eval_reward(config: EvalRewardConfig) -> dict[str, Any]:
     rows, _ = resolve_rows(config.data, dataset=dataset)
     started = time.perf_counter()
     examples, stats = encode_pairs(rows, scorer.tokenizer, scorer.settings, config.data)
-    metrics = {"model": config.model, **evaluate_pairs(scorer, examples), "dropped_identical": stats.dropped_identical,
-               "truncated_sequences": stats.truncated_sequences, "seconds": round(time.perf_counter() - started, 2)}
+    metrics = {"model": config.model, **evaluate_pairs(scorer, examples),
+               "dropped_identical": stats.dropped_identical, "truncated_sequences": stats.truncated_sequences,
+               "seconds": round(time.perf_counter() - started, 2)}
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_reward.json").write_text(json.dumps(metrics, indent=2))
@@ -50,16 +56,23 @@ def eval_reward(config: EvalRewardConfig) -> dict[str, Any]:
     return metrics
 
 
-def reward(config: RewardConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True) -> Any:
+def reward(
+    config: RewardConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True,
+) -> Any:
     """`prefalign reward`: train (or, with --eval_only, evaluate) a reward model. Keyword arguments as
     prefalign.algorithms.reward_model.train_reward_model takes them."""
     if not config.eval_only:
-        dataset, eval_dataset = resolve_builtin(config, "reward_pairs", dataset=dataset, eval_dataset=eval_dataset, model=model)
-        return train_reward_model(config, dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, save=save)
+        dataset, eval_dataset = resolve_builtin(
+            config, "reward_pairs", dataset=dataset, eval_dataset=eval_dataset, model=model,
+        )
+        return train_reward_model(
+            config, dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, save=save,
+        )
     data = copy.deepcopy(config.data)
     if data.eval_path:
         data.path, data.eval_path = list(data.eval_path), []
     return eval_reward(EvalRewardConfig(
-        model=config.model.name_or_path, data=data, batch_size=config.eval_batch_size, device=config.model.device,
-        output_dir=config.train.output_dir or "runs/eval-reward", num_threads=config.train.num_threads,
+        model=config.model.name_or_path, data=data, batch_size=config.eval_batch_size,
+        device=config.model.device, output_dir=config.train.output_dir or "runs/eval-reward",
+        num_threads=config.train.num_threads,
     ))

@@ -1,4 +1,5 @@
-"""`prefalign sample`: rejection sampling from the policy (the built-in task's training prompts by default)."""
+"""`prefalign sample`: rejection sampling from the policy (the built-in task's training prompts by
+default)."""
 
 from __future__ import annotations
 

@@ -18,10 +18,23 @@ from prefalign.rewards.scorer import RewardModelScorer
 
 @dataclass
 class ScoreConfig:
-    model: str = option("runs/reward/final", "Reward-model folder: the final/ folder of `prefalign reward`, or any one-label sequence classifier.")
-    data: str = option("", "File to score (JSONL/JSON/Parquet/CSV or a save_to_disk folder): prompt/completion rows get a `reward` column, preference rows `reward_chosen` and `reward_rejected`.")
-    columns: dict[str, str] = option(help="Rename source columns to ours, e.g. {question: prompt, answer: completion}.", factory=dict)
-    output: str = option("", "Where the scored copy is written (.jsonl, .json, .parquet or .csv); empty = runs/score/<data name>.scored.jsonl.")
+    model: str = option(
+        "runs/reward/final",
+        "Reward-model folder: the final/ folder of `prefalign reward`, or any one-label sequence classifier.",
+    )
+    data: str = option(
+        "",
+        "File to score (JSONL/JSON/Parquet/CSV or a save_to_disk folder): prompt/completion rows get a "
+        "`reward` column, preference rows `reward_chosen` and `reward_rejected`.",
+    )
+    columns: dict[str, str] = option(
+        help="Rename source columns to ours, e.g. {question: prompt, answer: completion}.", factory=dict,
+    )
+    output: str = option(
+        "",
+        "Where the scored copy is written (.jsonl, .json, .parquet or .csv); empty = "
+        "runs/score/<data name>.scored.jsonl.",
+    )
     batch_size: int = option(64, "Sequences per forward pass.")
     device: str = option("auto", "Device: auto, cpu, cuda, ...")
     normalize: bool = option(False, "Write (score - mean) / std with the training data's statistics.")
@@ -38,18 +51,27 @@ def score(config: ScoreConfig) -> Path:
     if not config.data:
         raise ConfigError("score needs --data FILE (the rows to score)")
     rows = load_rows([config.data], columns=config.columns)
-    scorer = RewardModelScorer(config.model, batch_size=config.batch_size, device=config.device, normalize=config.normalize)
+    scorer = RewardModelScorer(
+        config.model, batch_size=config.batch_size, device=config.device, normalize=config.normalize,
+    )
     names = visible_columns(rows)
     output = rows.select_columns(names)
     if "chosen" in names or "rejected" in names:
         pairs = normalize_preference(rows)
         prompts = [row["prompt"] for row in pairs]
         output = output.add_column("reward_chosen", scorer.score(prompts, [row["chosen"] for row in pairs]))
-        output = output.add_column("reward_rejected", scorer.score(prompts, [row["rejected"] for row in pairs]))
+        output = output.add_column(
+            "reward_rejected", scorer.score(prompts, [row["rejected"] for row in pairs]),
+        )
     else:
         singles = normalize_sft(rows)
-        output = output.add_column("reward", scorer.score([row["prompt"] for row in singles], [row["completion"] for row in singles]))
-    path = Path(config.output or f"runs/score/{Path(config.data.rstrip('/')).name.split('.')[0]}.scored.jsonl")
+        output = output.add_column(
+            "reward",
+            scorer.score([row["prompt"] for row in singles], [row["completion"] for row in singles]),
+        )
+    path = Path(
+        config.output or f"runs/score/{Path(config.data.rstrip('/')).name.split('.')[0]}.scored.jsonl"
+    )
     _write_rows(output, path)
     print(f"scored {len(output)} rows with {config.model}: {path}")
     return path

@@ -1,4 +1,5 @@
-"""`prefalign sft`: supervised fine-tuning on prompt/completion rows (the built-in task's demonstrations by default)."""
+"""`prefalign sft`: supervised fine-tuning on prompt/completion rows (the built-in task's demonstrations by
+default)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from prefalign.commands.builtin import resolve_builtin
 from prefalign.runtime.loop import TrainResult
 
 
-def sft(config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True) -> TrainResult:
+def sft(
+    config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True,
+) -> TrainResult:
     """Resolve `builtin`, then train (prefalign.algorithms.sft.sft, whose keyword arguments these are)."""
-    dataset, eval_dataset = resolve_builtin(config, "sft", dataset=dataset, eval_dataset=eval_dataset, model=model)
-    return algorithm.sft(config, dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, save=save)
+    dataset, eval_dataset = resolve_builtin(
+        config, "sft", dataset=dataset, eval_dataset=eval_dataset, model=model,
+    )
+    return algorithm.sft(
+        config, dataset=dataset, eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, save=save,
+    )

@@ -68,8 +68,8 @@ def require_columns(
     missing = [name for name in required if name not in present]
     if missing:
         raise DataError(
-            f"{_sources(records)}: {kind} data needs column(s) {', '.join(map(repr, missing))}, which are missing; "
-            f"columns present: {', '.join(present) or '(none)'}. Rename yours with data.columns, "
+            f"{_sources(records)}: {kind} data needs column(s) {', '.join(map(repr, missing))}, which are "
+            f"missing; columns present: {', '.join(present) or '(none)'}. Rename yours with data.columns, "
             f"e.g. data.columns={example}."
         )
 

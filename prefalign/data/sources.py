@@ -39,7 +39,10 @@ JSON_SUFFIXES = (".json", ".json.gz")
 CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DATA_SUFFIXES = JSON_LINES_SUFFIXES + JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
-SUPPORTED_TEXT = "JSON Lines (.jsonl, .jsonl.gz), JSON (.json), Parquet (.parquet), CSV (.csv) or a datasets.save_to_disk folder"
+SUPPORTED_TEXT = (
+    "JSON Lines (.jsonl, .jsonl.gz), JSON (.json), Parquet (.parquet), CSV (.csv) or a "
+    "datasets.save_to_disk folder"
+)
 
 
 # ----------------------------------------------------------------------------- locations
@@ -273,7 +276,8 @@ def load_source(path: str, *, split: str = "train") -> datasets.Dataset:
     if not os.path.exists(path):
         if _looks_like_path(path):
             raise DataError(
-                f"{path}: file not found (working folder {os.getcwd()}). Check the path in data.path / data.eval_path."
+                f"{path}: file not found (working folder {os.getcwd()}). Check the path in "
+                "data.path / data.eval_path."
             )
         return _read_hub(path, split)
     try:
@@ -336,9 +340,9 @@ def _concatenate(parts: list[datasets.Dataset], names: list[str]) -> datasets.Da
     for part, name in zip(parts[1:], names[1:], strict=True):
         if set(part.column_names) != set(reference):
             raise DataError(
-                f"data sources have different columns: {names[0]} has {', '.join(visible_columns(parts[0]))}; "
-                f"{name} has {', '.join(visible_columns(part))}. Give every source the same columns "
-                "(data.columns can rename them)."
+                f"data sources have different columns: {names[0]} has "
+                f"{', '.join(visible_columns(parts[0]))}; {name} has {', '.join(visible_columns(part))}. "
+                "Give every source the same columns (data.columns can rename them)."
             )
     parts = [part.select_columns(reference) for part in parts]
     try:
@@ -416,9 +420,9 @@ def load_splits(
     else:
         if "builtin" in config.path:
             raise DataError(
-                "data.path 'builtin' names the built-in task, whose rows prefalign.commands.builtin.builtin_rows "
-                "loads (the CLI and the functions `from prefalign import ...` do this); pass dataset=... here, or "
-                "set data.path to your files."
+                "data.path 'builtin' names the built-in task, whose rows "
+                "prefalign.commands.builtin.builtin_rows loads (the CLI and the functions `from prefalign "
+                "import ...` do this); pass dataset=... here, or set data.path to your files."
             )
         train = load_rows(config.path, split=config.split, columns=config.columns)
     evaluation = None

@@ -1,4 +1,5 @@
-"""Training and eval rows for a command: an in-memory dataset or the configured files; tokenize stats logged."""
+"""Training and eval rows for a command: an in-memory dataset or the configured files; tokenize stats
+logged."""
 
 from __future__ import annotations
 

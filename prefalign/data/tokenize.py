@@ -67,8 +67,8 @@ class TokenizeStats:
 
     def summary(self) -> str:
         return (
-            f"{self.rows} rows, {self.kept} kept: {self.dropped_too_long_prompt} dropped (prompt fills max_length), "
-            f"{self.truncated_prompts} prompts cut from the left (max_prompt_length), "
+            f"{self.rows} rows, {self.kept} kept: {self.dropped_too_long_prompt} dropped (prompt fills "
+            f"max_length), {self.truncated_prompts} prompts cut from the left (max_prompt_length), "
             f"{self.truncated_completions} completions cut on the right (max_length)"
         )
 
@@ -167,9 +167,9 @@ def _not_a_prefix_message(record: dict[str, Any], column: str, prompt_text: str,
     return (
         f"{where(record, column)}: the chat template renders the prompt (with the generation prompt) as text "
         f"that is not a prefix of the rendered prompt + completion; they differ at character {differ}: "
-        f"prompt ...{prompt_text[start : differ + 30]!r} vs whole ...{whole[start : differ + 30]!r}. The template "
-        "changes earlier turns depending on later ones, or the completion does not start with an assistant "
-        "turn. Use a template whose prompt rendering is a prefix (or pass render=...)."
+        f"prompt ...{prompt_text[start : differ + 30]!r} vs whole ...{whole[start : differ + 30]!r}. The "
+        "template changes earlier turns depending on later ones, or the completion does not start with an "
+        "assistant turn. Use a template whose prompt rendering is a prefix (or pass render=...)."
     )
 
 
@@ -181,7 +181,8 @@ def _check_lengths(config: DataConfig) -> None:
         raise ConfigError(f"config key 'data.max_length' must be at least 2, got {config.max_length}")
     if config.max_prompt_length is not None and config.max_prompt_length < 2:
         raise ConfigError(
-            f"config key 'data.max_prompt_length' must be at least 2 (BOS + one token) or null, got {config.max_prompt_length}"
+            "config key 'data.max_prompt_length' must be at least 2 (BOS + one token) or null, got "
+            f"{config.max_prompt_length}"
         )
 
 
@@ -203,8 +204,8 @@ def _fit(
     if room < 1:
         if config.too_long_prompt == "error":
             raise DataError(
-                f"{where(record, 'prompt')}: the prompt is {len(prompt_ids)} tokens, which leaves no room for a "
-                f"completion within data.max_length={config.max_length}. Raise data.max_length, set "
+                f"{where(record, 'prompt')}: the prompt is {len(prompt_ids)} tokens, which leaves no room "
+                f"for a completion within data.max_length={config.max_length}. Raise data.max_length, set "
                 "data.max_prompt_length to cut prompts from the left, or set data.too_long_prompt=drop."
             )
         stats.dropped_too_long_prompt += 1

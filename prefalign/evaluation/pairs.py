@@ -1,4 +1,5 @@
-"""Pair statistics of a reward model: accuracy with a Wilson 95% interval, margins, length correlation, AUC."""
+"""Pair statistics of a reward model: accuracy with a Wilson 95% interval, margins, length correlation,
+AUC."""
 
 from __future__ import annotations
 
@@ -48,11 +49,16 @@ def roc_auc(scores: list[float], labels: list[bool]) -> float | None:
     if not positives or not negatives:
         return None
     ranked = sorted(negatives)
-    wins = sum(bisect.bisect_left(ranked, p) + 0.5 * (bisect.bisect_right(ranked, p) - bisect.bisect_left(ranked, p)) for p in positives)
+    wins = sum(
+        bisect.bisect_left(ranked, p) + 0.5 * (bisect.bisect_right(ranked, p) - bisect.bisect_left(ranked, p))
+        for p in positives
+    )
     return wins / (len(positives) * len(negatives))
 
 
-def pair_metrics(chosen: list[float], rejected: list[float], chosen_lengths: list[int], rejected_lengths: list[int]) -> dict[str, Any]:
+def pair_metrics(
+    chosen: list[float], rejected: list[float], chosen_lengths: list[int], rejected_lengths: list[int],
+) -> dict[str, Any]:
     """Held-out metrics: pairwise accuracy with a 95% Wilson interval, mean margin, reward statistics, and
     the correlation of reward with completion length (tokens) over every completion (a length-bias sign)."""
     correct = sum(good > bad for good, bad in zip(chosen, rejected, strict=True))
@@ -75,19 +81,26 @@ def pair_metrics(chosen: list[float], rejected: list[float], chosen_lengths: lis
 
 def evaluate_pairs(scorer: RewardModelScorer, examples: list[dict[str, Any]]) -> dict[str, Any]:
     """pair_metrics of encoded examples (one batched scoring pass over chosen and rejected together)."""
-    scores = scorer.score_sequences([e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples])
+    scores = scorer.score_sequences(
+        [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    )
     bad = sum(not math.isfinite(s) for s in scores)
     if bad:
         from prefalign.errors import TrainingError
 
         raise TrainingError(f"the reward model returned {bad} non-finite score(s) on the evaluation pairs")
     half = len(examples)
-    return pair_metrics(scores[:half], scores[half:], [e["chosen_length"] for e in examples], [e["rejected_length"] for e in examples])
+    return pair_metrics(
+        scores[:half], scores[half:], [e["chosen_length"] for e in examples],
+        [e["rejected_length"] for e in examples],
+    )
 
 
 def format_pair_metrics(metrics: dict[str, Any]) -> str:
     lines = ["| metric | value |", "| --- | --- |"]
     for key, value in metrics.items():
-        shown = "n/a (a side is constant)" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        shown = "n/a (a side is constant)" if value is None else (
+            f"{value:.4f}" if isinstance(value, float) else str(value)
+        )
         lines.append(f"| {key} | {shown} |")
     return "\n".join(lines)

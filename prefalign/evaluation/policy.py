@@ -43,9 +43,13 @@ def evaluate_policy(
     greedy = engine.generate(prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
     # Completions reach the reward functions as sampling and GRPO give them: an assistant turn for a
     # conversational prompt, with the sampled token ids as `completion_ids`.
-    greedy_completions = [as_completion(prompt, samples[0].text) for prompt, samples in zip(raw_prompts, greedy, strict=True)]
+    greedy_completions = [
+        as_completion(prompt, samples[0].text) for prompt, samples in zip(raw_prompts, greedy, strict=True)
+    ]
     greedy_ids = [list(samples[0].token_ids) for samples in greedy]
-    greedy_rewards, _, failures = rewards(raw_prompts, greedy_completions, completion_ids=greedy_ids, **columns)
+    greedy_rewards, _, failures = rewards(
+        raw_prompts, greedy_completions, completion_ids=greedy_ids, **columns,
+    )
     scored = [r for r in greedy_rewards if r is not None]
     metrics = {
         "num_prompts": len(prompt_ids),
@@ -55,24 +59,42 @@ def evaluate_policy(
         "reward_failures": len(failures),
     }
     if k > 0:
-        sampled = engine.generate(prompt_ids, SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed))
-        flat_completions = [as_completion(prompt, sample.text) for prompt, samples in zip(raw_prompts, sampled, strict=True) for sample in samples]
+        sampled = engine.generate(
+            prompt_ids,
+            SamplingParams(
+                n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+            ),
+        )
+        flat_completions = [
+            as_completion(prompt, sample.text)
+            for prompt, samples in zip(raw_prompts, sampled, strict=True)
+            for sample in samples
+        ]
         flat_ids = [list(sample.token_ids) for samples in sampled for sample in samples]
         repeat = lambda values: [v for v in values for _ in range(k)]  # noqa: E731
-        sample_rewards, _, _ = rewards(repeat(raw_prompts), flat_completions, completion_ids=flat_ids, **{n: repeat(v) for n, v in columns.items()})
+        sample_rewards, _, _ = rewards(
+            repeat(raw_prompts), flat_completions, completion_ids=flat_ids,
+            **{n: repeat(v) for n, v in columns.items()},
+        )
         solved = [
             any(r is not None and r >= success_threshold for r in sample_rewards[i * k:(i + 1) * k])
             for i in range(len(prompt_ids))
         ]
         metrics[f"pass@{k}"] = sum(solved) / max(len(solved), 1)
-        metrics["sample_mean_reward"] = sum(r for r in sample_rewards if r is not None) / max(sum(r is not None for r in sample_rewards), 1)
+        metrics["sample_mean_reward"] = sum(r for r in sample_rewards if r is not None) / max(
+            sum(r is not None for r in sample_rewards), 1,
+        )
         if reference is not None:
-            metrics["kl"] = sequence_kl(reference, prompt_ids, sampled, tokenizer.pad_token_id, temperature, batch_size)
+            metrics["kl"] = sequence_kl(
+                reference, prompt_ids, sampled, tokenizer.pad_token_id, temperature, batch_size,
+            )
     return metrics
 
 
 @torch.no_grad()
-def sequence_kl(reference, prompt_ids, sampled, pad_token_id: int, temperature: float, batch_size: int) -> float:
+def sequence_kl(
+    reference, prompt_ids, sampled, pad_token_id: int, temperature: float, batch_size: int,
+) -> float:
     """Mean over samples of Σ_t log π(y_t) − log π_ref(y_t): the k1 estimate of KL(π‖π_ref) per sequence."""
     rows = [
         {"prompt_ids": prompt_ids[i], "completion_ids": sample.token_ids, "policy": sum(sample.logprobs)}
@@ -94,4 +116,7 @@ def sequence_kl(reference, prompt_ids, sampled, pad_token_id: int, temperature: 
 
 def format_table(metrics: dict[str, Any]) -> str:
     width = max(len(k) for k in metrics)
-    return "\n".join(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}" for key, value in metrics.items())
+    return "\n".join(
+        f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}"
+        for key, value in metrics.items()
+    )

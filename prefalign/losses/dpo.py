@@ -131,14 +131,21 @@ def _resolve_loss_types(
 
 
 def _check_shapes(pairs: PreferencePairs) -> None:
-    """Every tensor (num_pairs,): a (num_pairs, 1) among them would broadcast to a table of cross-pair terms."""
+    """Every tensor (num_pairs,): a (num_pairs, 1) among them would broadcast to a table of cross-pair
+    terms."""
     expected = tuple(pairs.policy_chosen_logps.shape)
     if len(expected) != 1:
         raise ValueError(f"policy_chosen_logps must have shape (num_pairs,), got {expected}.")
-    for name in ("policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths"):
+    for name in (
+        "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",
+        "rejected_lengths",
+    ):
         value = getattr(pairs, name)
         if value is not None and tuple(value.shape) != expected:
-            raise ValueError(f"{name} has shape {tuple(value.shape)} but policy_chosen_logps has {expected}: pass (num_pairs,) each.")
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)} but policy_chosen_logps has {expected}: "
+                "pass (num_pairs,) each."
+            )
 
 
 def _check_pairs(pairs: PreferencePairs, names: list[str]) -> None:

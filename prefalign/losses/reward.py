@@ -29,7 +29,8 @@ def _as_margin(margin: Tensor | float, difference: Tensor) -> Tensor | float:
     margin = margin.squeeze(-1) if margin.dim() == 2 and margin.shape[-1] == 1 else margin
     if margin.shape != difference.shape:
         raise ValueError(
-            f"margin must be a scalar or one value per pair, shape {tuple(difference.shape)}, got {tuple(margin.shape)}."
+            f"margin must be a scalar or one value per pair, shape {tuple(difference.shape)}, got "
+            f"{tuple(margin.shape)}."
         )
     return margin
 
@@ -43,14 +44,17 @@ def bradley_terry_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Bradley–Terry pairwise loss: mean over pairs of −log σ(r_w − r_l − m), plus reward centering
     c · mean((r_w + r_l)²) (Eisenstein et al. 2023 suggest c = 0.01), which pins the free offset of
-    the scores near 0. Margin m: one value per pair, (num_pairs,) or (num_pairs, 1), or a scalar (Llama 2's margin).
+    the scores near 0. Margin m: one value per pair, (num_pairs,) or (num_pairs, 1), or a scalar (Llama 2's
+    margin).
 
     chosen_rewards, rejected_rewards: (num_pairs,) or (num_pairs, 1).
     Metrics: `accuracy` = mean [r_w > r_l], `margin` = mean (r_w − r_l), `rewards/chosen`,
     `rewards/rejected` (means).
     """
     if not center_coefficient >= 0 or math.isinf(center_coefficient):  # `not >=` also catches NaN
-        raise ConfigError(f"center_coefficient must be a finite number >= 0 (0 = no centering), got {center_coefficient}.")
+        raise ConfigError(
+            f"center_coefficient must be a finite number >= 0 (0 = no centering), got {center_coefficient}."
+        )
     chosen = _as_scores(chosen_rewards, "chosen_rewards")
     rejected = _as_scores(rejected_rewards, "rejected_rewards")
     if chosen.shape != rejected.shape:

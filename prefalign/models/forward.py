@@ -33,8 +33,11 @@ class CompletionLogps:
         return self.mask.sum(-1)
 
 
-def completion_logps(model, batch: dict[str, torch.Tensor], *, temperature: float = 1.0, keep_logits: bool = False) -> CompletionLogps:
-    """Log-probs of the completion tokens of a right-padded batch (input_ids, attention_mask, completion_mask).
+def completion_logps(
+    model, batch: dict[str, torch.Tensor], *, temperature: float = 1.0, keep_logits: bool = False,
+) -> CompletionLogps:
+    """Log-probs of the completion tokens of a right-padded batch (input_ids, attention_mask,
+    completion_mask).
 
     Only positions from the earliest completion start onward go through the output head
     (`logits_to_keep`): prompt positions are never scored, and the head is the widest matmul.
@@ -45,10 +48,14 @@ def completion_logps(model, batch: dict[str, torch.Tensor], *, temperature: floa
     first_completion = int(completion_mask.float().argmax(dim=1).min())
     # The logit at position t scores token t+1, so one position before the first completion token.
     keep = seq_len - max(first_completion - 1, 0)
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep,
+    ).logits
     logits = logits[:, :-1]  # (batch, keep - 1, vocab)
     targets = input_ids[:, seq_len - keep + 1:]
-    mask = completion_mask[:, seq_len - keep + 1:].to(logits.dtype if logits.is_floating_point() else torch.float32)
+    mask = completion_mask[:, seq_len - keep + 1:].to(
+        logits.dtype if logits.is_floating_point() else torch.float32
+    )
     token_logps = token_logprobs(logits, targets, temperature=temperature) * mask
     return CompletionLogps(token_logps=token_logps, mask=mask, logits=logits if keep_logits else None)
 
@@ -69,7 +76,9 @@ class _ShortAttentionInFloat32(TorchFunctionMode):
             return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
         with torch.autocast(key.device.type, enabled=False):
-            return func(*[upcast(value) for value in args], **{name: upcast(value) for name, value in kwargs.items()})
+            return func(
+                *[upcast(value) for value in args], **{name: upcast(value) for name, value in kwargs.items()},
+            )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -125,7 +134,8 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def grouped_completion_logps(
-    model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, *, temperature: float = 1.0, keep_logits: bool = False
+    model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, *,
+    temperature: float = 1.0, keep_logits: bool = False
 ) -> CompletionLogps:
     """`completion_logps` for rows that share prompts (GRPO's G samples, DPO's chosen/rejected): each distinct
     prompt goes through the model once, and its KV cache (with its autograd graph) is repeated for its rows.
@@ -150,14 +160,23 @@ def grouped_completion_logps(
     cache = DynamicCache(config=model.config)
     cache_argument = {cache_keyword(model): cache}
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)  # positions count real tokens only
-    last_logits = model(input_ids=prompt_input, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_argument).logits[:, -1]  # (prompts, vocab)
+    # (prompts, vocab)
+    last_logits = model(
+        input_ids=prompt_input, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+        logits_to_keep=1, **cache_argument,
+    ).logits[:, -1]
     rows = torch.tensor(owner, device=device)
     cache.batch_select_indices(rows)  # (rows, ...): indexing keeps the graph back to the shared prompt pass
     completions = pad_sequences([list(ids) for ids in completion_ids], pad_token_id).to(device)  # (rows, C)
     completion_mask = pad_sequences([[1] * len(ids) for ids in completion_ids], 0).to(device)
-    completion_positions = prompt_mask.sum(dim=1)[rows].unsqueeze(1) + torch.arange(completions.shape[1], device=device)
+    completion_positions = (
+        prompt_mask.sum(dim=1)[rows].unsqueeze(1) + torch.arange(completions.shape[1], device=device)
+    )
     attention_mask = torch.cat([prompt_mask[rows], completion_mask], dim=1)  # (rows, P + C)
-    logits = model(input_ids=completions, attention_mask=attention_mask, position_ids=completion_positions, use_cache=True, **cache_argument).logits
+    logits = model(
+        input_ids=completions, attention_mask=attention_mask, position_ids=completion_positions,
+        use_cache=True, **cache_argument,
+    ).logits
     # The prompt's last logit scores the first completion token; completion logit t scores token t + 1.
     scoring = torch.cat([last_logits[rows].unsqueeze(1), logits[:, :-1]], dim=1)  # (rows, C, vocab)
     mask = completion_mask.to(scoring.dtype)

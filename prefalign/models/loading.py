@@ -34,14 +34,18 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == BUILTIN:
         raise ModelError(
             "model 'builtin' names the built-in task's tiny base model, which is built on demand by "
-            "prefalign.commands.builtin.resolve_builtin (the CLI and the functions `from prefalign import ...` do "
-            "this) or prefalign.ensure_base_model(); pass that folder's path here."
+            "prefalign.commands.builtin.resolve_builtin (the CLI and the functions `from prefalign import "
+            "...` do this) or prefalign.ensure_base_model(); pass that folder's path here."
         )
     folder = Path(name_or_path)
-    if folder.is_dir() and not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+    if (
+        folder.is_dir() and not (folder / "config.json").exists()
+        and not (folder / "adapter_config.json").exists()
+    ):
         raise ModelError(
-            f"model folder {name_or_path!r} has no config.json: it is not a Hugging Face model folder. "
-            "Point model.name_or_path at a folder written by save_pretrained (config.json, weights, tokenizer files)."
+            f"model folder {name_or_path!r} has no config.json: it is not a Hugging Face model "
+            "folder. Point model.name_or_path at a folder written by save_pretrained (config.json, "
+            "weights, tokenizer files)."
         )
     return name_or_path
 
@@ -50,8 +54,8 @@ def _explain_load_failure(kind: str, path: str, error: Exception) -> ModelError:
     where = "a local folder" if Path(path).exists() else "a hub name (needs network) or a local folder"
     detail = " ".join(str(error).split())[:300]
     return ModelError(
-        f"could not load the {kind} from {path!r} (read as {where}): {type(error).__name__}: {detail}. "
-        "Point model.name_or_path at a folder saved with save_pretrained (config.json, weights, tokenizer files)."
+        f"could not load the {kind} from {path!r} (read as {where}): {type(error).__name__}: {detail}. Point "
+        "model.name_or_path at a folder saved with save_pretrained (config.json, weights, tokenizer files)."
     )
 
 
@@ -101,7 +105,9 @@ def load_sequence_classifier(config: ModelConfig, *, num_labels: int = 1, traina
     return prepare_model(model, config, device, trainable=trainable, task_type="SEQ_CLS"), tokenizer
 
 
-def prepare_model(model, config: ModelConfig, device: torch.device, *, trainable: bool, task_type: str = "CAUSAL_LM"):
+def prepare_model(
+    model, config: ModelConfig, device: torch.device, *, trainable: bool, task_type: str = "CAUSAL_LM",
+):
     model.to(device)
     # Dropout off everywhere: RL and preference losses compare log-probs across passes.
     for module in model.modules():

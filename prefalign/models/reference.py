@@ -1,4 +1,5 @@
-"""The frozen reference: LoRA adapters off, a frozen copy, checks that a separate reference fits the policy."""
+"""The frozen reference: LoRA adapters off, a frozen copy, checks that a separate reference fits the
+policy."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from prefalign.models.loading import (
 def reference_mode(model):
     """The frozen reference of a LoRA policy is the same network with its adapters switched off."""
     if not is_peft_model(model):
-        raise ModelError("reference_mode needs a LoRA (peft) model; load a separate reference model otherwise")
+        raise ModelError(
+            "reference_mode needs a LoRA (peft) model; load a separate reference model otherwise"
+        )
     with model.disable_adapter():
         yield model
 
@@ -32,12 +35,15 @@ def check_same_tokenizer(policy_tokenizer, reference_tokenizer, where: str) -> N
         if getattr(policy_tokenizer, name) != getattr(reference_tokenizer, name)
     ]  # fmt: skip
     if differing or special:
-        detail = f"tokens that differ (token, id): {differing}" if differing else f"different {', '.join(special)}"
+        detail = (
+            f"tokens that differ (token, id): {differing}" if differing else f"different {', '.join(special)}"
+        )
         raise ModelError(
-            f"the reference model {where} does not share the policy's tokenizer ({len(reference_vocab)} vs "
-            f"{len(policy_vocab)} tokens; {detail}). DPO compares log-probs of the same token ids under both "
-            "models, so they must use one tokenizer: pick a reference from the policy's own family (usually the "
-            "SFT model the policy starts from), or leave `reference` empty to use the policy's initial weights."
+            f"the reference model {where} does not share the policy's tokenizer ({len(reference_vocab)} "
+            f"vs {len(policy_vocab)} tokens; {detail}). DPO compares log-probs of the same token ids "
+            "under both models, so they must use one tokenizer: pick a reference from the policy's own "
+            "family (usually the SFT model the policy starts from), or leave `reference` empty to use "
+            "the policy's initial weights."
         )
 
 
@@ -47,15 +53,16 @@ def check_reference_model(policy, reference) -> None:
     reference_size = reference.get_input_embeddings().num_embeddings
     if policy_size != reference_size:
         raise ModelError(
-            f"the reference model has {reference_size} token embeddings but the policy has {policy_size}: they do "
-            "not share a tokenizer, so their log-probs of the same ids cannot be compared. Pass a reference from "
-            "the policy's own family, or reference=None to use the policy's initial weights."
+            f"the reference model has {reference_size} token embeddings but the policy has {policy_size}: "
+            "they do not share a tokenizer, so their log-probs of the same ids cannot be compared. Pass a "
+            "reference from the policy's own family, or reference=None to use the policy's initial weights."
         )
 
 
 @contextlib.contextmanager
 def reference_network(policy, reference):
-    """The network that plays π_ref: a separate model, the LoRA base (adapters off), or the policy as it is."""
+    """The network that plays π_ref: a separate model, the LoRA base (adapters off), or the policy as it
+    is."""
     if reference is not None:
         yield reference
     elif is_peft_model(policy):
@@ -72,7 +79,10 @@ def weights_fingerprint(network) -> str:
     with torch.no_grad():
         for name, tensor in network.state_dict().items():
             values = tensor.detach().double()
-            digest.update(f"{name}{tuple(tensor.shape)}{values.sum().item():.17g}{values.square().sum().item():.17g}".encode())
+            digest.update(
+                f"{name}{tuple(tensor.shape)}{values.sum().item():.17g}"
+                f"{values.square().sum().item():.17g}".encode()
+            )
     return digest.hexdigest()[:32]
 
 

@@ -14,10 +14,16 @@ from prefalign.models.loading import is_peft_model
 
 def model_card(title: str, lines: dict[str, Any]) -> str:
     body = "\n".join(f"- **{key}**: {value}" for key, value in lines.items())
-    return f"---\nlibrary_name: transformers\ntags: [prefalign]\n---\n\n# {title}\n\nTrained with prefalign.\n\n{body}\n"
+    return (
+        f"---\nlibrary_name: transformers\ntags: [prefalign]\n---\n\n# {title}\n\nTrained with "
+        f"prefalign.\n\n{body}\n"
+    )
 
 
-def save_model(model, tokenizer, out_dir: str | Path, *, card: str | None = None, merge_lora: bool = False, extra_files: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model, tokenizer, out_dir: str | Path, *, card: str | None = None, merge_lora: bool = False,
+    extra_files: dict[str, Any] | None = None,
+) -> Path:
     """Write a Hugging Face folder atomically (temporary folder, then rename).
 
     For a LoRA model the folder holds the adapter; with `merge_lora` a full merged model is written to

@@ -42,7 +42,9 @@ class BaseConfig:
     steps: int = option(700, "SFT optimizer steps (fixed, so the build is deterministic for a seed).")
     batch_size: int = option(64, "Demonstrations per step.")
     learning_rate: float = option(3e-3, "Peak learning rate (cosine decay, 20-step warmup).")
-    seed: int = option(1, "Seed for initialisation and data order (the default steps are calibrated for this seed).")
+    seed: int = option(
+        1, "Seed for initialisation and data order (the default steps are calibrated for this seed).",
+    )
     num_threads: int = option(1, "torch threads while building (fixed: results depend on the thread count).")
     eval_prompts: int = option(500, "Held-out prompts for the calibration numbers.")
     output_dir: str = option("", "Write the model here instead of the cache.")
@@ -50,13 +52,21 @@ class BaseConfig:
 
 
 def cache_root() -> Path:
-    root = os.environ.get("PREFALIGN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "prefalign")
+    root = os.environ.get("PREFALIGN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "prefalign",
+    )
     return Path(root)
 
 
 def cache_key(config: BaseConfig) -> str:
-    relevant = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("output_dir", "force", "eval_prompts")}
-    payload = json.dumps({"builder": relevant, "prefalign": __version__, "torch": torch.__version__}, sort_keys=True)
+    relevant = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in ("output_dir", "force", "eval_prompts")
+    }
+    payload = json.dumps(
+        {"builder": relevant, "prefalign": __version__, "torch": torch.__version__}, sort_keys=True,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -92,20 +102,29 @@ def build_base_model(config: BaseConfig, target: Path) -> dict:
                 model=ModelConfig(device="cpu"),
                 data=DataConfig(max_length=config.max_position_embeddings),
                 train=TrainConfig(
-                    output_dir=str(Path(scratch) / "run"), learning_rate=config.learning_rate, batch_size=config.batch_size,
-                    max_steps=config.steps, warmup_ratio=20 / config.steps, seed=config.seed, log_every=25, progress=True,
+                    output_dir=str(Path(scratch) / "run"), learning_rate=config.learning_rate,
+                    batch_size=config.batch_size, max_steps=config.steps, warmup_ratio=20 / config.steps,
+                    seed=config.seed, log_every=25, progress=True,
                     # The calibration (seed, steps) was made with the per-tensor AdamW; this tiny model's jump
-                    # from ~30% to ~98% greedy comes within a few hundred steps of 700 and moves with any change
-                    # in rounding (the fused kernel's put it before step 700: greedy 0.976).
+                    # from ~30% to ~98% greedy comes within a few hundred steps of 700 and moves with any
+                    # change in rounding (the fused kernel's put it before step 700: greedy 0.976).
                     fused_optimizer=False,
                 ),
             )
-            result = sft(sft_config, dataset=sft_dataset("train"), eval_dataset=sft_dataset("held_out", limit=200), model=model, tokenizer=tokenizer, save=False)
+            result = sft(
+                sft_config, dataset=sft_dataset("train"), eval_dataset=sft_dataset("held_out", limit=200),
+                model=model, tokenizer=tokenizer, save=False,
+            )
             train_seconds = time.perf_counter() - started
             from prefalign.data import tokenize_prompts
 
-            prompts, _ = tokenize_prompts(prompt_dataset("held_out", limit=config.eval_prompts), tokenizer, DataConfig())
-            metrics = evaluate_policy(model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=8, temperature=1.0, max_new_tokens=8, seed=config.seed)
+            prompts, _ = tokenize_prompts(
+                prompt_dataset("held_out", limit=config.eval_prompts), tokenizer, DataConfig(),
+            )
+            metrics = evaluate_policy(
+                model, tokenizer, prompts, WeightedRewards(["exact_match"]), k=8, temperature=1.0,
+                max_new_tokens=8, seed=config.seed,
+            )
             summary = {
                 "parameters": count_parameters(model),
                 "sft_steps": result.step,
@@ -113,12 +132,17 @@ def build_base_model(config: BaseConfig, target: Path) -> dict:
                 "held_out_prompts": metrics["num_prompts"],
                 "greedy_accuracy": metrics["accuracy"],
                 "pass@8_t1": metrics["pass@8"],
-                "final_eval_loss": next((m["eval/loss"] for m in reversed(result.metrics) if "eval/loss" in m), None),
+                "final_eval_loss": next(
+                    (m["eval/loss"] for m in reversed(result.metrics) if "eval/loss" in m), None,
+                ),
             }
             card = model_card("prefalign built-in base model (2-digit addition)", {
                 "task": "2-digit addition, one user turn `a+b`, answer `a+b` (prefalign.tasks.arithmetic)",
-                "architecture": f"Llama, {config.num_layers} layers, width {config.hidden_size}, {summary['parameters']:,} parameters, char-level tokenizer with chat template",
-                "training": f"prefalign sft, {config.steps} steps x {config.batch_size} demonstrations, lr {config.learning_rate}, seed {config.seed}",
+                "architecture": f"Llama, {config.num_layers} layers, width "
+                                f"{config.hidden_size}, {summary['parameters']:,} "
+                                "parameters, char-level tokenizer with chat template",
+                "training": f"prefalign sft, {config.steps} steps x {config.batch_size} demonstrations, lr "
+                            f"{config.learning_rate}, seed {config.seed}",
                 "held-out greedy accuracy": f"{metrics['accuracy']:.3f} on {metrics['num_prompts']} prompts",
                 "held-out pass@8 (temperature 1)": f"{metrics['pass@8']:.3f}",
                 "build time": f"{summary['train_seconds']} s of training on {config.num_threads} thread(s)",
@@ -126,18 +150,25 @@ def build_base_model(config: BaseConfig, target: Path) -> dict:
             staging = target.parent / f".{target.name}.building"
             if staging.exists():
                 shutil.rmtree(staging)
-            save_model(model, tokenizer, staging, card=card, extra_files={"prefalign_base.json": {**summary, "builder": dataclasses.asdict(config)}})
+            save_model(
+                model, tokenizer, staging, card=card,
+                extra_files={"prefalign_base.json": {**summary, "builder": dataclasses.asdict(config)}},
+            )
             shutil.copy(Path(scratch) / "run" / "metrics.jsonl", staging / "training_metrics.jsonl")
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging, target)
     finally:
         torch.set_num_threads(previous_threads)
-    logger.warning("base model: greedy %.3f, pass@8 %.3f, %s s", summary["greedy_accuracy"], summary["pass@8_t1"], summary["train_seconds"])
+    logger.warning(
+        "base model: greedy %.3f, pass@8 %.3f, %s s", summary["greedy_accuracy"], summary["pass@8_t1"],
+        summary["train_seconds"],
+    )
     if not 0.15 <= summary["greedy_accuracy"] <= 0.60:
         logger.warning(
-            "base model: greedy accuracy %.3f is outside the 15-60%% band the demo and benchmarks are calibrated for "
-            "(BENCHMARKS.md, 'Built-in base model'); rounding (torch version, CPU kernels) moves the step where this seed's learning jumps. Alignment "
-            "gains will not compare; try another --seed or --steps for a base with headroom.", summary["greedy_accuracy"],
+            "base model: greedy accuracy %.3f is outside the 15-60%% band the demo and benchmarks are "
+            "calibrated for (BENCHMARKS.md, 'Built-in base model'); rounding (torch version, CPU kernels) "
+            "moves the step where this seed's learning jumps. Alignment gains will not compare; try another "
+            "--seed or --steps for a base with headroom.", summary["greedy_accuracy"],
         )
     return summary

@@ -6,7 +6,8 @@ name; None means "not applicable to this sample". Functions are looked up by nam
 import path `package.module:function`.
 """
 
-from prefalign.rewards import math as _math_rewards  # noqa: F401 - registers math_answer, format, length_penalty, ...
+# registers math_answer, format, length_penalty, ...
+from prefalign.rewards import math as _math_rewards  # noqa: F401
 from prefalign.rewards.functions import (
     REWARD_FUNCTIONS,
     GroupScores,

@@ -37,7 +37,8 @@ def register_reward_function(name: str, function: RewardFunction) -> None:
 def get_reward_function(name: str) -> RewardFunction:
     if name in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[name]
-    if name.startswith("reward_model:"):  # 'reward_model:<folder>': a reward model's score (rewards/scorer.py)
+    # 'reward_model:<folder>': a reward model's score (rewards/scorer.py)
+    if name.startswith("reward_model:"):
         from prefalign.rewards.scorer import reward_model_function
 
         return reward_model_function(name.partition(":")[2])
@@ -48,7 +49,8 @@ def get_reward_function(name: str) -> RewardFunction:
         except (ImportError, AttributeError) as error:
             raise ConfigError(f"reward function {name!r} could not be imported: {error}") from error
     raise ConfigError(
-        f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or an import path 'module:function'"
+        f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or an "
+        "import path 'module:function'"
     )
 
 
@@ -77,7 +79,8 @@ def describe_failures(failures: Sequence[RewardFailure], limit: int = 5) -> str:
 class GroupScores:
     """Scores of n samples per prompt. Every list is indexed [prompt][sample]."""
 
-    scores: list[list[float | None]]  # weighted total; None = no score (failed, or every scorer returned None)
+    # weighted total; None = no score (failed, or every scorer returned None)
+    scores: list[list[float | None]]
     per_function: dict[str, list[list[float | None]]]
     failures: list[RewardFailure]
     failed: list[list[bool]]  # True where a scorer failed on that sample
@@ -100,10 +103,14 @@ class WeightedRewards:
         if not self.weights:
             self.weights = [1.0] * len(self.names)
         if len(self.weights) != len(self.names):
-            raise ConfigError(f"reward_weights has {len(self.weights)} values for {len(self.names)} reward functions")
+            raise ConfigError(
+                f"reward_weights has {len(self.weights)} values for {len(self.names)} reward functions"
+            )
         bad = [weight for weight in self.weights if not _is_finite_number(weight)]
         if bad:
-            raise ConfigError(f"reward_weights must be finite numbers, got {bad[0]!r} in {list(self.weights)}")
+            raise ConfigError(
+                f"reward_weights must be finite numbers, got {bad[0]!r} in {list(self.weights)}"
+            )
         self.functions = [get_reward_function(name) if isinstance(name, str) else name for name in self.names]
         self.names = _unique([name if isinstance(name, str) else _callable_name(name) for name in self.names])
 
@@ -138,10 +145,16 @@ class WeightedRewards:
         [prompt][sample] (such as `completion_ids`). Failures name the prompt and sample index.
         """
         columns = columns or {}
-        owner = [(group_index, sample_index) for group_index, group in enumerate(groups) for sample_index in range(len(group))]
+        owner = [
+            (group_index, sample_index)
+            for group_index, group in enumerate(groups)
+            for sample_index in range(len(group))
+        ]
         flat_prompts = [prompts[group_index] for group_index, _ in owner]
         flat_completions = [completion for group in groups for completion in group]
-        flat_columns = {name: [values[group_index] for group_index, _ in owner] for name, values in columns.items()}
+        flat_columns = {
+            name: [values[group_index] for group_index, _ in owner] for name, values in columns.items()
+        }
         for name, values in (sample_columns or {}).items():
             flat_columns[name] = [values[group_index][sample_index] for group_index, sample_index in owner]
         total, per_function, failures = self(flat_prompts, flat_completions, **flat_columns)
@@ -211,7 +224,10 @@ def _call_one(name, function, prompts, completions, columns, failures) -> list[f
         raise
     except Exception:  # noqa: BLE001 - a user's function failing is reported, not fatal
         # Call it once per sample to find which ones fail; the others keep their rewards.
-        values = [_call_single(name, function, prompts, completions, columns, i, failures) for i in range(len(completions))]
+        values = [
+            _call_single(name, function, prompts, completions, columns, i, failures)
+            for i in range(len(completions))
+        ]
     cleaned: list[float | None] = []
     already_failed = {failure.prompt_index for failure in failures if failure.function == name}
     for index, value in enumerate(values):
@@ -274,13 +290,18 @@ def build_scorers(
     scorers = list(functions)
     weights = list(weights) or [1.0] * len(scorers)
     if len(weights) != len(scorers):
-        raise ConfigError(f"reward_weights has {len(weights)} values for {len(scorers)} reward functions; give one weight per function")
+        raise ConfigError(
+            f"reward_weights has {len(weights)} values for {len(scorers)} reward functions; give "
+            "one weight per function"
+        )
     if reward_model:
         # Imported here: the scorer pulls in transformers, wanted only when a reward model is asked for.
         from prefalign.models.loading import resolve_model_path
         from prefalign.rewards.scorer import reward_model_function
 
-        scorers.append(reward_model_function(resolve_model_path(reward_model), device=device, batch_size=batch_size))
+        scorers.append(
+            reward_model_function(resolve_model_path(reward_model), device=device, batch_size=batch_size)
+        )
         weights.append(reward_model_weight)
     if not scorers:
         raise ConfigError(f"{needed_by} needs a reward: set reward_functions and/or reward_model")

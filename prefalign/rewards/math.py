@@ -38,13 +38,16 @@ _NUMERIC = re.compile(f"{_FRAC.pattern}|{_NUMBER.pattern}")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _HASHES = re.compile(r"####\s*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ANSWER_IS = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is\s*:?|final\s+answer\s*:|answer\s*:)\s*([^\n]*)", re.IGNORECASE)
+_ANSWER_IS = re.compile(
+    r"(?:the\s+(?:final\s+)?answer\s+is\s*:?|final\s+answer\s*:|answer\s*:)\s*([^\n]*)", re.IGNORECASE,
+)
 _A_COLON = re.compile(r"(?:^|\n)\s*A\s*:\s*([^\n]*)")
 _LATEX_NOISE = re.compile(r"\\text\{[^}]*\}|\\mathrm\{[^}]*\}|\\[,!;: ]|\\left|\\right|\\%|\\\$")
 
 
 def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched so `\\boxed{\\frac{1}{2}}` works."""
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched so `\\boxed{\\frac{1}{2}}`
+    works."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -139,12 +142,16 @@ def _reference_number(expected: Any) -> Fraction | None:
 # ----------------------------------------------------------------------------- reward functions
 
 
-def math_answer_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **_columns) -> list[float]:
+def math_answer_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **_columns,
+) -> list[float]:
     """1.0 where the completion's final answer equals `answer` as a number, else 0.0."""
     return [float(answers_match(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
 
 
-def math_answer_strict_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **_columns) -> list[float]:
+def math_answer_strict_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **_columns,
+) -> list[float]:
     """As math_answer_reward, but the answer must be marked (boxed, ####, tags, "the answer is", A:)."""
     return [
         float(answers_match(completion_text(c), a, fallback_last_number=False))
@@ -172,8 +179,11 @@ def _lengths(completions: Sequence[Any], completion_ids: Sequence[Sequence[int]]
     return [len(completion_text(c)) for c in completions]
 
 
-def length_penalty(prompts: Sequence[Any], completions: Sequence[Any], completion_ids=None, **_columns) -> list[float]:
-    """−|y|: tokens when `completion_ids` is passed (GRPO and sampling pass it), else characters. Weight it (e.g. 0.001)."""
+def length_penalty(
+    prompts: Sequence[Any], completions: Sequence[Any], completion_ids=None, **_columns,
+) -> list[float]:
+    """−|y|: tokens when `completion_ids` is passed (GRPO and sampling pass it), else characters. Weight it
+    (e.g. 0.001)."""
     return [-float(length) for length in _lengths(completions, completion_ids)]
 
 

@@ -70,7 +70,9 @@ def resolve_rendering(choice: str, tokenizer: Any) -> str:
     if choice not in RENDERINGS:
         raise ConfigError(f"config key 'rendering' must be auto, chat_template or plain, got {choice!r}")
     if choice == "chat_template" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("rendering=chat_template but the tokenizer has no chat template; use rendering=plain or auto")
+        raise ConfigError(
+            "rendering=chat_template but the tokenizer has no chat template; use rendering=plain or auto"
+        )
     return choice
 
 
@@ -87,7 +89,9 @@ class RewardSettings:
     max_length: int = 512  # longest sequence; longer ones are cut from the left
     reward_mean: float = 0.0  # of the scores on (a sample of) the training completions
     reward_std: float = 1.0
-    plain_format: str = "User: {content}\\nAssistant: {content} (one line per turn; roles System, User, Assistant, Tool)"
+    plain_format: str = (
+        "User: {content}\\nAssistant: {content} (one line per turn; roles System, User, Assistant, Tool)"
+    )
     truncation: str = "left, keeping the leading special tokens"
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,7 +110,10 @@ class RewardSettings:
     @classmethod
     def defaults_for(cls, tokenizer: Any, model_config: Any) -> RewardSettings:
         """Chat template if the tokenizer has one, the model's length limit, no normalisation."""
-        limits = [getattr(model_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+        limits = [
+            getattr(model_config, "max_position_embeddings", None),
+            getattr(tokenizer, "model_max_length", None),
+        ]
         sensible = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
         return cls(rendering=resolve_rendering("auto", tokenizer), max_length=min(sensible, default=512))
 
@@ -126,7 +133,8 @@ def special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def frame_sequence(
-    prompt_ids: Sequence[int], completion_ids: Sequence[int], prefix: list[int], suffix: list[int], max_length: int
+    prompt_ids: Sequence[int], completion_ids: Sequence[int], prefix: list[int], suffix: list[int],
+    max_length: int
 ) -> tuple[list[int], bool]:
     """prompt + completion with the special prefix/suffix ensured, cut from the left to max_length.
 
@@ -180,13 +188,19 @@ def encode_pairs(
     *_ids are whole framed sequences; *_length the completion's token count before any cut (for the
     length-bias check). Pairs that become identical after the left cut are dropped and counted.
     """
-    tokenized, _ = tokenize_preference(rows, tokenizer, _unlimited(data_config), render=renderer(settings.rendering))
+    tokenized, _ = tokenize_preference(
+        rows, tokenizer, _unlimited(data_config), render=renderer(settings.rendering),
+    )
     prefix, suffix = special_tokens_around(tokenizer)
     stats = PairStats(rows=len(tokenized))
     examples = []
     for row in tokenized:
-        chosen, chosen_cut = frame_sequence(row["prompt_ids"], row["chosen_ids"], prefix, suffix, settings.max_length)
-        rejected, rejected_cut = frame_sequence(row["prompt_ids"], row["rejected_ids"], prefix, suffix, settings.max_length)
+        chosen, chosen_cut = frame_sequence(
+            row["prompt_ids"], row["chosen_ids"], prefix, suffix, settings.max_length,
+        )
+        rejected, rejected_cut = frame_sequence(
+            row["prompt_ids"], row["rejected_ids"], prefix, suffix, settings.max_length,
+        )
         stats.truncated_sequences += chosen_cut + rejected_cut
         if chosen == rejected:
             stats.dropped_identical += 1
@@ -212,7 +226,9 @@ def _is_empty(completion: Any) -> bool:
     if isinstance(completion, dict):
         completion = [completion]
     if isinstance(completion, list):
-        return not any(str(message.get("content") or "").strip() for message in completion if isinstance(message, dict))
+        return not any(
+            str(message.get("content") or "").strip() for message in completion if isinstance(message, dict)
+        )
     return False
 
 
@@ -230,13 +246,17 @@ def encode_completions(
     which is what a policy that stops at once produced.
     """
     if len(prompts) != len(completions):
-        raise DataError(f"score: {len(prompts)} prompts but {len(completions)} completions; give one prompt per completion")
+        raise DataError(
+            f"score: {len(prompts)} prompts but {len(completions)} completions; give "
+            "one prompt per completion"
+        )
     empty = [index for index, completion in enumerate(completions) if _is_empty(completion)]
     if empty and not allow_empty:
         raise DataError(
-            f"score: completion {empty[0]} (0-based) is empty{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; "
-            "a reward model scores a (prompt, completion) pair. Drop it, or pass allow_empty=True to score it as the "
-            "prompt followed by EOS (what the reward function of as_reward_function() does)."
+            f"score: completion {empty[0]} (0-based) is "
+            f"empty{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; a reward model scores a "
+            "(prompt, completion) pair. Drop it, or pass allow_empty=True to score it as the prompt followed "
+            "by EOS (what the reward function of as_reward_function() does)."
         )
     config, render = _unlimited(None), renderer(settings.rendering)
     prefix, suffix = special_tokens_around(tokenizer)
@@ -246,10 +266,16 @@ def encode_completions(
     if filled:
         rows = [{"prompt": prompts[index], "completion": completions[index]} for index in filled]
         tokenized, _ = tokenize_sft(rows, tokenizer, config, render=render)
-        for index, prompt_ids, completion_ids in zip(filled, tokenized["prompt_ids"], tokenized["completion_ids"], strict=True):
-            sequences[index] = frame_sequence(prompt_ids, completion_ids, prefix, suffix, settings.max_length)[0]
+        for index, prompt_ids, completion_ids in zip(
+            filled, tokenized["prompt_ids"], tokenized["completion_ids"], strict=True,
+        ):
+            sequences[index] = frame_sequence(
+                prompt_ids, completion_ids, prefix, suffix, settings.max_length,
+            )[0]
     if empty:
-        tokenized, _ = tokenize_prompts([{"prompt": prompts[index]} for index in empty], tokenizer, config, render=render)
+        tokenized, _ = tokenize_prompts(
+            [{"prompt": prompts[index]} for index in empty], tokenizer, config, render=render,
+        )
         stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for index, prompt_ids in zip(empty, tokenized["prompt_ids"], strict=True):
             sequences[index] = frame_sequence(prompt_ids, stop, prefix, suffix, settings.max_length)[0]
@@ -260,7 +286,8 @@ def encode_completions(
 
 
 def collate_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask: (rows, longest) long, right-padded (an encoder's first token stays first)."""
+    """input_ids, attention_mask: (rows, longest) long, right-padded (an encoder's first token stays
+    first)."""
     return {
         "input_ids": pad_sequences(sequences, pad_token_id),
         "attention_mask": pad_sequences([[1] * len(sequence) for sequence in sequences], 0),
@@ -271,12 +298,17 @@ def collate_pairs(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict
     """B pairs as one batch: input_ids, attention_mask (2B, L) long, right-padded, rows [0, B) chosen and
     [B, 2B) rejected, so one forward pass scores both; margin (B,) float32 when every example has one."""
     if pad_token_id is None:
-        raise ModelError("the tokenizer has no pad token; set tokenizer.pad_token (for example to its eos token)")
+        raise ModelError(
+            "the tokenizer has no pad token; set tokenizer.pad_token (for example to its eos token)"
+        )
     batch = collate_sequences(
-        [example["chosen_ids"] for example in examples] + [example["rejected_ids"] for example in examples], pad_token_id
+        [example["chosen_ids"] for example in examples] + [example["rejected_ids"] for example in examples],
+        pad_token_id
     )
     if examples and all(example.get("margin") is not None for example in examples):
-        batch["margin"] = torch.tensor([float(example["margin"]) for example in examples], dtype=torch.float32)
+        batch["margin"] = torch.tensor(
+            [float(example["margin"]) for example in examples], dtype=torch.float32,
+        )
     return batch
 
 
@@ -301,8 +333,9 @@ def check_single_label(path: str, *, trust_remote_code: bool = False) -> None:
     except Exception as error:  # noqa: BLE001 - one actionable message for every failure
         where = "a local folder" if Path(path).exists() else "a hub name (needs network) or a local folder"
         raise ModelError(
-            f"could not read a model config from {path!r} (read as {where}): {type(error).__name__}: {error}. "
-            "Point it at a folder saved with save_pretrained (config.json, weights, tokenizer files)."
+            f"could not read a model config from {path!r} (read as {where}): "
+            f"{type(error).__name__}: {error}. Point it at a folder saved with save_pretrained "
+            "(config.json, weights, tokenizer files)."
         ) from error
     architectures = getattr(config, "architectures", None) or []
     is_classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
@@ -362,14 +395,21 @@ class RewardModelScorer:
         if isinstance(model_dir_or_model, (str, Path)):
             path = str(model_dir_or_model)
             if not Path(path).exists():
-                raise ModelError(f"reward model folder {path!r} does not exist; give the final/ folder of a `prefalign reward` run")
+                raise ModelError(
+                    f"reward model folder {path!r} does not exist; give the final/ folder of "
+                    "a `prefalign reward` run"
+                )
             config = ModelConfig(name_or_path=path, device=device or "auto")
             self.model, self.tokenizer = load_reward_backbone(config, trainable=False)
-            self.settings = settings or RewardSettings.from_folder(Path(path), self.tokenizer, self.model.config)
+            self.settings = (
+                settings or RewardSettings.from_folder(Path(path), self.tokenizer, self.model.config)
+            )
             self.name = f"reward_model:{path}"
         else:
             if tokenizer is None:
-                raise ConfigError("RewardModelScorer(model, tokenizer): give the tokenizer with an in-memory model")
+                raise ConfigError(
+                    "RewardModelScorer(model, tokenizer): give the tokenizer with an in-memory model"
+                )
             self.model, self.tokenizer = model_dir_or_model, tokenizer
             if device is not None:
                 self.model.to(device)
@@ -397,15 +437,20 @@ class RewardModelScorer:
             self.model.train(was_training)
         return scores
 
-    def score(self, prompts: Sequence[Any], completions: Sequence[Any], *, allow_empty: bool = False) -> list[float]:
+    def score(
+        self, prompts: Sequence[Any], completions: Sequence[Any], *, allow_empty: bool = False,
+    ) -> list[float]:
         """One score per (prompt, completion); raises ModelError if the model returns NaN or inf."""
-        sequences = encode_completions(prompts, completions, self.tokenizer, self.settings, allow_empty=allow_empty)
+        sequences = encode_completions(
+            prompts, completions, self.tokenizer, self.settings, allow_empty=allow_empty,
+        )
         scores = self.score_sequences(sequences)
         bad = [index for index, value in enumerate(scores) if not math.isfinite(value)]
         if bad:
             raise ModelError(
-                f"the reward model returned {scores[bad[0]]} for completion {bad[0]} ({len(bad)} non-finite score(s)); "
-                "the weights are broken (a diverged run?) or the dtype overflows: load it in float32"
+                f"the reward model returned {scores[bad[0]]} for completion {bad[0]} ({len(bad)} "
+                "non-finite score(s)); the weights are broken (a diverged run?) or the dtype "
+                "overflows: load it in float32"
             )
         return self._normalized(scores) if self.normalize else scores
 
@@ -422,7 +467,9 @@ class RewardModelScorer:
         use_normalized = self.normalize if normalize is None else normalize
 
         def reward_model(prompts, completions, **_columns) -> list[float]:
-            sequences = encode_completions(prompts, completions, self.tokenizer, self.settings, allow_empty=True)
+            sequences = encode_completions(
+                prompts, completions, self.tokenizer, self.settings, allow_empty=True,
+            )
             scores = self.score_sequences(sequences)
             return self._normalized(scores) if use_normalized else scores
 
@@ -430,6 +477,10 @@ class RewardModelScorer:
         return reward_model
 
 
-def reward_model_function(path: str, *, batch_size: int = 64, device: str | None = None, normalize: bool = False):
+def reward_model_function(
+    path: str, *, batch_size: int = 64, device: str | None = None, normalize: bool = False,
+):
     """The reward function of the reward model saved in `path` (what 'reward_model:<path>' names)."""
-    return RewardModelScorer(path, batch_size=batch_size, device=device, normalize=normalize).as_reward_function()
+    return RewardModelScorer(
+        path, batch_size=batch_size, device=device, normalize=normalize,
+    ).as_reward_function()

@@ -343,7 +343,8 @@ def _model_device(model) -> torch.device:
 
 
 def _set_eval(model) -> list[tuple[torch.nn.Module, bool]]:
-    # Remember each module's own flag: model.train() afterwards would also wake modules kept in eval on purpose.
+    # Remember each module's own flag: model.train() afterwards would also wake modules kept in eval on
+    # purpose.
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     return modes

@@ -1,4 +1,5 @@
-"""A KV cache preallocated for prompt + max_new_tokens (a decode step writes one slice), and how a model takes it."""
+"""A KV cache preallocated for prompt + max_new_tokens (a decode step writes one slice), and how a model takes
+it."""
 
 from __future__ import annotations
 

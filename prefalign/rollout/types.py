@@ -1,4 +1,5 @@
-"""What a rollout backend takes and returns: SamplingParams in, Samples (tokens, text, log-probs, finish reason) out."""
+"""What a rollout backend takes and returns: SamplingParams in, Samples (tokens, text, log-probs, finish
+reason) out."""
 
 from __future__ import annotations
 

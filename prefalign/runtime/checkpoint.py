@@ -40,7 +40,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2,
+) -> Path:
     """Write checkpoints/step-NNNNNN under a temporary name, then rename it into place."""
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,13 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
         save_file(trainable_state(model), str(staging / "model.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}, staging / "rng.pt")
+        torch.save(
+            {
+                "torch": torch.get_rng_state(),
+                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
+            },
+            staging / "rng.pt",
+        )
         (staging / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **state}))
         if final.exists():
             shutil.rmtree(final)
@@ -68,7 +76,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.exists():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").exists()]
+    found = [
+        p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").exists()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 

@@ -37,10 +37,14 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
             continue
         # Biases and norm gains are scale parameters: decaying them only hurts.
         (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+    ]
     # The fused kernel (one pass over all parameters; transformers' Trainer default too) is about 5x faster
     # than the per-tensor update on CPU; it needs floating parameters on CPU or CUDA.
-    fused = config.fused_optimizer and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    fused = config.fused_optimizer and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay
+    )
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=config.learning_rate,
@@ -180,8 +184,14 @@ def train_on_examples(
                 raise stop_error(error, step, run_dir) from None
             step += 1
             elapsed = time.perf_counter() - step_started
-            metrics.update(learning_rate=scheduler.get_last_lr()[0], step_time=elapsed, tokens_per_second=metrics.pop("tokens") / elapsed, epoch=position / len(examples))
-            if evaluate is not None and config.eval_every > 0 and step % config.eval_every == 0 and step < total_steps:
+            metrics.update(
+                learning_rate=scheduler.get_last_lr()[0], step_time=elapsed,
+                tokens_per_second=metrics.pop("tokens") / elapsed, epoch=position / len(examples),
+            )
+            if (
+                evaluate is not None and config.eval_every > 0 and step % config.eval_every == 0
+                and step < total_steps
+            ):
                 metrics.update({f"eval/{k}": v for k, v in evaluate(model).items()})
                 model.train()
             if step % config.log_every == 0 or step == total_steps:
@@ -189,7 +199,10 @@ def train_on_examples(
             history.append({"step": step, **metrics})
             logger.advance()
             if config.save_every > 0 and step % config.save_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, {"position": position}, keep=config.keep_checkpoints)
+                save_checkpoint(
+                    run_dir, step, model, optimizer, scheduler, {"position": position},
+                    keep=config.keep_checkpoints,
+                )
         if evaluate is not None:
             final_eval = {f"eval/{k}": v for k, v in evaluate(model).items()}
             logger.log(step, final_eval)

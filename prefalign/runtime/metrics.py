@@ -15,7 +15,10 @@ from prefalign.config import TrainConfig
 class MetricsLogger:
     """metrics.jsonl in the run folder, a tqdm progress bar, and optional accelerate trackers."""
 
-    def __init__(self, run_dir: Path, total_steps: int, config: TrainConfig, *, initial_step: int = 0, description: str = "train"):
+    def __init__(
+        self, run_dir: Path, total_steps: int, config: TrainConfig, *, initial_step: int = 0,
+        description: str = "train",
+    ):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
@@ -23,7 +26,9 @@ class MetricsLogger:
         if config.progress:
             from tqdm.auto import tqdm
 
-            self.progress = tqdm(total=total_steps, initial=initial_step, desc=description, dynamic_ncols=True)
+            self.progress = tqdm(
+                total=total_steps, initial=initial_step, desc=description, dynamic_ncols=True,
+            )
         self.tracker = None
         if config.report_to:
             from accelerate import Accelerator
@@ -38,7 +43,11 @@ class MetricsLogger:
         if self.tracker is not None:
             self.tracker.log(record, step=step)
         if self.progress is not None:
-            shown = {k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "eval/loss", "reward", "rewards/accuracies")}
+            shown = {
+                k: f"{v:.4g}"
+                for k, v in record.items()
+                if k in ("loss", "eval/loss", "reward", "rewards/accuracies")
+            }
             self.progress.set_postfix(shown, refresh=False)
 
     def advance(self, steps: int = 1) -> None:

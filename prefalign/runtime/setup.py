@@ -1,4 +1,5 @@
-"""What every command does first: threads and seeds, the run folder (with its config.yaml), tensors to the device."""
+"""What every command does first: threads and seeds, the run folder (with its config.yaml), tensors to the
+device."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def prepare_run_dir(config: Any, command: str) -> Path:
     run_dir = Path(train.output_dir or f"runs/{command}")
     if (run_dir / "final").exists() and not (train.resume or train.overwrite):
         raise ConfigError(
-            f"run folder {str(run_dir)!r} already holds a finished run; set train.output_dir to a new folder, "
-            "or pass --overwrite true to replace it (--resume true to continue it)"
+            f"run folder {str(run_dir)!r} already holds a finished run; set train.output_dir to a new "
+            "folder, or pass --overwrite true to replace it (--resume true to continue it)"
         )
     if train.overwrite and not train.resume and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -43,4 +44,6 @@ def prepare_run_dir(config: Any, command: str) -> Path:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors of a collated batch onto the model's device (a no-op where they already are)."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
+    }

@@ -76,7 +76,9 @@ def near_misses(a: int, b: int) -> list[int]:
 def prompt_dataset(split: str, limit: int | None = None) -> datasets.Dataset:
     """Prompt-only rows: `prompt` (messages) and `answer` (string) for reward functions."""
     rows = problems(split)[:limit]
-    return datasets.Dataset.from_list([{"prompt": prompt_messages(a, b), "answer": str(a + b)} for a, b in rows])
+    return datasets.Dataset.from_list(
+        [{"prompt": prompt_messages(a, b), "answer": str(a + b)} for a, b in rows]
+    )
 
 
 def sft_dataset(split: str = "train", limit: int | None = None) -> datasets.Dataset:
@@ -90,7 +92,9 @@ def sft_dataset(split: str = "train", limit: int | None = None) -> datasets.Data
     )
 
 
-def preference_dataset(split: str = "train", limit: int | None = None, seed: int = 0, *, every_near_miss: bool = False) -> datasets.Dataset:
+def preference_dataset(
+    split: str = "train", limit: int | None = None, seed: int = 0, *, every_near_miss: bool = False,
+) -> datasets.Dataset:
     """Pairs: the correct answer is chosen, a near-miss wrong answer is rejected (one drawn with `seed` per
     problem, or with every_near_miss one pair per near miss)."""
     rng = random.Random(seed)
