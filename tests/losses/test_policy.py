@@ -46,7 +46,8 @@ def test_dr_grpo_aggregation_weights_are_one_over_group_times_max_new_tokens():
 
 
 def clip_case():
-    """Old logps 0, so ρ = exp(logps). Sequence 1 (A = +1): ρ = 1.3, 0.7, 1.0; sequence 2 (A = −1): ρ = 0.7, 1.3."""
+    """Old logps 0, so ρ = exp(logps). Sequence 1 (A = +1): ρ = 1.3, 0.7, 1.0; sequence 2 (A = −1):
+    ρ = 0.7, 1.3."""
     logps = torch.log(torch.tensor([[1.3, 0.7, 1.0], [0.7, 1.3, 1.0]]))
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     return logps, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), mask
@@ -133,7 +134,8 @@ def gspo_case():
 def test_gspo_differs_from_token_level_grpo_when_ratio_is_not_one():
     logps, old_logps, advantages, mask = gspo_case()
     loss, metrics = gspo_loss(logps, old_logps, advantages, mask, eps_low=0.2, eps_high=0.2)
-    # s1 = e^0.1 = 1.105171 (inside [0.8, 1.2]); s2 = e^0.2 = 1.221403 with A = −1: min(−1.221403, −1.2) = −1.221403
+    # s1 = e^0.1 = 1.105171 (inside [0.8, 1.2]);
+    # s2 = e^0.2 = 1.221403 with A = −1: min(−1.221403, −1.2) = −1.221403
     # loss = −(1.105171 − 1.221403)/2 = 0.058116
     assert loss.item() == pytest.approx(0.058116, abs=1e-6)
     assert metrics["clip_ratio/region_mean"] == 0.0
@@ -199,7 +201,8 @@ def test_gspo_clip_metrics_are_token_means_and_an_empty_row_adds_nothing():
     logps = torch.tensor([[0.2, 0.1, 0.0], [-0.3, -0.1, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
     loss, metrics = gspo_loss(
-        logps, torch.zeros(3, 3), torch.tensor([1.0, -1.0, 1.0]), mask, eps_low=0.05, eps_high=0.05, num_sequences=2
+        logps, torch.zeros(3, 3), torch.tensor([1.0, -1.0, 1.0]), mask, eps_low=0.05, eps_high=0.05,
+        num_sequences=2,
     )
     # s1 = e^0.1 = 1.105171 > 1.05 with A > 0: −min(1.105171, 1.05) = −1.05 (high clip)
     # s2 = e^−0.2 = 0.818731 < 0.95 with A < 0: −min(−0.818731, −0.95) = 0.95 (low clip)

@@ -32,7 +32,8 @@ def test_bradley_terry_with_margin():
 
 def test_bradley_terry_with_centering():
     loss, _ = bradley_terry_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), center_coefficient=0.01)
-    # 0.643669 + 0.01·mean((1 + 0)², (0.5 + 1)²) = 0.643669 + 0.01·(1 + 2.25)/2 = 0.643669 + 0.01625 = 0.659919
+    # 0.643669 + 0.01·mean((1 + 0)², (0.5 + 1)²) = 0.643669 + 0.01·(1 + 2.25)/2 = 0.643669 + 0.01625
+    #   = 0.659919
     assert loss.item() == pytest.approx(0.659919, abs=1e-6)
 
 
@@ -54,8 +55,8 @@ def test_ranked_pairs_loss():
 
 
 def test_bradley_terry_margin_per_pair_in_head_shape():
-    # A (num_pairs, 1) margin must pair up with its own row, as the (num_pairs, 1) scores do; broadcast against
-    # (num_pairs,) it would make a 2×2 table and average all four cross terms (0.768670).
+    # A (num_pairs, 1) margin must pair up with its own row, as the (num_pairs, 1) scores do; broadcast
+    # against (num_pairs,) it would make a 2×2 table and average all four cross terms (0.768670).
     loss, _ = bradley_terry_loss(
         torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), margin=torch.tensor([[0.5], [0.0]])
     )
@@ -65,7 +66,9 @@ def test_bradley_terry_margin_per_pair_in_head_shape():
 
 def test_bradley_terry_margin_of_the_wrong_length_is_an_error():
     with pytest.raises(ValueError, match="margin"):
-        bradley_terry_loss(torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), margin=torch.tensor([0.5, 0.5, 0.5]))
+        bradley_terry_loss(
+            torch.tensor([1.0, 0.5]), torch.tensor([0.0, 1.0]), margin=torch.tensor([0.5, 0.5, 0.5])
+        )
 
 
 @pytest.mark.parametrize("coefficient", [-0.01, float("nan")])

@@ -95,9 +95,11 @@ def test_columns_follow_the_signature():
 
     def plain(prompts, completions, answer):  # no **kwargs: extra columns must not be passed
         seen["answer"] = answer
-        return [float(completion == expected) for completion, expected in zip(completions, answer, strict=True)]
+        pairs = zip(completions, answer, strict=True)
+        return [float(completion == expected) for completion, expected in pairs]
 
-    total, _, failures = WeightedRewards([plain])(["p", "p"], ["3", "4"], answer=["3", "5"], difficulty=[1, 2])
+    rewards = WeightedRewards([plain])
+    total, _, failures = rewards(["p", "p"], ["3", "4"], answer=["3", "5"], difficulty=[1, 2])
     assert total == [1.0, 0.0] and failures == []
     assert seen["answer"] == ["3", "5"]
 
@@ -105,7 +107,8 @@ def test_columns_follow_the_signature():
 def test_registry_and_import_path():
     register_reward_function("test_length", length_reward)
     try:
-        total, _, _ = WeightedRewards(["test_length", "tests.test_rewards:ones_or_none"])(["p"], ["abc"])
+        rewards = WeightedRewards(["test_length", "tests.rewards.test_functions:ones_or_none"])
+        total, _, _ = rewards(["p"], ["abc"])
         assert total == [4.0]
     finally:
         REWARD_FUNCTIONS.pop("test_length")
@@ -130,15 +133,19 @@ def test_score_groups_names_prompt_and_sample():
 
 def test_score_groups_repeats_columns_per_sample():
     def match(prompts, completions, answer, **_):
-        return [float(completion == expected) for completion, expected in zip(completions, answer, strict=True)]
+        pairs = zip(completions, answer, strict=True)
+        return [float(completion == expected) for completion, expected in pairs]
 
-    scored = WeightedRewards([match]).score_groups(["x", "y"], [["1", "2"], ["2", "2", "3"]], {"answer": ["1", "3"]})
+    groups = [["1", "2"], ["2", "2", "3"]]
+    scored = WeightedRewards([match]).score_groups(["x", "y"], groups, {"answer": ["1", "3"]})
     assert scored.scores == [[1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
 def test_two_scorers_with_one_name_keep_their_own_values():
     # Two lambdas are both named '<lambda>': each must still count with its own value and weight.
-    rewards = WeightedRewards([lambda prompts, completions, **_: [1.0], lambda prompts, completions, **_: [10.0]], [1.0, 0.5])
+    rewards = WeightedRewards(
+        [lambda prompts, completions, **_: [1.0], lambda prompts, completions, **_: [10.0]], [1.0, 0.5]
+    )
     total, per_function, failures = rewards(["p"], ["c"])
     assert total == [6.0]  # 1·1 + 0.5·10 (was 1·10 + 0.5·10 = 15: the second overwrote the first)
     assert per_function == {"<lambda>": [1.0], "<lambda>_2": [10.0]}

@@ -1,4 +1,4 @@
-"""`prefalign dpo` end to end on a tiny random Llama: wiring of the losses, the reference, RPO, errors, CLI.
+"""DPO end to end on a tiny random Llama: wiring of the losses, the reference, RPO, mixed precision, errors.
 
 The loss formulas themselves are checked in tests/losses/test_dpo.py; here the literals check that the
 trainer feeds them the right numbers (at the first step the policy IS the reference, so every h = 0).
@@ -6,26 +6,17 @@ trainer feeds them the right numbers (at the first step the policy IS the refere
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from prefalign.algorithms.dpo import DPOConfig, dpo
-from prefalign.algorithms.dpo_pairs import (
-    REF_LOGPS_FILE,
-    PairForward,
-    precompute_reference,
-    sequence_logps,
-    tokenized_pairs,
-)
-from prefalign.cli import main
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, load_config
+from prefalign.algorithms.dpo_pairs import REF_LOGPS_FILE, tokenized_pairs
+from prefalign.config import DataConfig, ModelConfig, TrainConfig
 from prefalign.data import collate_preference
 from prefalign.errors import ConfigError, DataError, ModelError
-from prefalign.models.forward import FLOAT32_ATTENTION_MAX_KEYS, completion_logps, mixed_precision
+from prefalign.models.forward import completion_logps
+from prefalign.models.loading import apply_lora
 from prefalign.models.reference import reference_mode
 from prefalign.tasks.arithmetic import preference_dataset
 from tests.helpers import save_tiny_model, tiny_model
@@ -70,7 +61,8 @@ def test_first_step_loss_is_log_two_and_metrics_use_trl_names(tmp_path):
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
     assert TRL_METRICS <= set(first)
     final_eval = result.metrics[-1]
-    assert {f"eval/{name}" for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen")} <= set(final_eval)
+    eval_names = ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen")
+    assert {f"eval/{name}" for name in eval_names} <= set(final_eval)
     # The run folder: cached reference log-probs for both splits, a loadable final model, metrics.jsonl.
     cached = load_file(str(tmp_path / REF_LOGPS_FILE))
     assert cached["train/chosen"].shape == (8,) and cached["eval/rejected"].shape == (4,)
@@ -90,7 +82,8 @@ def test_simpo_needs_no_reference(tmp_path):
     assert not (tmp_path / REF_LOGPS_FILE).exists()
     # SimPO's rewards are β·log π(y|x)/|y|: negative for any model, and the margin is their difference.
     assert first["rewards/chosen"] < 0
-    assert first["rewards/margins"] == pytest.approx(first["rewards/chosen"] - first["rewards/rejected"], abs=1e-5)
+    margin = first["rewards/chosen"] - first["rewards/rejected"]
+    assert first["rewards/margins"] == pytest.approx(margin, abs=1e-5)
 
 
 def test_precomputed_reference_matches_reference_on_the_fly(tmp_path):
@@ -116,11 +109,11 @@ def test_shared_prompt_forward_matches_the_padded_batch(tmp_path):
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
-    from prefalign.models.loading import apply_lora
-
     model, tokenizer = tiny_model(0)
     lora = apply_lora(model, ModelConfig(lora=True, lora_r=4, lora_alpha=8))
-    pairs, _ = tokenized_pairs(preference_dataset("train", limit=8), tokenizer, DataConfig(max_length=64), "train")
+    pairs, _ = tokenized_pairs(
+        preference_dataset("train", limit=8), tokenizer, DataConfig(max_length=64), "train"
+    )
     before = completion_logps(lora, collate_preference(pairs, tokenizer.pad_token_id)).sums.detach()
     run(tmp_path, model=lora, tokenizer=tokenizer, steps=3, learning_rate=5e-2, eval_pairs=0)
     cached = load_file(str(tmp_path / REF_LOGPS_FILE))
@@ -136,12 +129,16 @@ def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
 
 def test_rpo_term_is_per_token_over_the_step_and_accumulation_invariant(tmp_path):
     model, tokenizer = tiny_model(0)
-    pairs, _ = tokenized_pairs(preference_dataset("train", limit=4), tokenizer, DataConfig(max_length=64), "train")
+    pairs, _ = tokenized_pairs(
+        preference_dataset("train", limit=4), tokenizer, DataConfig(max_length=64), "train"
+    )
     with torch.no_grad():
         scored = completion_logps(model, collate_preference(pairs, tokenizer.pad_token_id))
     chosen_nll_per_token = float(-scored.token_logps[:4].sum() / scored.mask[:4].sum())
     big, big_result = run(tmp_path / "a", pairs=4, steps=1, batch_size=4, rpo_alpha=0.5, eval_pairs=0)
-    small, small_result = run(tmp_path / "b", pairs=4, steps=1, batch_size=1, grad_accum=4, rpo_alpha=0.5, eval_pairs=0)
+    small, small_result = run(
+        tmp_path / "b", pairs=4, steps=1, batch_size=1, grad_accum=4, rpo_alpha=0.5, eval_pairs=0
+    )
     first = train_records(big_result)[0]
     # One step over all 4 pairs: loss = log 2 + α · (chosen NLL summed / chosen tokens)
     assert first["nll_loss"] == pytest.approx(chosen_nll_per_token, rel=1e-4)
@@ -151,39 +148,16 @@ def test_rpo_term_is_per_token_over_the_step_and_accumulation_invariant(tmp_path
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_cached_reference_is_reused_only_for_the_same_data_and_weights(tmp_path, monkeypatch):
-    import prefalign.algorithms.dpo_pairs as dpo_module
-
-    model, tokenizer = tiny_model(0)
-    other, _ = tiny_model(1)
-    data = DataConfig(max_length=64)
-    pairs, _ = tokenized_pairs(preference_dataset("train", limit=6), tokenizer, data, "train")
-    computed = []
-    plain = dpo_module.sequence_logps
-    monkeypatch.setattr(dpo_module, "sequence_logps", lambda *args, **kwargs: computed.append(1) or plain(*args, **kwargs))
-
-    def reference_of(network, rows):
-        return precompute_reference(tmp_path, network, None, {"train": rows}, PairForward(tokenizer.pad_token_id), 4)
-
-    first = reference_of(model, pairs)
-    again = reference_of(model, pairs)
-    assert len(computed) == 1 and torch.equal(first["train"]["chosen"], again["train"]["chosen"])  # read back
-    swapped = reference_of(other, pairs)  # another network in the same run folder: recomputed, not reused
-    assert len(computed) == 2 and not torch.equal(first["train"]["chosen"], swapped["train"]["chosen"])
-    (tmp_path / "fresh").mkdir()
-    assert torch.equal(swapped["train"]["chosen"], precompute_reference(tmp_path / "fresh", other, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 4)["train"]["chosen"])
-    changed, _ = tokenized_pairs(preference_dataset("train", limit=6, seed=1), tokenizer, data, "train")
-    reference_of(other, changed)
-    assert len(computed) == 4  # the fresh folder above, then the changed data
-
-
 def test_no_pairs_left_after_filtering_is_a_clear_error(tmp_path):
     model, tokenizer = tiny_model(0)
     # Truncation that makes chosen and rejected the same tokens (both keep only "1") leaves no pair.
     clipped = [{"prompt": "9+9=", "chosen": "18", "rejected": "19"}] * 2
     config = make_config(tmp_path / "a")
     config.data.max_length = 6  # BOS + 4 prompt characters + 1 completion token
-    with pytest.raises(DataError, match=r"no train preference pairs left after filtering.*2 pairs had identical.*raise data.max_length"):
+    with pytest.raises(
+        DataError,
+        match=r"no train preference pairs left after filtering.*2 pairs had identical.*raise data.max_length",
+    ):
         dpo(config, dataset=clipped, model=model, tokenizer=tokenizer)
     # Prompts that fill max_length are dropped; none left is an error too.
     config = make_config(tmp_path / "b")
@@ -203,12 +177,14 @@ def test_reference_with_another_tokenizer_is_refused(tmp_path):
     tokenizer.save_pretrained(reference_dir)
     config = make_config(tmp_path / "run", reference=str(reference_dir))
     model, policy_tokenizer = tiny_model(0)
+    pairs = preference_dataset("train", limit=4)
     with pytest.raises(ModelError, match=r"does not share the policy's tokenizer.*<\|extra\|>"):
-        dpo(config, dataset=preference_dataset("train", limit=4), model=model, tokenizer=policy_tokenizer)
+        dpo(config, dataset=pairs, model=model, tokenizer=policy_tokenizer)
     bigger, _ = tiny_model(0)
     bigger.resize_token_embeddings(len(tokenizer))
+    config = make_config(tmp_path / "run2")
     with pytest.raises(ModelError, match="token embeddings"):
-        dpo(make_config(tmp_path / "run2"), dataset=preference_dataset("train", limit=4), model=model, tokenizer=policy_tokenizer, reference=bigger)
+        dpo(config, dataset=pairs, model=model, tokenizer=policy_tokenizer, reference=bigger)
 
 
 def test_a_separate_reference_model_is_used(tmp_path):
@@ -224,59 +200,6 @@ def test_bf16_autocast_keeps_the_first_step_near_log_two(tmp_path):
     # Reference and policy both run under autocast; bf16 rounding leaves h close to, not exactly, 0.
     assert first["loss"] == pytest.approx(0.693147, abs=2e-2)
     assert next(model.parameters()).dtype == torch.float32  # weights and optimizer stay float32
-
-
-def per_pair_logps(model, pairs, pad_token_id, bf16=False):
-    """The plain way: each pair alone, prompt + completion in one padded forward (no batching, no sharing)."""
-    sums = []
-    with torch.no_grad(), mixed_precision(torch.device("cpu"), bf16):
-        for pair in pairs:
-            sums.append(completion_logps(model, collate_preference([pair], pad_token_id)).sums.float())
-    both = torch.stack(sums)  # (pairs, 2): chosen, rejected
-    return both[:, 0], both[:, 1]
-
-
-def test_precomputed_reference_equals_a_plain_per_pair_forward(tmp_path):
-    model, tokenizer = tiny_model(0, num_layers=2)
-    # Mixed lengths, so the length-sorted batches reorder pairs and pad; batch 3 leaves a short last batch.
-    pairs, _ = tokenized_pairs(preference_dataset("train", limit=10), tokenizer, DataConfig(max_length=64), "train")
-    pairs[1] = {**pairs[1], "chosen_ids": pairs[1]["chosen_ids"] + pairs[2]["chosen_ids"]}
-    assert len({len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs}) > 2
-    chosen, rejected = per_pair_logps(model, pairs, tokenizer.pad_token_id)
-    cached = precompute_reference(tmp_path, model, None, {"train": pairs}, PairForward(tokenizer.pad_token_id), 3)["train"]
-    torch.testing.assert_close(cached["chosen"], chosen, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cached["rejected"], rejected, rtol=1e-5, atol=1e-5)
-    # Computed under inference mode, but stored as ordinary tensors: the loss can use them beside autograd.
-    assert not cached["chosen"].is_inference() and not cached["chosen"].requires_grad
-    # Under bf16 autocast (fp32 attention for short sequences) the values stay within bf16 rounding.
-    fast = sequence_logps(model, pairs, tokenizer.pad_token_id, 64, PairForward(tokenizer.pad_token_id, bf16=True))
-    torch.testing.assert_close(fast["chosen"], chosen, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(fast["rejected"], rejected, rtol=1e-2, atol=1e-2)
-
-
-def test_mixed_precision_keeps_short_attention_in_float32():
-    seen = []
-
-    def attention(query, key, value):
-        output = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True)
-        seen.append(output.dtype)
-        return output
-
-    short = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
-    long = torch.randn(1, 2, FLOAT32_ATTENTION_MAX_KEYS + 1, 16, dtype=torch.bfloat16)
-    with mixed_precision(torch.device("cpu"), True):
-        output = attention(short, short, short)
-        attention(long, long, long)
-        by_name = torch.nn.functional.scaled_dot_product_attention(query=short, key=short, value=short, attn_mask=torch.zeros(8, 8, dtype=torch.bfloat16))
-        assert by_name.dtype == torch.float32
-        assert torch.nn.functional.linear(short.float(), torch.ones(4, 16)).dtype == torch.bfloat16  # autocast on
-    with mixed_precision(torch.device("cpu"), False):
-        attention(short.float(), short.float(), short.float())
-    assert seen == [torch.float32, torch.bfloat16, torch.float32]
-    output.sum().backward()  # gradients flow back through the upcast to the bf16 inputs
-    assert short.grad is not None and short.grad.dtype == torch.bfloat16
-    exact = torch.nn.functional.scaled_dot_product_attention(short.float(), short.float(), short.float(), is_causal=True)
-    torch.testing.assert_close(output, exact)
 
 
 def test_bf16_under_gradient_checkpointing_trains(tmp_path):
@@ -304,26 +227,3 @@ def test_bad_loss_config_fails_before_loading_anything(tmp_path, fields, message
     with pytest.raises(ConfigError, match=message):
         dpo(config)
     assert not (tmp_path / "config.yaml").exists()
-
-
-def test_cli_runs_dpo_on_a_jsonl_file(tmp_path, capsys):
-    model_dir = save_tiny_model(tmp_path / "model")
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a + 2)}) + "\n" for a in range(6)))
-    code = main([
-        "dpo", "--model.name_or_path", str(model_dir), "--data.path", str(data), "--output_dir", str(tmp_path / "run"),
-        "--max_steps", "1", "--batch_size", "2", "--loss_type", "sigmoid,ipo", "--loss_weights", "1,0.1",
-        "--progress", "false", "--mixed_precision", "off", "--rpo_alpha", "0",
-    ])  # fmt: skip
-    assert code == 0
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    # Combined loss at step 1: log 2 + 0.1·(0 − 1/(2·0.1))² = 0.693147 + 2.5 = 3.193147
-    assert record["loss"] == pytest.approx(3.193147, abs=1e-3)
-    assert record["loss/ipo"] == pytest.approx(25.0, abs=1e-2)
-    assert main(["dpo", "--help"]) == 0
-    assert "--rpo_alpha" in capsys.readouterr().out
-
-
-def test_example_yaml_loads():
-    config = load_config(DPOConfig, Path(__file__).parent.parent / "examples" / "dpo.yaml")
-    assert config.loss_type and config.beta > 0

@@ -18,13 +18,14 @@ from prefalign.algorithms.rejection_sampling import (
     rows_for_prompt,
     sample,
 )
-from prefalign.cli import main
 from prefalign.config import DataConfig, ModelConfig
 from prefalign.data import load_rows, tokenize_preference, tokenize_prompts, tokenize_sft
 from prefalign.errors import ConfigError, DataError
 from prefalign.rewards import WeightedRewards
 from prefalign.tasks.tokenizer import build_char_tokenizer
 from tests.helpers import save_tiny_model, tiny_model
+
+DIGIT_COUNT = "tests.algorithms.test_rejection_sampling:digit_count"
 
 
 def digit_count(prompts, completions, **_):
@@ -39,7 +40,9 @@ def fails_for_bad_prompt(prompts, completions, **_):
 
 
 def _prompts(tokenizer, texts):
-    rows = datasets.Dataset.from_list([{"prompt": text, "answer": str(index)} for index, text in enumerate(texts)])
+    rows = datasets.Dataset.from_list(
+        [{"prompt": text, "answer": str(index)} for index, text in enumerate(texts)]
+    )
     prompts, _ = tokenize_prompts(rows, tokenizer, DataConfig())
     return prompts
 
@@ -70,7 +73,10 @@ def test_best_vs_random_only_draws_below_the_margin():
         pairs, reason, _ = choose_pairs([1.0, 0.0, 0.5, 1.0], "best_vs_random", 0.6, random.Random(seed))
         assert pairs == [(0, 1)] and reason is None
     # Without a margin the rejected side is drawn from {1, 2}: both appear over a few seeds.
-    drawn = {choose_pairs([1.0, 0.0, 0.5, 1.0], "best_vs_random", 0.0, random.Random(seed))[0][0][1] for seed in range(20)}
+    drawn = {
+        choose_pairs([1.0, 0.0, 0.5, 1.0], "best_vs_random", 0.0, random.Random(seed))[0][0][1]
+        for seed in range(20)
+    }
     assert drawn == {1, 2}
 
 
@@ -101,8 +107,12 @@ def test_rows_for_prompt_drops_failed_unscored_empty_and_counts_them():
         ("  ", 0.0, False, "eos"),  # empty: the data layer refuses it as a completion
         ("1", 1.0, False, "length"),
     )
-    rows = rows_for_prompt({"prompt": "p", "prompt_ids": [1], "answer": "12"}, group, settings, random.Random(0), stats)
-    assert rows == [{"prompt": "p", "chosen": "12", "rejected": "1", "chosen_score": 2.0, "rejected_score": 1.0, "answer": "12"}]
+    prompt_row = {"prompt": "p", "prompt_ids": [1], "answer": "12"}
+    rows = rows_for_prompt(prompt_row, group, settings, random.Random(0), stats)
+    assert rows == [{
+        "prompt": "p", "chosen": "12", "rejected": "1", "chosen_score": 2.0, "rejected_score": 1.0,
+        "answer": "12",
+    }]
     assert (stats.reward_failures, stats.unscored_samples, stats.empty_samples) == (1, 1, 1)
     stats = SampleStats()
     dropped = RejectionSamplingConfig(drop_truncated=True)
@@ -114,16 +124,21 @@ def test_best_of_n_and_min_best_score_and_conversations():
     settings = RejectionSamplingConfig(strategy="best_of_n", min_best_score=1.0)
     prompt = [{"role": "user", "content": "1+1"}]
     stats = SampleStats()
-    rows = rows_for_prompt({"prompt": prompt}, _group(("3", 0.0, False, "eos"), ("2", 1.0, False, "eos")), settings, random.Random(0), stats)
+    group = _group(("3", 0.0, False, "eos"), ("2", 1.0, False, "eos"))
+    rows = rows_for_prompt({"prompt": prompt}, group, settings, random.Random(0), stats)
     assert rows == [{"prompt": prompt, "completion": [{"role": "assistant", "content": "2"}], "score": 1.0}]
-    rows = rows_for_prompt({"prompt": prompt}, _group(("3", 0.0, False, "eos"), ("4", 0.5, False, "eos")), settings, random.Random(0), stats)
+    group = _group(("3", 0.0, False, "eos"), ("4", 0.5, False, "eos"))
+    rows = rows_for_prompt({"prompt": prompt}, group, settings, random.Random(0), stats)
     assert rows == [] and stats.groups_below_min_score == 1
 
 
 def test_all_pairs_writes_a_repeated_pair_once():
     stats = SampleStats()
-    group = _group(("2", 1.0, False, "eos"), ("3", 0.0, False, "eos"), ("2", 1.0, False, "eos"), ("3", 0.0, False, "eos"))
-    rows = rows_for_prompt({"prompt": "1+1"}, group, RejectionSamplingConfig(strategy="all_pairs"), random.Random(0), stats)
+    group = _group(
+        ("2", 1.0, False, "eos"), ("3", 0.0, False, "eos"), ("2", 1.0, False, "eos"), ("3", 0.0, False, "eos")
+    )
+    settings = RejectionSamplingConfig(strategy="all_pairs")
+    rows = rows_for_prompt({"prompt": "1+1"}, group, settings, random.Random(0), stats)
     # 4 ordered pairs of ("2", "3") collapse to one row; the two ties are counted.
     assert [(row["chosen"], row["rejected"]) for row in rows] == [("2", "3")]
     assert stats.duplicate_pairs == 3 and stats.tied_pairs == 2
@@ -153,18 +168,24 @@ def test_failing_scorer_is_dropped_with_its_prompt_index(caplog):
     model, tokenizer = tiny_model()
     prompts = _prompts(tokenizer, ["good one", "bad one", "good two"])
     settings = RejectionSamplingConfig(n=3, max_new_tokens=3, strategy="best_of_n")
-    output = rejection_sample(model, tokenizer, prompts, WeightedRewards([fails_for_bad_prompt]), settings, seed=0)
+    rewards = WeightedRewards([fails_for_bad_prompt])
+    output = rejection_sample(model, tokenizer, prompts, rewards, settings, seed=0)
     assert output.stats.reward_failures == 3  # all three samples of prompt 1
     assert sorted(row["prompt_index"] for row in output.rows) == [0, 2]
     assert [s["reward_failed"] for s in output.samples if s["prompt_index"] == 1] == [True, True, True]
     assert "on prompt 1, sample 0" in caplog.text
-    assert output.stats.failure_examples[0].startswith("reward function 'fails_for_bad_prompt' on prompt 1, sample 0: raised ValueError")
+    assert output.stats.failure_examples[0].startswith(
+        "reward function 'fails_for_bad_prompt' on prompt 1, sample 0: raised ValueError"
+    )
 
 
 def test_n_below_two_with_a_pair_strategy_is_a_config_error():
     model, tokenizer = tiny_model()
     with pytest.raises(ConfigError, match="needs at least 2 samples"):
-        rejection_sample(model, tokenizer, _prompts(tokenizer, ["1+1"]), WeightedRewards([digit_count]), RejectionSamplingConfig(n=1), seed=0)
+        rejection_sample(
+            model, tokenizer, _prompts(tokenizer, ["1+1"]), WeightedRewards([digit_count]),
+            RejectionSamplingConfig(n=1), seed=0,
+        )
 
 
 def test_prompt_longer_than_the_context_is_dropped_or_an_error():
@@ -174,7 +195,10 @@ def test_prompt_longer_than_the_context_is_dropped_or_an_error():
     output = rejection_sample(model, tokenizer, prompts, WeightedRewards([digit_count]), settings, seed=0)
     assert output.stats.dropped_over_context == 1 and output.stats.samples == 2
     with pytest.raises(DataError, match="exceeds the model's context of 128 tokens"):
-        rejection_sample(model, tokenizer, prompts, WeightedRewards([digit_count]), settings, seed=0, too_long_prompt="error")
+        rejection_sample(
+            model, tokenizer, prompts, WeightedRewards([digit_count]), settings, seed=0,
+            too_long_prompt="error",
+        )
 
 
 # ----------------------------------------------------------------------------- the command
@@ -185,7 +209,7 @@ def _config(tmp_path, model_dir, **sampling) -> SampleConfig:
         model=ModelConfig(name_or_path=str(model_dir), device="cpu"),
         data=DataConfig(path=[str(tmp_path / "prompts.jsonl")]),
         sampling=RejectionSamplingConfig(
-            n=4, max_new_tokens=4, temperature=1.5, reward_functions=["tests.test_sampling:digit_count"], **sampling
+            n=4, max_new_tokens=4, temperature=1.5, reward_functions=[DIGIT_COUNT], **sampling
         ),
         output_dir=str(tmp_path / "out"),
     )
@@ -204,12 +228,14 @@ def test_sample_command_writes_rows_the_dpo_data_layer_reads(tmp_path, output_fo
     config = _config(tmp_path, model_dir)
     config.output_format = output_format
     output = sample(config)
-    rows_path = tmp_path / "out" / {"jsonl": "pairs.jsonl", "parquet": "pairs.parquet", "hf": "pairs"}[output_format]
+    name = {"jsonl": "pairs.jsonl", "parquet": "pairs.parquet", "hf": "pairs"}[output_format]
+    rows_path = tmp_path / "out" / name
     rows = load_rows([str(rows_path)])
     assert len(rows) == output.stats.rows > 0
     tokenize_preference(rows, build_char_tokenizer(), DataConfig())
     provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
-    assert provenance["seed"] == 0 and provenance["sampling"]["n"] == 4 and provenance["model"] == str(model_dir)
+    assert provenance["seed"] == 0 and provenance["sampling"]["n"] == 4
+    assert provenance["model"] == str(model_dir)
     assert provenance["stats"]["rows"] == output.stats.rows
     assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 24
     with pytest.raises(ConfigError, match="already exists"):
@@ -232,18 +258,6 @@ def test_empty_prompt_is_a_data_error_naming_the_row(tmp_path):
         sample(_config(tmp_path, model_dir))
 
 
-def test_cli_sample_is_registered(tmp_path, capsys):
-    assert main(["sample", "--help"]) == 0
-    assert "--sampling.strategy" in capsys.readouterr().out
-    model_dir = save_tiny_model(tmp_path / "model")
-    _write_prompts(tmp_path, ["1+2", "3+4", "5+6"])
-    code = main([
-        "sample", "--model.name_or_path", str(model_dir), "--data.path", str(tmp_path / "prompts.jsonl"),
-        "--n", "1", "--output_dir", str(tmp_path / "cli"),
-    ])
-    assert code == 2 and "needs at least 2 samples" in capsys.readouterr().err
-
-
 def _saved_reward_model(folder):
     """A random one-label Llama sequence classifier with the char tokenizer: a stand-in reward model."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -251,8 +265,9 @@ def _saved_reward_model(folder):
     tokenizer = build_char_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     LlamaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -265,13 +280,14 @@ def test_reward_model_scores_next_to_reward_functions(tmp_path):
 
     folder = _saved_reward_model(tmp_path / "rm")
     settings = RejectionSamplingConfig(
-        n=3, max_new_tokens=4, temperature=1.5, reward_functions=["tests.test_sampling:digit_count"],
+        n=3, max_new_tokens=4, temperature=1.5, reward_functions=[DIGIT_COUNT],
         reward_weights=[0.0], reward_model=str(folder), reward_model_weight=2.0,
     )  # fmt: skip
     rewards = build_rewards(settings, device="cpu")
     assert len(rewards.names) == 2 and rewards.weights == [0.0, 2.0]
     model, tokenizer = tiny_model()
-    output = rejection_sample(model, tokenizer, _prompts(tokenizer, ["1+2", "3+4"]), rewards, settings, seed=0)
+    prompts = _prompts(tokenizer, ["1+2", "3+4"])
+    output = rejection_sample(model, tokenizer, prompts, rewards, settings, seed=0)
     model_scores = [s[f"score/{rewards.names[1]}"] for s in output.samples]
     assert all(isinstance(value, float) for value in model_scores)
     # digit_count has weight 0, so each total is exactly twice the reward model's score.
@@ -281,31 +297,43 @@ def test_reward_model_scores_next_to_reward_functions(tmp_path):
 
 def test_prompt_index_points_into_the_given_prompts_after_context_drops(caplog):
     model, tokenizer = tiny_model()  # context: 128 positions
-    # Prompt 0 is dropped (over the context); the others keep their own positions 1 and 2, in rows, samples and
-    # failure reports (renumbered 0 and 1 they would name the wrong prompt of the user's data).
+    # Prompt 0 is dropped (over the context); the others keep their own positions 1 and 2, in rows, samples
+    # and failure reports (renumbered 0 and 1 they would name the wrong prompt of the user's data).
     prompts = _prompts(tokenizer, ["9" * 126, "good 1+1", "bad 2+2"])
     settings = RejectionSamplingConfig(n=2, max_new_tokens=4, strategy="best_of_n")
-    output = rejection_sample(model, tokenizer, prompts, WeightedRewards([fails_for_bad_prompt]), settings, seed=0)
+    rewards = WeightedRewards([fails_for_bad_prompt])
+    output = rejection_sample(model, tokenizer, prompts, rewards, settings, seed=0)
     assert output.stats.dropped_over_context == 1
     assert [row["prompt_index"] for row in output.rows] == [1]
     assert output.rows[0]["answer"] == "1"  # _prompts writes each prompt's position as its `answer`
     assert sorted({sample["prompt_index"] for sample in output.samples}) == [1, 2]
-    assert output.stats.failure_examples[0].startswith("reward function 'fails_for_bad_prompt' on prompt 2, sample 0")
+    assert output.stats.failure_examples[0].startswith(
+        "reward function 'fails_for_bad_prompt' on prompt 2, sample 0"
+    )
 
 
 def test_sampled_texts_win_over_same_named_prompt_columns():
     # Prompts taken from a preference or SFT file still carry its chosen/rejected/completion columns: the rows
     # must hold the sampled answers and their scores, not the file's static ones.
     group = _group(("12", 2.0, False, "eos"), ("1", 1.0, False, "eos"))
-    # The file's margin belongs to its static pair: carried over, reward training would subtract it on the sampled one.
-    prompt_row = {"prompt": "p", "prompt_ids": [1], "chosen": "static good", "rejected": "static bad", "margin": 3.0, "score": 9.0, "answer": "12"}
+    # The file's margin belongs to its static pair: carried over, reward training would subtract it on the
+    # sampled one.
+    prompt_row = {
+        "prompt": "p", "prompt_ids": [1], "chosen": "static good", "rejected": "static bad", "margin": 3.0,
+        "score": 9.0, "answer": "12",
+    }
     rows = rows_for_prompt(prompt_row, group, RejectionSamplingConfig(), random.Random(0), SampleStats())
-    assert rows == [{"prompt": "p", "chosen": "12", "rejected": "1", "chosen_score": 2.0, "rejected_score": 1.0, "score": 9.0, "answer": "12"}]
+    assert rows == [{
+        "prompt": "p", "chosen": "12", "rejected": "1", "chosen_score": 2.0, "rejected_score": 1.0,
+        "score": 9.0, "answer": "12",
+    }]
     sft_row = {"prompt": "p", "completion": "static answer", "score": 9.0}
-    rows = rows_for_prompt(sft_row, group, RejectionSamplingConfig(strategy="best_of_n"), random.Random(0), SampleStats())
+    best_of_n = RejectionSamplingConfig(strategy="best_of_n")
+    rows = rows_for_prompt(sft_row, group, best_of_n, random.Random(0), SampleStats())
     assert rows == [{"prompt": "p", "completion": "12", "score": 2.0}]
     rows = rows_for_prompt(sft_row, group, RejectionSamplingConfig(), random.Random(0), SampleStats())
-    assert "completion" not in rows[0]  # a pair row with a stray static completion would read as another format
+    # a pair row with a stray static completion would read as another format
+    assert "completion" not in rows[0]
 
 
 def token_count(prompts, completions, completion_ids, **_):
@@ -316,6 +344,8 @@ def token_count(prompts, completions, completion_ids, **_):
 def test_reward_functions_receive_completion_ids_as_in_grpo():
     model, tokenizer = tiny_model()
     settings = RejectionSamplingConfig(n=3, max_new_tokens=5, temperature=1.5)
-    output = rejection_sample(model, tokenizer, _prompts(tokenizer, ["1+2", "3+4"]), WeightedRewards([token_count]), settings, seed=0)
+    prompts = _prompts(tokenizer, ["1+2", "3+4"])
+    output = rejection_sample(model, tokenizer, prompts, WeightedRewards([token_count]), settings, seed=0)
     assert output.stats.reward_failures == 0  # it failed on every sample: completion_ids was never passed
-    assert [sample["score"] for sample in output.samples] == [float(sample["num_tokens"]) for sample in output.samples]
+    scores = [sample["score"] for sample in output.samples]
+    assert scores == [float(sample["num_tokens"]) for sample in output.samples]

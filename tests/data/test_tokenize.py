@@ -1,5 +1,5 @@
-"""Tokenization and collation through the real char tokenizer (ids: pad 0, bos 1, end/eos 2, <|system|> 4,
-<|user|> 5, <|assistant|> 6, then printable characters: ord(c) - 24, e.g. '0' 24, 'a' 73)."""
+"""Tokenization (then collation) through the real char tokenizer (ids: pad 0, bos 1, end/eos 2,
+<|system|> 4, <|user|> 5, <|assistant|> 6, then printable characters: ord(c) - 24, e.g. '0' 24, 'a' 73)."""
 
 from __future__ import annotations
 
@@ -11,32 +11,18 @@ import torch
 from tokenizers import processors
 
 from prefalign.config import DataConfig
-from prefalign.data import (
-    collate_preference,
-    collate_prompts,
-    collate_sft,
-    load_rows,
-    load_splits,
-    tokenize_preference,
-    tokenize_prompts,
-    tokenize_sft,
-)
-from prefalign.errors import DataError, ModelError
+from prefalign.data.collate import collate_preference
+from prefalign.data.sources import load_rows, load_splits
+from prefalign.data.tokenize import tokenize_preference, tokenize_prompts, tokenize_sft
+from prefalign.errors import DataError
 from prefalign.tasks.tokenizer import CHAT_TEMPLATE, build_char_tokenizer
+from tests.helpers import assistant, user
 
 PAD, BOS, EOS, SYSTEM, USER, ASSISTANT = 0, 1, 2, 4, 5, 6
 
 
 def ids(text):
     return [ord(character) - 24 for character in text]
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 @pytest.fixture
@@ -216,8 +202,9 @@ def test_prompt_not_a_prefix_of_the_whole(tokenizer, tmp_path):
     )
     with pytest.raises(
         DataError,
-        match=r"d\.jsonl, line 1, column 'chosen': the chat template renders the prompt \(with the generation "
-        r"prompt\) as text that is not a prefix of the rendered prompt \+ completion; they differ at character 0",
+        match=r"d\.jsonl, line 1, column 'chosen': the chat template renders the prompt \(with the "
+        r"generation prompt\) as text that is not a prefix of the rendered prompt \+ completion; they differ "
+        r"at character 0",
     ):
         tokenize_preference(rows, tokenizer, DataConfig())
 
@@ -259,8 +246,8 @@ def test_too_long_prompt_error_policy(tokenizer, tmp_path):
     rows = jsonl_rows(tmp_path, [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
     with pytest.raises(
         DataError,
-        match=r"d\.jsonl, line 1, column 'prompt': the prompt is 5 tokens, which leaves no room for a completion "
-        r"within data\.max_length=5",
+        match=r"d\.jsonl, line 1, column 'prompt': the prompt is 5 tokens, which leaves no room for a "
+        r"completion within data\.max_length=5",
     ):
         tokenize_preference(rows, tokenizer, DataConfig(max_length=5, too_long_prompt="error"))
 
@@ -275,8 +262,8 @@ def test_too_long_prompt_drop_policy_counts(tokenizer):
     assert dataset["prompt_ids"] == [[BOS, 25, 37]]
     assert (stats.rows, stats.kept, stats.dropped_too_long_prompt) == (3, 1, 2)
     assert stats.summary() == (
-        "3 rows, 1 kept: 2 dropped (prompt fills max_length), 0 prompts cut from the left (max_prompt_length), "
-        "0 completions cut on the right (max_length)"
+        "3 rows, 1 kept: 2 dropped (prompt fills max_length), 0 prompts cut from the left "
+        "(max_prompt_length), 0 completions cut on the right (max_length)"
     )
     with pytest.raises(DataError, match=r"every one of the 1 rows was dropped"):
         tokenize_preference(rows[:1], tokenizer, DataConfig(max_length=5))
@@ -296,18 +283,7 @@ def test_completion_cut_on_the_right(tokenizer):
     assert stats.truncated_completions == 1 and stats.truncated_prompts == 0
 
 
-# ----------------------------------------------------------------------------- SFT and prompts
-
-
-def test_sft_batch(tokenizer):
-    rows = [{"prompt": "2*3=", "completion": "6"}, {"prompt": "1=", "completion": "1<|end|>"}]
-    dataset, _ = tokenize_sft(rows, tokenizer, DataConfig())
-    batch = collate_sft(dataset.to_list(), PAD)
-    assert torch.equal(
-        batch["input_ids"], torch.tensor([[1, 26, 18, 27, 37, 30, 2], [1, 25, 37, 25, 2, 0, 0]])
-    )
-    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]))
-    assert torch.equal(batch["completion_mask"], torch.tensor([[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0, 0]]))
+# ----------------------------------------------------------------------------- SFT and prompt-only rows
 
 
 def test_sft_from_messages(tokenizer):
@@ -316,28 +292,11 @@ def test_sft_from_messages(tokenizer):
     assert dataset[0] == {"prompt_ids": [1, 5, 80, 81, 2, 6], "completion_ids": [97, 87, 2]}
 
 
-def test_prompt_batch_left_padded_with_extra_columns(tokenizer):
-    rows = datasets.Dataset.from_list([{"prompt": "2*3=", "answer": "6"}, {"prompt": "1=", "answer": "1"}])
-    dataset, _ = tokenize_prompts(rows, tokenizer, DataConfig())
-    assert dataset.column_names == ["prompt", "answer", "prompt_ids"]
-    batch = collate_prompts(dataset.to_list(), PAD)
-    assert torch.equal(batch["input_ids"], torch.tensor([[1, 26, 18, 27, 37], [0, 0, 1, 25, 37]]))
-    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]))
-    assert batch["answer"] == ["6", "1"] and batch["prompt"] == ["2*3=", "1="]
-    right = collate_prompts(dataset.to_list(), PAD, padding_side="right")
-    assert torch.equal(right["input_ids"], torch.tensor([[1, 26, 18, 27, 37], [1, 25, 37, 0, 0]]))
-
-
 def test_conversational_prompt_ends_with_generation_prompt(tokenizer, tmp_path):
     rows = jsonl_rows(tmp_path, [{"prompt": [user("hi")], "answer": "x"}])
     dataset, _ = tokenize_prompts(rows, tokenizer, DataConfig())
     assert dataset.column_names == ["prompt", "answer", "prompt_ids"]
     assert dataset[0]["prompt_ids"] == [1, 5, 80, 81, 2, 6]
-
-
-def test_collate_needs_a_pad_token():
-    with pytest.raises(ModelError, match=r"no pad token"):
-        collate_sft([{"prompt_ids": [1], "completion_ids": [2]}], None)
 
 
 def test_prompts_from_a_shuffled_subset_keep_row_alignment_and_feature_types(tokenizer):

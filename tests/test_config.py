@@ -1,14 +1,12 @@
-"""Config system and CLI: YAML + overrides, type checks, suggestions, --help, resolved config in the run."""
+"""The config system: YAML + overrides, type checks, suggestions, help for every key."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
-import yaml
 
 from prefalign.algorithms.sft import SFTConfig
-from prefalign.cli import COMMANDS, main, parse_overrides
 from prefalign.config import help_text, load_config
 from prefalign.errors import ConfigError
 
@@ -23,7 +21,9 @@ def test_yaml_then_overrides_later_wins(tmp_path):
 
 
 def test_unknown_key_suggests_closest():
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.learnin_rate'.*did you mean 'train.learning_rate'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.learnin_rate'.*did you mean 'train.learning_rate'"
+    ):
         load_config(SFTConfig, overrides={"train.learnin_rate": "1"}, from_string=True)
 
 
@@ -57,7 +57,9 @@ def test_yaml_wrong_type_is_an_error(tmp_path):
 
 def test_lists_and_mappings_from_the_command_line():
     config = load_config(
-        SFTConfig, overrides={"data.path": "a.jsonl,b.parquet", "data.columns": "{question: prompt}"}, from_string=True
+        SFTConfig,
+        overrides={"data.path": "a.jsonl,b.parquet", "data.columns": "{question: prompt}"},
+        from_string=True,
     )
     assert config.data.path == ["a.jsonl", "b.parquet"]
     assert config.data.columns == {"question": "prompt"}
@@ -69,44 +71,3 @@ def test_every_field_has_help_and_help_lists_them():
         for field in dataclasses.fields(getattr(SFTConfig(), section.name)):
             assert field.metadata.get("help"), f"{section.name}.{field.name} has no help"
             assert f"--{section.name}.{field.name} " in text
-
-
-def test_parse_overrides_forms():
-    path, overrides, wants_help = parse_overrides(["--config", "x.yaml", "--a", "1", "--b=2", "--resume", "--c", "3"])
-    assert (path, overrides, wants_help) == ("x.yaml", {"a": "1", "b": "2", "resume": "true", "c": "3"}, False)
-
-
-def test_cli_help_and_errors(capsys):
-    assert main(["sft", "--help"]) == 0
-    assert "--train.learning_rate" in capsys.readouterr().out
-    assert main(["stf"]) == 2
-    assert "did you mean 'sft'" in capsys.readouterr().err
-    assert main(["sft", "--train.batch_size", "x"]) == 2
-    assert "train.batch_size" in capsys.readouterr().err
-
-
-def test_every_command_loads_with_help(capsys):
-    for name in COMMANDS:
-        assert main([name, "--help"]) == 0, name
-    assert "options:" in capsys.readouterr().out
-
-
-def test_sft_run_writes_resolved_config_and_final_model(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.helpers import save_tiny_model
-
-    model_dir = save_tiny_model(tmp_path / "tiny")
-    run = tmp_path / "run"
-    argv = [
-        "sft", "--model.name_or_path", str(model_dir), "--train.output_dir", str(run), "--train.max_steps", "2",
-        "--train.batch_size", "4", "--train.learning_rate", "1e-3", "--progress", "false", "--data.max_samples", "16",
-    ]
-    assert main(argv) == 0
-    resolved = yaml.safe_load((run / "config.yaml").read_text())
-    assert resolved["train"]["max_steps"] == 2 and resolved["model"]["name_or_path"] == str(model_dir)
-    assert AutoModelForCausalLM.from_pretrained(run / "final") is not None
-    assert AutoTokenizer.from_pretrained(run / "final").chat_template
-    assert "supervised fine-tuning" in (run / "final" / "README.md").read_text()
-    # A second run into the same folder is refused rather than clobbering the finished run.
-    assert main(argv) == 2

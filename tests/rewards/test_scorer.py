@@ -1,29 +1,32 @@
 """Reward-model scoring: same scores as plain transformers (mixed lengths, left/right padding, pad = EOS),
-the shared text -> sequence steps, the reward-function interface, `prefalign score`, clear errors.
+the shared text -> sequence steps, preference pairs as exact tensors, the reward-function interface, clear
+errors.
 
-Char tokenizer ids: pad 0, bos 1, end/eos 2, <|user|> 5, <|assistant|> 6, newline 7, other printable characters ord(c) - 24.
+Char tokenizer ids: pad 0, bos 1, end/eos 2, <|user|> 5, <|assistant|> 6, newline 7, other printable
+characters ord(c) - 24 (e.g. '1' 25, '+' 19, '2' 26, '3' 27, '=' 37).
 """
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
-from prefalign.cli import main
+from prefalign.config import DataConfig
 from prefalign.data.collate import pad_sequences
 from prefalign.errors import DataError, ModelError
 from prefalign.rewards import RewardModelScorer, WeightedRewards, register_reward_function
 from prefalign.rewards.scorer import (
     RewardSettings,
+    collate_pairs,
     encode_completions,
+    encode_pairs,
     frame_sequence,
     render_plain,
     special_tokens_around,
 )
 from prefalign.tasks.tokenizer import build_char_tokenizer
+from tests.helpers import assistant, saved_classifier, user
 
 BOS, EOS, USER, ASSISTANT = 1, 2, 5, 6
 
@@ -32,31 +35,8 @@ def ids(text):
     return [7 if character == "\n" else ord(character) - 24 for character in text]
 
 
-def tiny_classifier(tokenizer, *, num_labels: int = 1, seed: int = 0) -> LlamaForSequenceClassification:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, num_labels=num_labels,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForSequenceClassification(config)
-    with torch.no_grad():  # a visible score head, so every position gives a different score
-        model.score.weight.normal_(0, 1.0)
-    return model.eval()
-
-
-def saved_classifier(folder, *, pad_is_eos: bool = False, num_labels: int = 1):
-    tokenizer = build_char_tokenizer()
-    if pad_is_eos:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = tiny_classifier(tokenizer, num_labels=num_labels)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-PROMPTS = [[{"role": "user", "content": "1+1"}], [{"role": "user", "content": "12+30"}], "7+8=", [{"role": "user", "content": "9+9"}]]
-COMPLETIONS = ["2", [{"role": "assistant", "content": "42"}], "15", "a much longer completion than the others"]
+PROMPTS = [[user("1+1")], [user("12+30")], "7+8=", [user("9+9")]]
+COMPLETIONS = ["2", [assistant("42")], "15", "a much longer completion than the others"]
 
 
 # ----------------------------------------------------------------------------- equal to plain transformers
@@ -93,14 +73,18 @@ def test_scoring_is_batched_longest_first_without_gradients_in_input_order(tmp_p
     folder = saved_classifier(tmp_path / "rm")
     scorer = RewardModelScorer(str(folder), batch_size=2, device="cpu")
     calls = []
-    scorer.model.register_forward_pre_hook(
-        lambda _module, _args, kwargs: calls.append((tuple(kwargs["input_ids"].shape), torch.is_grad_enabled())), with_kwargs=True
-    )
+
+    def record(_module, _args, kwargs):
+        calls.append((tuple(kwargs["input_ids"].shape), torch.is_grad_enabled()))
+
+    scorer.model.register_forward_pre_hook(record, with_kwargs=True)
     scores = scorer.score(PROMPTS, COMPLETIONS)
-    assert len(calls) == 2 and calls[0][0][0] == 2 and calls[0][0][1] > calls[1][0][1]  # 2 passes, longest first
+    # 2 passes, longest first
+    assert len(calls) == 2 and calls[0][0][0] == 2 and calls[0][0][1] > calls[1][0][1]
     assert not any(grad for _, grad in calls)
     scorer.batch_size = 1
-    single = [scorer.score([prompt], [completion])[0] for prompt, completion in zip(PROMPTS, COMPLETIONS, strict=True)]
+    pairs = zip(PROMPTS, COMPLETIONS, strict=True)
+    single = [scorer.score([prompt], [completion])[0] for prompt, completion in pairs]
     assert scores == pytest.approx(single, abs=1e-5)
 
 
@@ -137,8 +121,63 @@ def test_encoder_framing_matches_the_tokenizer_own_encoding():
     settings = RewardSettings(rendering="plain", max_length=512)
     [sequence] = encode_completions(["hello"], [" world"], tokenizer, settings)
     assert sequence == tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
-    [cut] = encode_completions(["hello"], [" world"], tokenizer, RewardSettings(rendering="plain", max_length=3))
+    short = RewardSettings(rendering="plain", max_length=3)
+    [cut] = encode_completions(["hello"], [" world"], tokenizer, short)
     assert cut == [101, 2088, 102]
+
+
+# ----------------------------------------------------------------------------- preference pairs -> batches
+
+
+def test_conversational_pair_collates_to_exact_tensors():
+    tokenizer = build_char_tokenizer()
+    rows = [
+        {"prompt": [user("1+1")], "chosen": [assistant("2")], "rejected": [assistant("33")], "margin": 0.5}
+    ]
+    examples, stats = encode_pairs(rows, tokenizer, RewardSettings(rendering="chat_template", max_length=64))
+    # <bos><|user|>1+1<|end|><|assistant|> then the completion and its <|end|> (= EOS, written by the
+    # template)
+    assert examples == [
+        {
+            "chosen_ids": [1, 5, 25, 19, 25, 2, 6, 26, 2],
+            "rejected_ids": [1, 5, 25, 19, 25, 2, 6, 27, 27, 2],
+            "chosen_length": 2,
+            "rejected_length": 3,
+            "margin": 0.5,
+        }
+    ]
+    batch = collate_pairs(examples, tokenizer.pad_token_id)
+    expected_input_ids = [[1, 5, 25, 19, 25, 2, 6, 26, 2, 0], [1, 5, 25, 19, 25, 2, 6, 27, 27, 2]]
+    assert torch.equal(batch["input_ids"], torch.tensor(expected_input_ids))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1, 0], [1] * 10]))
+    assert torch.equal(batch["margin"], torch.tensor([0.5]))
+    assert batch["input_ids"].dtype == torch.long and (stats.kept, stats.truncated_sequences) == (1, 0)
+
+
+def test_left_truncation_and_pairs_identical_after_it_are_dropped():
+    tokenizer = build_char_tokenizer()
+    rows = [
+        # chosen <bos>xaab<eos>, rejected <bos>xab<eos>: the last 3 tokens after <bos> are 'a','b',<eos> on
+        # both sides
+        {"prompt": "xa", "chosen": "ab", "rejected": "b"},
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+    ]
+    settings = RewardSettings(rendering="plain", max_length=4)
+    examples, stats = encode_pairs(rows, tokenizer, settings, DataConfig())
+    assert (stats.rows, stats.kept, stats.dropped_identical) == (2, 1, 1)
+    assert stats.truncated_sequences == 4  # both sides of both pairs exceed 4 tokens
+    # <bos> kept, then '=', '2', <eos>: the final tokens
+    assert examples[0]["chosen_ids"] == [BOS, 37, 26, EOS]
+    assert examples[0]["rejected_ids"] == [BOS, 37, 27, EOS]
+
+
+def test_missing_column_and_empty_completion_are_clear_errors():
+    tokenizer = build_char_tokenizer()
+    settings = RewardSettings(rendering="chat_template", max_length=64)
+    with pytest.raises(DataError, match=r"needs column\(s\) 'rejected'.*data.columns"):
+        encode_pairs([{"prompt": "a", "chosen": "b"}], tokenizer, settings)
+    with pytest.raises(DataError, match=r"row 1, column 'rejected': empty completion"):
+        encode_pairs([{"prompt": "a", "chosen": "b", "rejected": " "}], tokenizer, settings)
 
 
 # ----------------------------------------------------------------------------- reward-function interface
@@ -163,29 +202,6 @@ def test_reward_function_in_weighted_rewards_and_normalisation(tmp_path):
     [empty] = function(PROMPTS[:1], [""])
     prompt_then_eos = scorer.score_sequences([[BOS, USER] + ids("1+1") + [EOS, ASSISTANT, EOS]])[0]
     assert empty == pytest.approx(prompt_then_eos)
-
-
-# ----------------------------------------------------------------------------- `prefalign score`
-
-
-def test_score_command_writes_a_reward_column(tmp_path, capsys):
-    folder = saved_classifier(tmp_path / "rm")
-    data = tmp_path / "samples.jsonl"
-    rows = [{"prompt": "1+1=", "completion": "2", "answer": "2"}, {"prompt": "3+4=", "completion": "8", "answer": "7"}]
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    output = tmp_path / "out.jsonl"
-    assert main(["score", "--model", str(folder), "--data", str(data), "--output", str(output), "--device", "cpu"]) == 0
-    written = [json.loads(line) for line in output.read_text().splitlines()]
-    expected = RewardModelScorer(str(folder), device="cpu").score(["1+1=", "3+4="], ["2", "8"])
-    assert [row["answer"] for row in written] == ["2", "7"]
-    assert [row["reward"] for row in written] == pytest.approx(expected)
-
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
-    assert main(["score", "--model", str(folder), "--data", str(pairs), "--output", str(tmp_path / "p.jsonl"), "--device", "cpu"]) == 0
-    [scored] = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert scored["reward_chosen"] == pytest.approx(expected[0])
-    assert scored["reward_rejected"] != pytest.approx(scored["reward_chosen"])
 
 
 # ----------------------------------------------------------------------------- clear errors

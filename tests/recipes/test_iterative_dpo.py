@@ -1,4 +1,5 @@
-"""Iterative DPO: prompts from the rows, rounds in turn, checks, reference choice, the whole loop."""
+"""Iterative DPO: prompts from the rows, rounds in turn, config checks, reference choice, the whole loop and
+its report."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from prefalign.errors import ConfigError, DataError
 from prefalign.models.loading import apply_lora
 from prefalign.models.reference import frozen_copy
 from prefalign.recipes import iterative_dpo as iterative
-from prefalign.recipes.iterative_dpo import check_iterative, prompt_rows, round_prompts
+from prefalign.recipes.iterative_dpo import prompt_rows, round_prompts
 from tests.helpers import tiny_model
 
 
@@ -45,31 +46,27 @@ def test_rounds_take_prompts_in_turn_and_wrap():
     assert len(round_prompts(pool, 2, 0)) == 10  # 0 = every prompt every round
 
 
-def test_bad_iterative_settings_are_config_errors():
+def test_bad_iterative_settings_are_config_errors(tmp_path):
+    """Refused before anything loads: the model folder does not exist, and no run folder is made."""
+
     def config(**changes):
         base = IterativeDPOConfig()
+        base.model.name_or_path = str(tmp_path / "never-loaded")
+        base.train.output_dir = str(tmp_path / "run")
         for key, value in changes.items():
             target, _, name = key.rpartition(".")
             setattr(getattr(base, target) if target else base, name, value)
         return base
 
     with pytest.raises(ConfigError, match="iterative DPO trains on pairs"):
-        check_iterative(config(**{"sampling.strategy": "best_of_n"}))
+        iterative.iterative_dpo(config(**{"sampling.strategy": "best_of_n"}))
     with pytest.raises(ConfigError, match="needs at least 2 samples"):
-        check_iterative(config(**{"sampling.n": 1}))
+        iterative.iterative_dpo(config(**{"sampling.n": 1}))
     with pytest.raises(ConfigError, match="round_reference=previous"):
-        check_iterative(config(round_reference="previous", reference="some/model"))
+        iterative.iterative_dpo(config(round_reference="previous", reference="some/model"))
     with pytest.raises(ConfigError, match="resume is not supported"):
-        check_iterative(config(**{"train.resume": True}))
-
-
-def test_frozen_copy_does_not_follow_training():
-    model, _ = tiny_model()
-    copy = frozen_copy(model)
-    assert all(not parameter.requires_grad for parameter in copy.parameters())
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    assert not torch.equal(next(model.parameters()), next(copy.parameters()))
+        iterative.iterative_dpo(config(**{"train.resume": True}))
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- the whole loop
@@ -77,7 +74,8 @@ def test_frozen_copy_does_not_follow_training():
 
 def _rows(count: int, offset: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list([
-        {"prompt": f"{a}+{a + 2}=", "chosen": str(2 * a + 2), "rejected": str(2 * a + 3), "answer": str(2 * a + 2)}
+        {"prompt": f"{a}+{a + 2}=", "chosen": str(2 * a + 2), "rejected": str(2 * a + 3),
+         "answer": str(2 * a + 2)}
         for a in range(offset, offset + count)
     ])  # fmt: skip
 
@@ -93,18 +91,20 @@ def _config(tmp_path, reference: str = "original") -> IterativeDPOConfig:
     config.sampling.max_new_tokens = 4
     config.sampling.prompts_per_round = 6
     config.sampling.eval_prompts = 4
-    config.sampling.reward_functions = ["tests.test_iterative:digit_count"]
+    config.sampling.reward_functions = ["tests.recipes.test_iterative_dpo:digit_count"]
     return config
 
 
 def test_two_rounds_write_pairs_metrics_report_and_final(tmp_path):
     model, tokenizer = tiny_model()
     config = _config(tmp_path)
-    result = dpo(config, dataset=_rows(12), eval_dataset=_rows(4, offset=50), model=model, tokenizer=tokenizer)
+    eval_rows = _rows(4, offset=50)
+    result = dpo(config, dataset=_rows(12), eval_dataset=eval_rows, model=model, tokenizer=tokenizer)
     run = tmp_path / "run"
     assert result.step == 4  # 2 rounds x 2 steps
     start, *records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert start["round"] == 0 and start["step"] == 0 and "heldout/accuracy" in start  # the curve's first point
+    # the curve's first point
+    assert start["round"] == 0 and start["step"] == 0 and "heldout/accuracy" in start
     assert [record["round"] for record in records] == [1, 2]
     assert [record["step"] for record in records] == [2, 4]
     for record in records:
@@ -120,7 +120,9 @@ def test_two_rounds_write_pairs_metrics_report_and_final(tmp_path):
     assert (run / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize(("mode", "lora"), [("original", False), ("previous", False), ("original", True), ("previous", True)])
+@pytest.mark.parametrize(
+    ("mode", "lora"), [("original", False), ("previous", False), ("original", True), ("previous", True)]
+)
 def test_reference_choice(tmp_path, monkeypatch, mode, lora):
     model, tokenizer = tiny_model()
     if lora:  # original = the base with adapters off; previous = a merged copy of round 1's result
@@ -135,7 +137,8 @@ def test_reference_choice(tmp_path, monkeypatch, mode, lora):
 
     monkeypatch.setattr(iterative, "dpo", spy)
     config = _config(tmp_path, reference=mode)
-    config.train.learning_rate = 3e-2 if lora else 1e-2  # round 1 must move the policy well beyond float noise
+    # round 1 must move the policy well beyond float noise
+    config.train.learning_rate = 3e-2 if lora else 1e-2
     config.sampling.eval_prompts = 0
     if hasattr(config, "mixed_precision"):
         config.mixed_precision = "off"
@@ -143,45 +146,28 @@ def test_reference_choice(tmp_path, monkeypatch, mode, lora):
     assert len(entering) == 2
     # Round 2's cached reference log-probs: the starting model's (original) or round 1's result (previous).
     cached = load_file(str(tmp_path / "run" / "round-2" / "ref_logps.safetensors"))["train/chosen"]
-    pairs = tokenized_pairs(load_rows([str(tmp_path / "run" / "round-2" / "pairs.jsonl")]), tokenizer, config.data, "train")[0]
+    rows = load_rows([str(tmp_path / "run" / "round-2" / "pairs.jsonl")])
+    pairs, _ = tokenized_pairs(rows, tokenizer, config.data, "train")
     under_initial = sequence_logps(initial, pairs, tokenizer.pad_token_id, 64)["chosen"]
     under_round_one = sequence_logps(entering[1], pairs, tokenizer.pad_token_id, 64)["chosen"]
     assert not torch.allclose(under_initial, under_round_one, atol=1e-2)
-    expected, other = (under_initial, under_round_one) if mode == "original" else (under_round_one, under_initial)
+    if mode == "original":
+        expected, other = under_initial, under_round_one
+    else:
+        expected, other = under_round_one, under_initial
     assert torch.allclose(cached, expected, atol=1e-4)
     assert not torch.allclose(cached, other, atol=1e-2)
 
 
-def test_cli_dpo_lists_the_round_options(capsys):
-    from prefalign.cli import main
-
-    assert main(["dpo", "--help"]) == 0
-    text = capsys.readouterr().out
-    assert "--rounds" in text and "--round_reference" in text and "--sampling.strategy" in text
-
-
-@pytest.mark.slow
-def test_demo_stage_reports_accuracy_per_round(tmp_path, monkeypatch):
-    """On the built-in base model (built once into the cache, 1-2 minutes, if missing), with a tiny budget."""
-    from prefalign.commands import demo_recipes, demo_stages
-    from prefalign.recipes.base_model import ensure_base_model
-
-    recipe = {**demo_recipes.ITERATIVE_DPO, "train": {**demo_recipes.ITERATIVE_DPO["train"], "max_steps": 2}}
-    recipe["sampling"] = {**recipe["sampling"], "prompts_per_round": 64}
-    monkeypatch.setattr(demo_recipes, "ITERATIVE_DPO", recipe)
-    context = demo_stages.DemoContext(seed=0, num_threads=1, eval_prompts=40, run_dir=tmp_path)
-    context.base_path = ensure_base_model()
-    result = demo_stages.iterative_stage(context)
-    assert len(result["accuracy_per_round"]) == 3  # round 0 (the base) and two rounds
-    assert all(0.0 <= value <= 1.0 for value in result["accuracy_per_round"])
-    assert result["steps"] == 4 and len(result["pairs_per_round"]) == 2
-    assert context.lines[-1].startswith("| rejection sampling + iterative DPO") and " → " in context.lines[-1]
-
-
-def test_report_names_the_per_round_budget():
-    config = IterativeDPOConfig()
-    config.train.max_steps, config.train.epochs = 0, 2.0
-    text = iterative.report(config, [])
-    assert "beta=0.1, 2 epochs over each round's pairs." in text and "Reference: original" in text  # was "epochs steps"
-    config.train.max_steps = 30
-    assert "30 DPO steps per round." in iterative.report(config, [])
+def test_report_names_the_per_round_budget(tmp_path):
+    """report.md names each round's DPO budget: epochs over the round's pairs (it said "epochs steps"), or
+    a number of steps."""
+    budgets = {"epochs": (0, "2 epochs over each round's pairs."), "steps": (3, "3 DPO steps per round.")}
+    for name, (max_steps, budget) in budgets.items():
+        model, tokenizer = tiny_model()
+        config = _config(tmp_path / name)
+        config.train.max_steps, config.train.epochs = max_steps, 2.0
+        config.sampling.eval_prompts = 0
+        iterative.iterative_dpo(config, dataset=_rows(12), model=model, tokenizer=tokenizer, save=False)
+        text = (tmp_path / name / "run" / "report.md").read_text()
+        assert f"beta=0.1, {budget}" in text and "Reference: original" in text

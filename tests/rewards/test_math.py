@@ -58,7 +58,8 @@ def test_math_answer_formats_score_correct(completion):
         ("\\boxed{-12}", "-12.0"),
         ("A: 0.5", ".5"),
         ("#### 50%", "50"),
-        ("It costs 3 + 4 = 7 dollars.\n#### 7", "Reference: 3 + 4 = <<3+4=7>>7\n#### 7"),  # whole solution as answer
+        # the whole reference solution as the answer
+        ("It costs 3 + 4 = 7 dollars.\n#### 7", "Reference: 3 + 4 = <<3+4=7>>7\n#### 7"),
     ],
 )
 def test_numbers_compare_robustly(completion, answer):
@@ -129,7 +130,8 @@ def test_length_penalty_counts_tokens_when_given_else_characters():
 def test_overlong_reward_is_dapo_soft_penalty():
     reward = make_overlong_reward(max_length=10, buffer=4)
     # soft zone starts at 10 − 4 = 6: |y| = 6 → 0; 8 → (6 − 8)/4 = −0.5; 10 → −1; 12 → −1
-    assert reward([None] * 4, ["", "", "", ""], completion_ids=[[0] * 6, [0] * 8, [0] * 10, [0] * 12]) == [0.0, -0.5, -1.0, -1.0]
+    completion_ids = [[0] * 6, [0] * 8, [0] * 10, [0] * 12]
+    assert reward([None] * 4, ["", "", "", ""], completion_ids=completion_ids) == [0.0, -0.5, -1.0, -1.0]
 
 
 def test_registered_by_name():
@@ -189,7 +191,7 @@ def test_gsm8k_model_solutions_agree_with_their_correctness_labels():
     assert agree == total
 
 
-# ----------------------------------------------------------------------------- review fixes (signs, fractions)
+# ---------------------------------------------------------------------------- review fixes (signs, fractions)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +214,8 @@ def test_parse_number_signs_and_latex_separators(text, expected):
     [
         ("\\boxed{-\\frac{1}{2}}", "-0.5", 1.0),
         ("\\boxed{-\\frac{1}{2}}", "0.5", 0.0),  # the sign was dropped: -1/2 scored as 1/2
-        ("so x = \\frac{1}{2}", "0.5", 1.0),  # no marker: the last number is the whole fraction 1/2, not its 2
+        # no marker: the last number is the whole fraction 1/2, not its 2
+        ("so x = \\frac{1}{2}", "0.5", 1.0),
         ("so x = \\frac{1}{2}", "2", 0.0),
         ("the answer is 2", "\\frac{1}{2}", 0.0),  # a reference \frac{1}{2} is 1/2, not 2
         ("the answer is 0.5", "\\frac{1}{2}", 1.0),
