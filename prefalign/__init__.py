@@ -26,7 +26,7 @@ _PUBLIC = {
     "grpo": "prefalign.commands.grpo", "GRPOConfig": "prefalign.algorithms.grpo_config",
     "reward": "prefalign.commands.reward", "RewardConfig": "prefalign.algorithms.reward_model",
     "eval_reward": "prefalign.commands.reward", "EvalRewardConfig": "prefalign.commands.reward",
-    "sample": "prefalign.commands.sample", "SampleConfig": "prefalign.algorithms.rejection_sampling",
+    "sample": "prefalign.commands.sample", "SampleConfig": "prefalign.algorithms.rejection_sampling_config",
     "evaluate": "prefalign.commands.eval", "EvalConfig": "prefalign.commands.eval",
     "score": "prefalign.commands.score", "ScoreConfig": "prefalign.commands.score",
     "demo": "prefalign.commands.demo", "DemoConfig": "prefalign.commands.demo",
@@ -87,7 +87,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for editors and type checkers; at run time the table above is used
     from prefalign.algorithms.dpo import DPOConfig
     from prefalign.algorithms.grpo_config import GRPOConfig
-    from prefalign.algorithms.rejection_sampling import SampleConfig
+    from prefalign.algorithms.rejection_sampling_config import SampleConfig
     from prefalign.algorithms.reward_model import RewardConfig
     from prefalign.algorithms.sft import SFTConfig
     from prefalign.commands.base import base

@@ -53,10 +53,11 @@ from prefalign.models.loading import (
     model_device,
     resolve_model_path,
 )
-from prefalign.models.reference import check_reference_model, check_same_tokenizer
+from prefalign.models.reference import Reference, check_reference_model, check_same_tokenizer
 from prefalign.models.saving import model_card, save_model
+from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
-from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads
+from prefalign.runtime.setup import start_run
 
 
 @dataclass
@@ -192,8 +193,10 @@ def count_pairs(batch: dict[str, Any]) -> float:
 
 def annotate_step(micro_batches: list[dict[str, Any]]) -> None:
     """Step-wide totals RPO's SFT term needs before the first backward of the step."""
-    pairs = sum(count_pairs(batch) for batch in micro_batches)
-    tokens = float(sum(len(pair["chosen_ids"]) for batch in micro_batches for pair in batch["pairs"]))
+    pairs = distributed.sum_across(sum(count_pairs(batch) for batch in micro_batches))
+    tokens = distributed.sum_across(
+        float(sum(len(pair["chosen_ids"]) for batch in micro_batches for pair in batch["pairs"]))
+    )
     for batch in micro_batches:
         batch["step_pairs"], batch["step_chosen_tokens"] = pairs, tokens
 
@@ -228,16 +231,11 @@ def dpo(
 ) -> TrainResult:
     """Run DPO (or a family member) as configured; returns the training result (model saved to <run>/final).
 
-    `model`/`tokenizer` replace config.model; `reference` (a model object) replaces config.reference.
+    `model`/`tokenizer` replace config.model; `reference` (a model object, or a prefalign.models.Reference)
+    replaces config.reference.
     """
     check_config(config)
-    set_threads(config.train.num_threads)
-    seed_everything(config.train.seed)
-    run_dir = prepare_run_dir(config, "dpo")
-    if model is None:
-        model, tokenizer = load_causal_lm(config.model)
-    elif tokenizer is None:
-        raise ConfigError("dpo(model=...) needs tokenizer=... as well.")
+    run_dir, model, tokenizer = start_run(config, "dpo", model, tokenizer)
     disable_dropout(model)  # policy and reference log-probs are compared: dropout would add noise to both
     dataset, eval_dataset = (_as_dataset(rows) for rows in (dataset, eval_dataset))
     train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
@@ -247,7 +245,7 @@ def dpo(
         splits["eval"], data_stats["eval"] = tokenized_pairs(eval_rows, tokenizer, config.data, "eval")
     (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
 
-    reference = load_reference(config, model, tokenizer, reference)
+    frozen = reference_of(config, model, tokenizer, reference)
     # The KV cache that shares prompts is off under gradient checkpointing (transformers disables it there).
     checkpointing = config.model.gradient_checkpointing or activation_checkpointing(model)
     share_prompt = config.share_prompt and not checkpointing
@@ -257,11 +255,11 @@ def dpo(
     )
     ref_logps: dict[str, dict[str, torch.Tensor]] = {}
     reference_on_the_fly = None
-    if needs_reference(config) and config.precompute_ref_logps:
-        ref_logps = precompute_reference(run_dir, model, reference, splits, forward, config.ref_batch_size)
-        reference = None  # freed: training reads the cached numbers
-    elif needs_reference(config):
-        reference_on_the_fly = on_the_fly_reference(model, reference, forward)
+    if frozen is not None and config.precompute_ref_logps:
+        ref_logps = precompute_reference(run_dir, frozen, splits, forward, config.ref_batch_size)
+        frozen = None  # freed: training reads the cached numbers
+    elif frozen is not None:
+        reference_on_the_fly = on_the_fly_reference(frozen, forward)
 
     evaluate = None
     if "eval" in splits:
@@ -291,28 +289,29 @@ def _as_dataset(rows):
     return datasets.Dataset.from_list(list(rows)) if isinstance(rows, (list, tuple)) else rows
 
 
-def load_reference(config: DPOConfig, policy, tokenizer, reference):
-    """A separate reference model when one is configured (checked against the policy), else None."""
+def reference_of(config: DPOConfig, policy, tokenizer, reference) -> Reference | None:
+    """π_ref, or None for a reference-free loss (SimPO): `reference=` (a model, checked against the policy, or
+    a Reference as it is), config.reference (loaded, checked), else the policy itself (LoRA: adapters off), as
+    it is before training when the log-probs are precomputed, a frozen copy when they are not."""
     if not needs_reference(config):
         return None
+    if isinstance(reference, Reference):
+        return reference
+    if reference is None and config.reference:
+        path = resolve_model_path(config.reference)
+        check_same_tokenizer(
+            tokenizer, load_tokenizer(path, trust_remote_code=config.model.trust_remote_code),
+            f"{config.reference!r}",
+        )
+        reference_config = ModelConfig(
+            name_or_path=path, dtype=config.model.dtype, device=str(model_device(policy)),
+            trust_remote_code=config.model.trust_remote_code,
+            attn_implementation=config.model.attn_implementation,
+        )  # fmt: skip
+        reference, _ = load_causal_lm(reference_config, trainable=False)
     if reference is not None:
         check_reference_model(policy, reference)
-        return reference.eval().requires_grad_(False)
-    if not config.reference:
-        return None
-    path = resolve_model_path(config.reference)
-    check_same_tokenizer(
-        tokenizer, load_tokenizer(path, trust_remote_code=config.model.trust_remote_code),
-        f"{config.reference!r}",
-    )
-    reference_config = ModelConfig(
-        name_or_path=path, dtype=config.model.dtype, device=str(model_device(policy)),
-        trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=config.model.attn_implementation,
-    )  # fmt: skip
-    network, _ = load_causal_lm(reference_config, trainable=False)
-    check_reference_model(policy, network)
-    return network
+    return Reference(policy, reference, snapshot=not config.precompute_ref_logps)
 
 
 def _card_lines(config: DPOConfig, result: TrainResult) -> dict[str, Any]:

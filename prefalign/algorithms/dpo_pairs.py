@@ -3,7 +3,6 @@ reference once before training (`ref_logps.safetensors`) or per micro-batch."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -18,6 +17,7 @@ from prefalign.config import DataConfig
 from prefalign.data import collate_preference, tokenize_preference
 from prefalign.data.splits import log_stats
 from prefalign.errors import DataError
+from prefalign.files import atomic_file
 from prefalign.models.forward import (
     CompletionLogps,
     completion_logps,
@@ -25,10 +25,9 @@ from prefalign.models.forward import (
     mixed_precision,
 )
 from prefalign.models.loading import (
-    is_peft_model,
     model_device,
 )
-from prefalign.models.reference import reference_network, weights_fingerprint
+from prefalign.models.reference import Reference, weights_fingerprint
 
 logger = logging.getLogger("prefalign")
 
@@ -154,7 +153,7 @@ def sequence_logps(
 
 
 def precompute_reference(
-    run_dir: Path, policy, reference, splits: dict[str, list[dict[str, Any]]], forward: PairForward,
+    run_dir: Path, reference: Reference, splits: dict[str, list[dict[str, Any]]], forward: PairForward,
     batch_size: int,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Reference log-probs of every split, from `<run>/ref_logps.safetensors` when it matches the data, the
@@ -164,7 +163,7 @@ def precompute_reference(
     precision = {
         "bf16": str(forward.bf16), "float32_attention": str(forward.bf16 and forward.float32_attention),
     }
-    with reference_network(policy, reference) as network:
+    with reference.network() as network:
         prints = (
             {name: fingerprint(pairs) for name, pairs in splits.items()} | precision
             | {"reference_weights": weights_fingerprint(network)}
@@ -186,20 +185,18 @@ def precompute_reference(
             for name, pairs in splits.items()
         }
     tensors = {f"{name}/{side}": values for name, sides in results.items() for side, values in sides.items()}
-    save_file(tensors, str(path), metadata=prints)
+    with atomic_file(path) as staging:  # a torn file would block every later resume
+        save_file(tensors, str(staging), metadata=prints)
     return results
 
 
-def on_the_fly_reference(policy, reference, forward: PairForward):
+def on_the_fly_reference(reference: Reference, forward: PairForward):
     """Reference log-probs per micro-batch (precompute_ref_logps off): a frozen network kept for the whole
-    run."""
-    if reference is None and not is_peft_model(policy):
-        # Full fine-tuning: the reference is the policy's starting point, so keep a frozen copy of it.
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    run (`Reference(policy, snapshot=True)`: a copy for full fine-tuning, adapters off for LoRA)."""
 
     @torch.no_grad()
     def reference_logps(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        with reference_network(policy, reference) as network:
+        with reference.network() as network:
             was_training = network.training
             network.eval()
             sums = forward(network, batch).sums  # (2B,)

@@ -1,170 +1,177 @@
-"""GRPO's rollout batch: sample G completions per prompt, score them, keep usable groups (DAPO's dynamic
-sampling refills), turn rewards into group advantages, and the statistics to log."""
+"""GRPO's rollout batch: G completions per prompt, scored, groups kept (DAPO's dynamic sampling refills),
+rewards turned into group advantages, one experience row per completion.
+
+An unscored sample (its reward function failed, or every function returned None) keeps its group: it is
+left out of the group's statistics, gets advantage 0 and stays out of the loss (as TRL does), counted in
+`rewards/unscored_samples`. A group with no scored sample at all is dropped (`rewards/dropped_groups`).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from prefalign import losses
 from prefalign.algorithms.grpo_config import GRPOConfig
+from prefalign.algorithms.rl.rollout import (
+    ScoredGroups,
+    completion_metrics,
+    function_means,
+    reward_metrics,
+    sample_and_score,
+)
+from prefalign.algorithms.rl.source import Progress, RolloutBatch
 from prefalign.errors import TrainingError
 from prefalign.rewards import WeightedRewards, describe_failures
-from prefalign.rewards.functions import as_completion
 from prefalign.rollout.types import FINISH_LENGTH, SamplingParams
+from prefalign.runtime import distributed
 
 logger = logging.getLogger("prefalign")
 
 
-@dataclass
-class Rollout:
-    """Scored, kept groups ready for optimisation, and what to log about them."""
-
-    examples: list[dict[str, Any]] = field(default_factory=list)  # one per completion, groups contiguous
-    metrics: dict[str, float] = field(default_factory=dict)
-    logged: list[dict[str, Any]] = field(default_factory=list)
-    generation_time: float = 0.0
-
-
-def sample_groups(engine, rows, row_ids, rewards: WeightedRewards, config: GRPOConfig, seed: int):
-    """Generate G completions per row and score them.
-
-    Returns samples (per row, G each), scores (rows, G) with NaN where a sample has no score (a reward
-    failed or every function returned None), per-function scores and the failures.
-    """
-    group = config.num_generations
-    params = SamplingParams(
-        n=group, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+def sampling_params(config: GRPOConfig, seed: int) -> SamplingParams:
+    return SamplingParams(
+        n=config.num_generations, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
         max_new_tokens=config.max_new_tokens, seed=seed,
-    )
-    samples = engine.generate([row["prompt_ids"] for row in rows], params)
-    owners = [row for row in rows for _ in range(group)]
-    flat = [sample for samples_of_row in samples for sample in samples_of_row]
-    # TRL's convention: conversational prompts get their completion as an assistant message.
-    completions = [as_completion(o["prompt"], s.text) for s, o in zip(flat, owners, strict=True)]
-    columns = {name: [o[name] for o in owners] for name in rows[0] if name not in ("prompt", "prompt_ids")}
-    total, per_function, failures = rewards(
-        [o["prompt"] for o in owners], completions, completion_ids=[s.token_ids for s in flat], **columns,
-    )
-    for failure in failures:  # flat position -> (training row, sample), so the message points at the data
-        row, failure.sample_index = divmod(failure.prompt_index, group)
-        failure.prompt_index = row_ids[row]
-    scores = torch.tensor([math.nan if value is None else value for value in total]).view(len(rows), group)
-    if config.overlong_buffer:
-        lengths = torch.tensor([len(s.token_ids) for s in flat], dtype=torch.float32).view(len(rows), group)
-        scores = scores + losses.overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer)
-    return samples, scores, per_function, failures
+    )  # fmt: skip
 
 
-def collect_rollout(
-    engine, prompts, stream, rewards, config: GRPOConfig, progress: dict[str, int],
-) -> Rollout:
-    """Sample and score groups until the rollout batch is full (one round without dynamic sampling)."""
-    started = time.perf_counter()
-    wanted = (
-        config.train.batch_size * config.train.grad_accum // config.num_generations
-        * config.steps_per_generation
-    )
-    kept: list[tuple[dict, list, torch.Tensor]] = []
-    all_scores, all_samples, per_function, failures = [], [], {}, []
-    rounds = 0
-    while rounds < config.max_sampling_rounds and len(kept) < wanted:
-        row_ids = [next(stream) for _ in range(wanted)]
-        rows = [prompts[i] for i in row_ids]
-        # Seeds follow the count of generation calls, so a resumed run samples what the whole run would.
-        seed = config.train.seed * 1_000_003 + progress["generation_calls"]
-        progress["position"] += wanted
-        progress["generation_calls"] += 1
-        rounds += 1
-        samples, scores, scored, failed = sample_groups(engine, rows, row_ids, rewards, config, seed)
-        failures += failed
-        for name, values in scored.items():
-            per_function.setdefault(name, []).extend(v for v in values if v is not None)
-        all_scores.append(scores)
-        all_samples += [s for samples_of_row in samples for s in samples_of_row]
-        usable = ~torch.isnan(scores).any(dim=1)  # a group with an unscored sample is dropped (counted)
+def usable_groups(scores: torch.Tensor, config: GRPOConfig) -> list[bool]:
+    """Groups that can train: a scored sample; with dynamic sampling, scored rewards not all equal."""
+    usable = []
+    for group in scores:
+        scored = group[~torch.isnan(group)]
+        keep = scored.numel() > 0
+        if keep and config.dynamic_sampling:
+            keep = not bool(losses.zero_std_groups(scored.unsqueeze(0), scored.numel()))
+        usable.append(keep)
+    return usable
+
+
+def collect_rollout(engine, prompts, rewards: WeightedRewards, config: GRPOConfig):
+    """collect(progress, next_prompt) for the ExperienceSource: sample and score groups until the rollout
+    batch is full (one generation call without dynamic sampling)."""
+
+    def collect(progress: Progress, next_prompt) -> RolloutBatch:
+        wanted = config.train.batch_size * config.train.grad_accum // config.num_generations
+        wanted *= config.steps_per_generation
+        kept: list[tuple[dict, list, torch.Tensor]] = []
+        rounds: list[ScoredGroups] = []
+        while len(rounds) < config.max_sampling_rounds and len(kept) < wanted:
+            row_ids = [next_prompt() for _ in range(wanted)]
+            # Seeds follow the count of generation calls, so a resumed run samples what the whole run would.
+            seed = config.train.seed * 1_000_003 + progress.generation_calls
+            progress.generation_calls += 1
+            scored = sample_and_score(
+                engine, [prompts[i] for i in row_ids], row_ids, rewards, sampling_params(config, seed)
+            )
+            if config.overlong_buffer:
+                lengths = torch.tensor(
+                    [[len(s.token_ids) for s in group] for group in scored.samples], dtype=torch.float32
+                )
+                scored.scores = scored.scores + losses.overlong_penalty(
+                    lengths, config.max_new_tokens, config.overlong_buffer
+                )
+            rounds.append(scored)
+            usable = usable_groups(scored.scores, config)
+            groups = zip(scored.rows, scored.samples, scored.scores, strict=True)
+            kept += [group for group, use in zip(groups, usable, strict=True) if use]
+            if not config.dynamic_sampling:
+                break
+        failures = [failure for scored in rounds for failure in scored.failures]
+        if failures:
+            logger.warning("%s", describe_failures(failures))
+        if not kept:
+            raise TrainingError(
+                f"no usable group in the rollout batch before optimizer step {progress.step + 1} "
+                f"({len(rounds)} sampling round(s)): {no_group_reason(rounds, failures)}"
+            )
+        if config.dynamic_sampling and len(kept) < wanted:
+            logger.warning(
+                "dynamic sampling: %d of %d groups after %d rounds (max_sampling_rounds); training on those",
+                len(kept), wanted, len(rounds),
+            )  # fmt: skip
+        kept = kept[:wanted]
+        batch = RolloutBatch(rows=[], group_size=config.num_generations)
+        batch.metrics = rollout_metrics(rounds, failures, config)
+        batch.metrics["groups_trained"] = len(kept)
         if config.dynamic_sampling:
-            usable &= ~losses.zero_std_groups(torch.nan_to_num(scores), config.num_generations)
-        kept += [
-            item
-            for item, use in zip(zip(rows, samples, scores, strict=True), usable.tolist(), strict=True)
-            if use
-        ]
-        if not config.dynamic_sampling:
-            break
+            batch.metrics["dynamic_sampling/rounds"] = len(rounds)
+            batch.metrics["dynamic_sampling/short_batch"] = float(len(kept) < wanted)
+        add_experience(batch, kept, config)
+        return batch
+
+    return collect
+
+
+def no_group_reason(rounds: list[ScoredGroups], failures) -> str:
     if failures:
-        logger.warning("%s", describe_failures(failures))
-    if not kept:
-        unscored = bool(torch.isnan(torch.cat(all_scores)).any())
-        reason = (
-            describe_failures(failures) if failures
-            else "a sample with no score (every reward function returned None) in every group" if unscored
-            else "every group had all-equal rewards"
-        )
-        raise TrainingError(
-            f"no usable group in the rollout batch before optimizer step {progress['step'] + 1} ({rounds} "
-            f"sampling round(s)): {reason}"
-        )
-    if config.dynamic_sampling and len(kept) < wanted:
-        logger.warning(
-            "dynamic sampling: %d of %d groups after %d rounds (max_sampling_rounds); training on those",
-            len(kept), wanted, rounds,
-        )
-    kept = kept[:wanted]
-    rollout = Rollout(generation_time=time.perf_counter() - started)
-    rollout.metrics = rollout_metrics(torch.cat(all_scores), all_samples, per_function, failures, config)
-    if config.dynamic_sampling:
-        rollout.metrics.update(
-            {"dynamic_sampling/rounds": rounds, "dynamic_sampling/short_batch": float(len(kept) < wanted)}
-        )
-    rollout.metrics["groups_trained"] = len(kept)
-    build_examples(rollout, kept, config)
-    return rollout
+        return describe_failures(failures)
+    if all(torch.isnan(scored.scores).all(dim=1).any() for scored in rounds):
+        return "no sample scored (every reward function returned None) in any group"
+    return "every group had all-equal rewards"
 
 
-def rollout_metrics(scores, samples, per_function, failures, config: GRPOConfig) -> dict[str, float]:
+def rollout_metrics(rounds: list[ScoredGroups], failures, config: GRPOConfig) -> dict[str, float]:
     """Reward and completion statistics over every sampled completion (TRL's names)."""
-    scored = scores[~torch.isnan(scores).any(dim=1)]  # (scored groups, G)
-    lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float32)
-    has_scores = scored.numel() > 0
-    metrics = {
-        "reward": scored.mean().item() if has_scores else math.nan,
-        "reward_std": scored.std(dim=1).mean().item() if has_scores else math.nan,  # mean within-group std
-        "frac_reward_zero_std": (
-            losses.zero_std_groups(scored, config.num_generations).float().mean().item() if has_scores
-            else math.nan
-        ),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": sum(s.finish_reason == FINISH_LENGTH for s in samples) / len(samples),
+    scores = torch.cat([scored.scores for scored in rounds])  # (groups, G), NaN = unscored
+    samples = [sample for scored in rounds for group in scored.samples for sample in group]
+    per_function: dict[str, list] = {}
+    for scored in rounds:
+        for name, groups in scored.per_function.items():
+            per_function.setdefault(name, []).extend(groups)
+    unscored = torch.isnan(scores)
+    return {
+        **reward_metrics(scores),
+        **completion_metrics(samples),
         "rewards/failed_samples": len(failures),
-        "rewards/dropped_groups": int(torch.isnan(scores).any(dim=1).sum()),
+        "rewards/unscored_samples": int(unscored.sum()),
+        "rewards/dropped_groups": int(unscored.all(dim=1).sum()),
+        **function_means(per_function),
     }
-    for name, values in per_function.items():
-        metrics[f"rewards/{name}/mean"] = sum(values) / len(values) if values else math.nan
-    return metrics
 
 
-def build_examples(rollout: Rollout, kept, config: GRPOConfig) -> None:
-    """One training example per completion, with its group advantage and log π_old."""
+def advantages_of(scores: torch.Tensor, config: GRPOConfig) -> torch.Tensor:
+    """Group advantages (losses.group_advantages); unscored samples are left out of their group's
+    statistics and get 0. scale_rewards=batch divides by the std of every scored reward of the batch, over
+    every process."""
+    unscored = torch.isnan(scores)
+    batch_std = None
+    if config.scale_rewards == "batch":
+        everything = torch.tensor(distributed.gather_across(scores[~unscored].tolist()))
+        batch_std = everything.std()
+    if not unscored.any():
+        return losses.group_advantages(
+            scores, config.num_generations, scale=config.scale_rewards, batch_std=batch_std
+        )
+    advantages = torch.zeros_like(scores)
+    for index, group in enumerate(scores):
+        scored = ~torch.isnan(group)
+        if int(scored.sum()) > 1:
+            values = group[scored].unsqueeze(0)
+            advantages[index, scored] = losses.group_advantages(
+                values, values.shape[1], scale=config.scale_rewards, batch_std=batch_std
+            ).squeeze(0)
+    return advantages
+
+
+def add_experience(batch: RolloutBatch, kept, config: GRPOConfig) -> None:
+    """One experience row per completion, with its group advantage."""
     scores = torch.stack([score for _, _, score in kept])  # (groups, G)
-    advantages = losses.group_advantages(scores, config.num_generations, scale=config.scale_rewards)
+    advantages = advantages_of(scores, config)
     for (row, samples, score), group_advantages in zip(kept, advantages, strict=True):
         for sample, reward, advantage in zip(samples, score.tolist(), group_advantages.tolist(), strict=True):
             truncated = sample.finish_reason == FINISH_LENGTH
-            rollout.examples.append({
+            scored = not math.isnan(reward)
+            batch.rows.append({
                 "prompt_ids": row["prompt_ids"], "completion_ids": sample.token_ids,
-                "old_logps": sample.logprobs, "advantage": advantage,
-                "trained": not (truncated and config.mask_truncated_completions),
+                "sampler_logps": sample.logprobs, "advantage": advantage, "reward": reward,
+                "trained": scored and not (truncated and config.mask_truncated_completions),
             })  # fmt: skip
-            if len(rollout.logged) < config.num_completions_to_log:
-                rollout.logged.append({
+            if len(batch.logged) < config.num_completions_to_log:
+                batch.logged.append({
                     "prompt": row["prompt"], "completion": sample.text, "reward": reward,
                     "advantage": advantage, "finish_reason": sample.finish_reason,
                     "tokens": len(sample.token_ids),

@@ -32,14 +32,24 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 
-from prefalign.config import DataConfig, ModelConfig, option, save_config
+from prefalign.algorithms.rejection_sampling_config import (
+    OUTPUT_SUFFIX,
+    PAIR_STRATEGIES,
+    STATIC_ANSWER_COLUMNS,
+    RejectionSamplingConfig,
+    SampleConfig,
+    check_settings,
+)
+from prefalign.config import save_config
 from prefalign.data import tokenize_prompts
+from prefalign.data.context import fit_to_context
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.errors import ConfigError, DataError
+from prefalign.files import atomic_file, atomic_folder
 from prefalign.models.loading import load_causal_lm, resolve_model_path
 from prefalign.rewards import WeightedRewards, describe_failures
 from prefalign.rewards.functions import as_completion, build_scorers
@@ -49,96 +59,6 @@ from prefalign.runtime.setup import seed_everything, set_threads
 from prefalign.version import __version__
 
 logger = logging.getLogger("prefalign")
-
-
-PAIR_STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")
-
-
-OUTPUT_SUFFIX = {"jsonl": ".jsonl", "parquet": ".parquet", "hf": ""}
-
-
-# A prompt file's own answers (preference, SFT, unpaired formats): they describe its static answers, not the
-# samples (a static `margin` would reach reward training on the sampled pairs), so they are not copied into
-# the rows.
-STATIC_ANSWER_COLUMNS = ("chosen", "rejected", "completion", "label", "margin")
-
-
-@dataclass
-class RejectionSamplingConfig:
-    """How samples are drawn, scored and turned into rows (shared by `sample` and `dpo --rounds K`)."""
-
-    n: int = option(8, "Samples per prompt (at least 2 for a pair strategy).")
-    temperature: float = option(1.0, "Sampling temperature (0 = greedy, which makes n identical samples).")
-    top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens up to this probability mass.")
-    top_k: int = option(0, "Keep only the k most likely tokens (0 = off).")
-    max_new_tokens: int = option(64, "Longest completion in tokens.")
-    stop_strings: list[str] = option(
-        help="Extra strings that end a completion (EOS always does).", factory=list,
-    )
-    strategy: Literal["best_vs_worst", "best_vs_random", "all_pairs", "best_of_n"] = option(
-        "best_vs_worst",
-        "Pairs by strategy (preference data), or best_of_n (SFT data: each prompt's best sample)."
-    )
-    score_margin: float = option(
-        0.0, "A pair needs chosen score - rejected score >= this (and > 0: ties never pair).",
-    )
-    min_best_score: float | None = option(
-        None,
-        "Keep a prompt only when its best sample scores at least this (e.g. 1.0: only right answers are "
-        "chosen); None = no floor.",
-    )
-    drop_truncated: bool = option(
-        False, "Leave out samples cut at max_new_tokens (counted); otherwise they are scored as they are.",
-    )
-    reward_functions: list[str] = option(
-        help="Reward functions by registry name or 'module:function'.", factory=lambda: ["exact_match"],
-    )
-    reward_weights: list[float] = option(help="One weight per reward function (default all 1).", factory=list)
-    reward_model: str | None = option(
-        None, "A reward model folder scored alongside the functions (prefalign.rewards.RewardModelScorer).",
-    )
-    reward_model_weight: float = option(1.0, "Weight of the reward model's score in the sum.")
-    generation_batch_size: int = option(64, "Sequences (prompts x n) the engine decodes together.")
-
-
-@dataclass
-class RoundSamplingConfig(RejectionSamplingConfig):
-    """The sampling of each round of iterative DPO (`prefalign dpo --rounds K`): the above, plus where
-    the prompts come from, how many each round uses, and the per-round held-out check."""
-
-    prompt_path: list[str] = option(
-        help="Prompt-only rows to sample from; empty = the prompts (and extra columns) of data.path.",
-        factory=list,
-    )
-    prompts_per_round: int = option(
-        0, "Prompts sampled per round, taken in turn from the shuffled pool (0 = every prompt, every round).",
-    )
-    eval_prompts: int = option(
-        200, "Held-out prompts (from the eval rows) scored greedily after each round; 0 = skip.",
-    )
-
-
-@dataclass
-class SampleConfig:
-    model: ModelConfig = option(help="The policy that samples.", factory=ModelConfig)
-    data: DataConfig = option(
-        help="Prompt-only rows (extra columns such as `answer` go to the reward functions); builtin = the "
-             "task's training prompts.",
-        factory=lambda: DataConfig(max_length=256),
-    )
-    sampling: RejectionSamplingConfig = option(
-        help="Sampling, scoring and pairing.", factory=RejectionSamplingConfig,
-    )
-    seed: int = option(0, "Sampling seed (the same seed and settings give the same samples).")
-    output_dir: str = option("runs/sample", "Folder for the rows, samples.jsonl, stats and provenance.")
-    output_format: Literal["jsonl", "parquet", "hf"] = option(
-        "jsonl", "Rows as JSON Lines, Parquet, or a datasets.save_to_disk folder.",
-    )
-    save_samples: bool = option(
-        True, "Also write every sample with its scores and finish reason (samples.jsonl).",
-    )
-    overwrite: bool = option(False, "Replace rows already in output_dir.")
-    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
 
 
 @dataclass
@@ -304,55 +224,6 @@ def build_rewards(settings: RejectionSamplingConfig, *, device: str = "auto") ->
     )
 
 
-def check_settings(settings: RejectionSamplingConfig) -> None:
-    if settings.strategy in PAIR_STRATEGIES and settings.n < 2:
-        raise ConfigError(
-            f"config key 'sampling.n' is {settings.n}, but the pair strategy {settings.strategy!r} needs at "
-            "least 2 samples per prompt to compare; raise sampling.n or use strategy=best_of_n"
-        )
-    if settings.n < 1:
-        raise ConfigError(f"config key 'sampling.n' must be at least 1, got {settings.n}")
-    if settings.score_margin < 0:
-        raise ConfigError(f"config key 'sampling.score_margin' must be >= 0, got {settings.score_margin}")
-    if settings.generation_batch_size < 1:
-        raise ConfigError(
-            "config key 'sampling.generation_batch_size' must be at least 1, got "
-            f"{settings.generation_batch_size}"
-        )
-
-
-def fit_context(
-    prompts: datasets.Dataset, model, settings: RejectionSamplingConfig, too_long: str, stats: SampleStats
-) -> tuple[datasets.Dataset, list[int]]:
-    """Drop (counted) or refuse prompts that leave no room for max_new_tokens in the model's context.
-    Returns the kept prompts and each one's position in `prompts` (what rows and failure reports name)."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not context:
-        return prompts, list(range(len(prompts)))
-    lengths = [len(ids) for ids in prompts["prompt_ids"]]
-    over = [index for index, length in enumerate(lengths) if length + settings.max_new_tokens > context]
-    if over and too_long == "error":
-        raise DataError(
-            f"prompt {over[0]} is {lengths[over[0]]} tokens; with "
-            f"sampling.max_new_tokens={settings.max_new_tokens} it exceeds the model's context of {context} "
-            f"tokens ({len(over)} prompts do). Shorten the prompts (data.max_prompt_length), lower "
-            "max_new_tokens, or set data.too_long_prompt=drop."
-        )
-    stats.dropped_over_context += len(over)
-    if over:
-        logger.warning(
-            "dropped %d prompts longer than the context (%d tokens) minus max_new_tokens", len(over), context,
-        )
-        keep = sorted(set(range(len(lengths))) - set(over))
-        if not keep:
-            raise DataError(
-                f"every prompt exceeds the model's context of {context} tokens with "
-                f"max_new_tokens={settings.max_new_tokens}"
-            )
-        return prompts.select(keep), keep
-    return prompts, list(range(len(prompts)))
-
-
 def rejection_sample(
     model, tokenizer, prompts: datasets.Dataset, rewards: WeightedRewards, settings: RejectionSamplingConfig,
     *, seed: int, too_long_prompt: str = "drop",
@@ -361,8 +232,12 @@ def rejection_sample(
     rows."""
     check_settings(settings)
     stats = SampleStats(prompts=len(prompts))
-    # positions[i]: i's index in the input
-    prompts, positions = fit_context(prompts, model, settings, too_long_prompt, stats)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    fitted, positions = fit_to_context(  # positions[i]: i's index in the input
+        prompts, context, settings.max_new_tokens, too_long=too_long_prompt, name="sampling"
+    )
+    stats.dropped_over_context += len(prompts) - len(fitted)
+    prompts = fitted
     params = SamplingParams(
         n=settings.n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
         max_new_tokens=settings.max_new_tokens, stop_strings=list(settings.stop_strings) or None, seed=seed,
@@ -436,26 +311,22 @@ def _fill_sample_stats(
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path, output_format: str) -> Path:
-    """Rows as JSONL, Parquet or a save_to_disk folder (written beside, then renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    if output_format == "jsonl":
-        with staging.open("w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    elif output_format == "parquet":
-        datasets.Dataset.from_list(rows).to_parquet(str(staging))
-    elif output_format == "hf":
-        datasets.Dataset.from_list(rows).save_to_disk(str(staging))
-    else:
+    """Rows as JSONL, Parquet or a save_to_disk folder, written atomically (prefalign.files)."""
+    if output_format not in OUTPUT_SUFFIX:
         raise ConfigError(
             f"config key 'output_format' must be one of {list(OUTPUT_SUFFIX)}, got {output_format!r}"
         )
-    if path.is_dir():
-        import shutil
-
-        shutil.rmtree(path)
-    staging.replace(path)
+    if output_format == "hf":
+        with atomic_folder(path) as staging:
+            datasets.Dataset.from_list(rows).save_to_disk(str(staging))
+        return path
+    with atomic_file(path) as staging:
+        if output_format == "parquet":
+            datasets.Dataset.from_list(rows).to_parquet(str(staging))
+        else:
+            with staging.open("w") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 

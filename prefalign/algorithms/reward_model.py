@@ -45,7 +45,7 @@ from prefalign.rewards.scorer import (
     reward_scores,
 )
 from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
-from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads
+from prefalign.runtime.setup import start_run
 
 logger = logging.getLogger("prefalign")
 
@@ -173,13 +173,7 @@ def train_reward_model(
             "center_rewards_coefficient must be >= 0 (0 = off, e.g. 0.01), got "
             f"{config.center_rewards_coefficient}"
         )
-    set_threads(config.train.num_threads)
-    seed_everything(config.train.seed)
-    run_dir = prepare_run_dir(config, "reward")
-    if model is None:
-        model, tokenizer = load_reward_backbone(config.model)
-    elif tokenizer is None:
-        raise ValueError("train_reward_model: give the tokenizer together with model=")
+    run_dir, model, tokenizer = start_run(config, "reward", model, tokenizer, load=load_reward_backbone)
     settings = RewardSettings(
         rendering=resolve_rendering(config.rendering, tokenizer), max_length=config.data.max_length,
     )

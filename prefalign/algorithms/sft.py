@@ -16,10 +16,10 @@ from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
 from prefalign.data import collate_sft, tokenize_sft
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.models.forward import completion_logps, count_tokens
-from prefalign.models.loading import load_causal_lm, model_device
+from prefalign.models.loading import model_device
 from prefalign.models.saving import model_card, save_model
 from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
-from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads, to_device
+from prefalign.runtime.setup import start_run, to_device
 
 
 @dataclass
@@ -64,11 +64,7 @@ def sft(
     config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True,
 ) -> TrainResult:
     """Run SFT as configured; returns the training result (the model is saved to <run>/final)."""
-    set_threads(config.train.num_threads)
-    seed_everything(config.train.seed)
-    run_dir = prepare_run_dir(config, "sft")
-    if model is None:
-        model, tokenizer = load_causal_lm(config.model)
+    run_dir, model, tokenizer = start_run(config, "sft", model, tokenizer)
     train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     train_data, stats = tokenize_sft(train_rows, tokenizer, config.data)
     data_stats = {"train": log_stats("train", stats)}

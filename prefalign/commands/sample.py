@@ -4,7 +4,8 @@ default)."""
 from __future__ import annotations
 
 from prefalign.algorithms import rejection_sampling as algorithm
-from prefalign.algorithms.rejection_sampling import SampleConfig, SampleOutput
+from prefalign.algorithms.rejection_sampling import SampleOutput
+from prefalign.algorithms.rejection_sampling_config import SampleConfig
 from prefalign.commands.builtin import resolve_builtin
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefalign.config import option
 from prefalign.errors import ConfigError
+from prefalign.files import atomic_file
 from prefalign.rewards.scorer import RewardModelScorer
 
 
@@ -78,17 +79,18 @@ def score(config: ScoreConfig) -> Path:
 
 
 def _write_rows(dataset: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The scored copy, written atomically (a crash leaves no half-written file where the output goes)."""
     name = path.name.lower()
-    if name.endswith(".parquet"):
-        dataset.to_parquet(str(path))
-    elif name.endswith(".csv"):
-        dataset.to_csv(str(path), index=False)
-    elif name.endswith(".json"):
-        path.write_text(json.dumps(dataset.to_list(), indent=1))
-    elif name.endswith(".jsonl"):
-        with path.open("w") as handle:
-            for record in dataset.to_list():
-                handle.write(json.dumps(record) + "\n")
-    else:
+    if not name.endswith((".parquet", ".csv", ".json", ".jsonl")):
         raise ConfigError(f"score: output {str(path)!r} must end in .jsonl, .json, .parquet or .csv")
+    with atomic_file(path) as staging:
+        if name.endswith(".parquet"):
+            dataset.to_parquet(str(staging))
+        elif name.endswith(".csv"):
+            dataset.to_csv(str(staging), index=False)
+        elif name.endswith(".json"):
+            staging.write_text(json.dumps(dataset.to_list(), indent=1))
+        else:
+            with staging.open("w") as handle:
+                for record in dataset.to_list():
+                    handle.write(json.dumps(record) + "\n")

@@ -36,14 +36,18 @@ def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
     return groups.amax(dim=1) == groups.amin(dim=1)
 
 
-def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-4,
+    batch_std: Tensor | None = None,
+) -> Tensor:
     """Group-relative advantages for G completions per prompt; every token of completion i gets A_i.
 
     scale="group" (GRPO, Shao et al. 2024): A_i = (r_i − mean(r)) / (std(r) + δ) within the group,
     with the SAMPLE (Bessel-corrected, divide by G − 1) std and δ = eps = 1e-4, as TRL does;
     so G = 2, r = (0, 1) gives ±0.5/(0.70711 + 1e-4) = ±0.70701 (the population std would give ±1).
     scale="none" (Dr. GRPO, Liu et al. 2025): A_i = r_i − mean(r).
-    scale="batch": (r_i − group mean) / (sample std of all raw rewards in the batch + δ).
+    scale="batch": (r_i − group mean) / (sample std of all raw rewards in the batch + δ); `batch_std`, when
+    given, is that std (the batch spread over several processes: prefalign.runtime.distributed gathers it).
 
     A group whose rewards are all equal gets exactly 0 (see zero_std_groups to count them).
     rewards: (num_groups * G,) with each group contiguous, or (num_groups, G); output: same shape.
@@ -55,7 +59,7 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group", 
     if scale == "group":
         centered = centered / (groups.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centered = centered / (groups.std() + eps)
+        centered = centered / ((groups.std() if batch_std is None else batch_std) + eps)
     # The mean of equal floats need not round back to them exactly; force the documented 0.
     flat = zero_std_groups(groups, group_size).unsqueeze(1)
     advantages = centered.masked_fill(flat, 0.0)

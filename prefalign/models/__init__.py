@@ -16,11 +16,11 @@ from prefalign.models.loading import (
     resolve_model_path,
 )
 from prefalign.models.reference import (
+    Reference,
     check_reference_model,
     check_same_tokenizer,
     frozen_copy,
     reference_mode,
-    reference_network,
     weights_fingerprint,
 )
 from prefalign.models.saving import model_card, save_model
@@ -44,7 +44,7 @@ __all__ = [
     "reference_mode",
     "check_same_tokenizer",
     "check_reference_model",
-    "reference_network",
+    "Reference",
     "weights_fingerprint",
     "frozen_copy",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from prefalign.losses import token_logprobs
+from prefalign.models.loading import model_device
 
 # Up to this many keys, attention under CPU bf16 autocast runs faster in float32: torch's bf16 CPU attention
 # kernel has a high fixed cost, its backward above all (torch 2.13, AVX512-BF16 CPU, forward + backward: fp32
@@ -30,7 +31,8 @@ class CompletionLogps:
 
     @property
     def lengths(self) -> torch.Tensor:  # (batch,) |y|
-        return self.mask.sum(-1)
+        # Summed in at least float32: a bf16 sum of ones stops counting exactly at 256 (257 -> 256).
+        return self.mask.sum(-1, dtype=torch.promote_types(self.mask.dtype, torch.float32))
 
 
 def completion_logps(
@@ -152,7 +154,7 @@ def grouped_completion_logps(
 
     distinct: dict[tuple[int, ...], int] = {}
     owner = [distinct.setdefault(tuple(ids), len(distinct)) for ids in prompt_ids]  # row -> its prompt
-    device = next(model.parameters()).device
+    device = model_device(model)
     prompts = [list(ids) for ids in distinct]
     # Left-padded prompts end at the same column, so the cache lines up with the completions that follow.
     prompt_input = pad_sequences(prompts, pad_token_id, padding_side="left").to(device)  # (prompts, P)

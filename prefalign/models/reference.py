@@ -59,19 +59,6 @@ def check_reference_model(policy, reference) -> None:
         )
 
 
-@contextlib.contextmanager
-def reference_network(policy, reference):
-    """The network that plays π_ref: a separate model, the LoRA base (adapters off), or the policy as it
-    is."""
-    if reference is not None:
-        yield reference
-    elif is_peft_model(policy):
-        with reference_mode(policy):
-            yield policy
-    else:
-        yield policy  # only valid before the first update (precompute) or for a frozen copy
-
-
 def weights_fingerprint(network) -> str:
     """Identifies a network's weights cheaply: each tensor's name, shape, sum and sum of squares (float64).
     Called before training, when the network playing the reference holds its initial weights."""
@@ -92,3 +79,33 @@ def frozen_copy(model):
     if is_peft_model(clone):
         clone = clone.merge_and_unload()
     return clone.eval().requires_grad_(False)
+
+
+class Reference:
+    """The network that plays π_ref, chosen in one place (DPO, GRPO, PPO, iterative DPO):
+
+    - `reference` given: that model, frozen (it must share the policy's tokenizer);
+    - a LoRA policy: the same network with its adapters switched off (no second copy of the weights);
+    - otherwise, with `snapshot`: a frozen copy of the policy as it is now (merged, for a LoRA policy when
+      `adapters_off` is False: iterative DPO's "previous" reference); without: the policy itself, valid only
+      before its first update (DPO computes its reference log-probs once, before training, so full
+      fine-tuning needs no copy at all).
+    """
+
+    def __init__(self, policy, reference=None, *, snapshot: bool = True, adapters_off: bool = True):
+        self.adapters_off = adapters_off and reference is None and is_peft_model(policy)
+        if reference is not None:
+            self.model = reference.eval().requires_grad_(False)
+        elif self.adapters_off or not snapshot:
+            self.model = policy
+        else:
+            self.model = frozen_copy(policy)
+
+    @contextlib.contextmanager
+    def network(self):
+        """The module to run for reference log-probs (with a LoRA policy's adapters off meanwhile)."""
+        if self.adapters_off:
+            with reference_mode(self.model):
+                yield self.model
+        else:
+            yield self.model

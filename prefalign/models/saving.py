@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from prefalign.files import atomic_folder
 from prefalign.models.loading import is_peft_model
 
 
@@ -30,9 +28,7 @@ def save_model(
     `<out_dir>/merged` as well. `extra_files` (name -> JSON-able object) are written beside the weights.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if is_peft_model(model) and merge_lora:
@@ -43,12 +39,6 @@ def save_model(
             (staging / "README.md").write_text(card)
         for name, content in (extra_files or {}).items():
             (staging / name).write_text(json.dumps(content, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.files import atomic_folder
 from prefalign.models.loading import count_parameters
 from prefalign.models.saving import model_card, save_model
 from prefalign.tasks.model import new_model  # BaseConfig carries its fields
@@ -147,17 +148,12 @@ def build_base_model(config: BaseConfig, target: Path) -> dict:
                 "held-out pass@8 (temperature 1)": f"{metrics['pass@8']:.3f}",
                 "build time": f"{summary['train_seconds']} s of training on {config.num_threads} thread(s)",
             })
-            staging = target.parent / f".{target.name}.building"
-            if staging.exists():
-                shutil.rmtree(staging)
-            save_model(
-                model, tokenizer, staging, card=card,
-                extra_files={"prefalign_base.json": {**summary, "builder": dataclasses.asdict(config)}},
-            )
-            shutil.copy(Path(scratch) / "run" / "metrics.jsonl", staging / "training_metrics.jsonl")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            with atomic_folder(target) as staging:
+                save_model(
+                    model, tokenizer, staging, card=card,
+                    extra_files={"prefalign_base.json": {**summary, "builder": dataclasses.asdict(config)}},
+                )
+                shutil.copy(Path(scratch) / "run" / "metrics.jsonl", staging / "training_metrics.jsonl")
     finally:
         torch.set_num_threads(previous_threads)
     logger.warning(

@@ -34,13 +34,11 @@ from typing import Any, Literal
 import datasets
 
 from prefalign.algorithms.dpo import DPOConfig, check_config, dpo
-from prefalign.algorithms.rejection_sampling import (
+from prefalign.algorithms.rejection_sampling import build_rewards, rejection_sample, write_rows
+from prefalign.algorithms.rejection_sampling_config import (
     PAIR_STRATEGIES,
     RoundSamplingConfig,
-    build_rewards,
     check_settings,
-    rejection_sample,
-    write_rows,
 )
 from prefalign.config import DataConfig, option
 from prefalign.data import load_rows, tokenize_prompts
@@ -48,11 +46,11 @@ from prefalign.data.sources import HIDDEN_COLUMNS
 from prefalign.data.splits import resolve_rows
 from prefalign.errors import ConfigError, DataError
 from prefalign.evaluation.policy import evaluate_policy
-from prefalign.models.loading import is_peft_model, load_causal_lm
-from prefalign.models.reference import frozen_copy
+from prefalign.models.loading import is_peft_model
+from prefalign.models.reference import Reference
 from prefalign.models.saving import model_card, save_model
 from prefalign.runtime.loop import TrainResult
-from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads
+from prefalign.runtime.setup import start_run
 
 logger = logging.getLogger("prefalign")
 
@@ -162,10 +160,12 @@ def round_prompts(pool: datasets.Dataset, round_index: int, per_round: int) -> d
 
 
 def original_reference(config, model, reference):
-    """round_reference=original: an explicit reference, the LoRA base (adapters off, None here), or a copy."""
-    if reference is not None or config.reference or is_peft_model(model):
-        return reference  # dpo() loads config.reference itself; LoRA uses the base with adapters off
-    return frozen_copy(model)
+    """round_reference=original: the same anchor every round. None when dpo() loads config.reference
+    itself each round; else the one Reference rule (a given model, LoRA adapters off, or a frozen copy of
+    the start)."""
+    if reference is None and config.reference:
+        return None
+    return Reference(model, reference, snapshot=True)
 
 
 def _clear_unfinished(run_dir: Path) -> None:
@@ -219,15 +219,9 @@ def iterative_dpo(
     """K rounds of sample -> pairs -> DPO. Returns a TrainResult whose metrics hold one record per round."""
     check_config(config)
     check_iterative(config)
-    set_threads(config.train.num_threads)
-    seed_everything(config.train.seed)
-    run_dir = prepare_run_dir(config, "dpo")
-    _clear_unfinished(run_dir)
     started = time.perf_counter()
-    if model is None:
-        model, tokenizer = load_causal_lm(config.model)
-    elif tokenizer is None:
-        raise ConfigError("dpo(model=...) needs tokenizer=... as well.")
+    run_dir, model, tokenizer = start_run(config, "dpo", model, tokenizer)
+    _clear_unfinished(run_dir)
     train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     pool, held_out = _prompt_pool(config, train_rows, eval_rows, tokenizer)
     rewards = build_rewards(config.sampling, device=config.model.device)
@@ -258,9 +252,10 @@ def iterative_dpo(
             )
         write_rows(sampled.rows, round_dir / "pairs.jsonl", "jsonl")
         (round_dir / "sample_stats.json").write_text(json.dumps(sampled.stats.as_dict(), indent=2))
-        # previous: dpo() takes the policy before its first update as the reference (LoRA: a merged copy).
+        # previous: the policy as the round starts. Full fine-tuning: dpo() reads it before its first update;
+        # LoRA: a merged frozen copy (adapters off would be the original base).
         round_reference = anchor if config.round_reference == "original" else (
-            frozen_copy(model) if is_peft_model(model) else None
+            Reference(model, snapshot=True, adapters_off=False) if is_peft_model(model) else None
         )
         result = dpo(
             single, eval_dataset=eval_rows, model=model, tokenizer=tokenizer, reference=round_reference,

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from prefalign.losses import token_logprobs
+from prefalign.models.loading import model_device
 from prefalign.rollout.kv_cache import cache_keyword, forward_parameters, preallocated_cache
 from prefalign.rollout.types import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Sample, SamplingParams
 
@@ -93,7 +95,7 @@ class LocalEngine:
         if not prompt_token_ids:
             return []
 
-        device = _model_device(self.model)
+        device = model_device(self.model)
         generator = torch.Generator(device=device)
         if params.seed is None:
             generator.seed()
@@ -164,7 +166,7 @@ class LocalEngine:
 
     def _prefill(self, prompts: list[list[int]], max_new: int) -> tuple[torch.Tensor, _ActiveRows]:
         """Left-pad the prompts and run them once. Returns last-position logits (prompts, vocab) and rows."""
-        device = _model_device(self.model)
+        device = model_device(self.model)
         width = max(len(prompt) for prompt in prompts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -289,7 +291,7 @@ def sample_next_tokens(
     """
     if params.temperature == 0.0:
         tokens = logits.argmax(dim=-1)
-        return tokens, _token_logprobs(logits, tokens)
+        return tokens, token_logprobs(logits.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1)
     scaled = logits / params.temperature
     draw = _filter_top_k(scaled, params.top_k)
     draw = _filter_top_p(draw, params.top_p)
@@ -299,12 +301,8 @@ def sample_next_tokens(
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a 0 would turn a filtered-out 0 / 0 into a NaN "winner"
     tokens = probs.div_(noise).argmax(dim=-1)
-    return tokens, _token_logprobs(scaled, tokens)
-
-
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    # gather - logsumexp: no second (batch, vocab) tensor of log-probs.
-    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    # The full-vocabulary log-prob at temperature T, as the trainers compute it (losses.token_logprobs).
+    return tokens, token_logprobs(scaled.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1)
 
 
 def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -336,10 +334,6 @@ def _as_id_list(token_ids) -> list[int]:
     if token_ids is None:
         return []
     return [int(token_ids)] if isinstance(token_ids, int) else [int(token) for token in token_ids]
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _set_eval(model) -> list[tuple[torch.nn.Module, bool]]:

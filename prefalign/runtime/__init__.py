@@ -8,7 +8,10 @@ from prefalign.runtime.checkpoint import (
     trainable_state,
 )
 from prefalign.runtime.loop import (
+    ExampleSource,
     LossOutput,
+    Phase,
+    Source,
     TrainResult,
     build_optimizer,
     build_scheduler,
@@ -17,6 +20,7 @@ from prefalign.runtime.loop import (
     lr_factor,
     stop_error,
     total_steps_for,
+    train,
     train_on_examples,
 )
 from prefalign.runtime.metrics import MetricsLogger, read_metrics
@@ -43,5 +47,9 @@ __all__ = [
     "LossOutput",
     "TrainResult",
     "train_on_examples",
+    "train",
+    "Phase",
+    "Source",
+    "ExampleSource",
     "stop_error",
 ]

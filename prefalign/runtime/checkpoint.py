@@ -4,10 +4,8 @@ and renamed into place, so a crash mid-save leaves the previous checkpoint whole
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefalign.errors import TrainingError
+from prefalign.files import atomic_folder
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -47,25 +46,13 @@ def save_checkpoint(
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoints))
-    try:
+    with atomic_folder(final) as staging:
         save_file(trainable_state(model), str(staging / "model.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(
-            {
-                "torch": torch.get_rng_state(),
-                **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}),
-            },
-            staging / "rng.pt",
-        )
+        cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+        torch.save({"torch": torch.get_rng_state(), **cuda}, staging / "rng.pt")
         (staging / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **state}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

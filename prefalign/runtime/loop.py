@@ -1,12 +1,15 @@
-"""The training runtime every algorithm shares.
+"""The one training loop every algorithm runs, and the optimizer, schedule and clipping it uses.
 
-Optimizer, schedule, accumulation, clipping, seeding, checkpoint/resume, metrics and progress. The
-algorithms keep their own loops (one file each) and call these pieces; `train_on_examples` is the loop
-for the dataset-driven ones (SFT, DPO, reward model).
+`train` owns everything but the step: optimizer and schedule, gradient accumulation over micro-batches, the
+step normaliser, the NaN/inf guard, clipping, eval cadence, logging, checkpoints and bit-exact resume. What
+it optimises comes from a *source* of phases: an offline trainer's source (`ExampleSource`) hands out one
+optimizer step per phase, drawn from a shuffled stream of examples; an RL source collects experience
+(rollouts, rewards, reference log-probs) and hands out the optimizer steps that batch feeds. Checkpoints fall
+on phase boundaries, so there is never a half-used rollout to save.
 
-Exact resume: the training stream is a fixed function of (seed, epoch), so the data position is just
-the number of examples consumed; model weights, optimizer and scheduler state and RNG states are saved
-together, so a resumed run repeats the uninterrupted one bit for bit on the same machine and threads.
+Exact resume: a source's position is a few numbers (examples consumed, generation calls made) from which its
+stream is a fixed function; weights, optimizer and scheduler state and RNG states are saved with them, so a
+resumed run repeats the uninterrupted one bit for bit on the same machine and threads.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from prefalign.config import TrainConfig
 from prefalign.errors import ConfigError, TrainingError
+from prefalign.models.loading import model_device
+from prefalign.runtime import distributed
 from prefalign.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from prefalign.runtime.metrics import MetricsLogger
 from prefalign.runtime.setup import to_device
@@ -38,7 +43,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         # Biases and norm gains are scale parameters: decaying them only hurts.
         (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
     ]
     # The fused kernel (one pass over all parameters; transformers' Trainer default too) is about 5x faster
     # than the per-tensor update on CPU; it needs floating parameters on CPU or CUDA.
@@ -113,14 +119,17 @@ def total_steps_for(num_examples: int, config: TrainConfig) -> int:
 class LossOutput:
     """What an algorithm's loss function returns for one micro-batch.
 
-    `loss_sum` is summed over the micro-batch's units (tokens for SFT, pairs for DPO); the runtime divides
-    by the units of the whole optimizer step (`units_of`), so batch 8 x accumulation 1 and batch 1 x
-    accumulation 8 give the same update. `metrics` are sums over the same units (averaged by the runtime).
+    `loss_sum` is summed over the micro-batch's units (tokens for SFT, pairs for DPO); the loop divides by
+    the units of the whole optimizer step (`units_of`, summed over processes), so batch 8 x accumulation 1
+    and batch 1 x accumulation 8 give the same update. `metrics` are sums over the same units. A loss that
+    normalises itself over the step (RL: its normaliser depends on the loss type) is run with
+    `units_of=None`: then `loss_sum` is its share of the step's loss and `metrics` its share of each mean.
     """
 
     loss_sum: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # non-pad tokens processed, for tokens_per_second
+    maxima: dict[str, float] = field(default_factory=dict)  # metrics the step reports as their largest value
 
 
 @dataclass
@@ -129,6 +138,196 @@ class TrainResult:
     metrics: list[dict[str, Any]]
     run_dir: Path
     wall_time: float
+
+
+@dataclass
+class Phase:
+    """What a source hands the loop: the micro-batches of one or more optimizer steps (an RL rollout batch
+    feeds several), the metrics they share (rollout statistics, the epoch) and the seconds spent making them
+    (generation and scoring for RL), which are shared among its steps in step_time."""
+
+    steps: list[list[dict[str, Any]]]
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    generation: bool = False  # report `seconds` as generation time (RL)
+    logged: list[dict[str, Any]] = field(default_factory=list)  # samples to write (RL's completions.jsonl)
+
+
+class Source(Protocol):
+    """Where the optimizer steps come from; `state` (JSON-able) is saved in checkpoints."""
+
+    def next_phase(self, step: int, steps_left: int) -> Phase: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, state: dict[str, Any]) -> None: ...
+
+
+class ExampleSource:
+    """Offline training: one optimizer step per phase, batch_size x grad_accum examples from a shuffled
+    stream."""
+
+    def __init__(
+        self, examples: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]], config: TrainConfig
+    ):
+        self.examples, self.collate, self.config = examples, collate, config
+        self.restore({"position": 0})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.position = state["position"]
+        self.stream = example_stream(len(self.examples), self.config.seed, start=self.position)
+
+    def state(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def next_phase(self, step: int, steps_left: int) -> Phase:
+        size, accumulation = self.config.batch_size, self.config.grad_accum
+        micro_batches = [
+            self.collate([self.examples[next(self.stream)] for _ in range(size)]) for _ in range(accumulation)
+        ]
+        self.position += size * accumulation
+        return Phase(steps=[micro_batches], metrics={"epoch": self.position / len(self.examples)})
+
+
+def train(
+    *,
+    model: torch.nn.Module,
+    source: Source,
+    loss_fn: Callable[[torch.nn.Module, dict[str, Any]], LossOutput],
+    units_of: Callable[[dict[str, Any]], float] | None,
+    config: TrainConfig,
+    run_dir: Path,
+    total_steps: int,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    description: str = "train",
+    prepare_step: Callable[[list[dict[str, Any]]], None] | None = None,
+    after_phase: Callable[[Phase, int, int], None] | None = None,
+    max_seconds: float = 0.0,
+) -> TrainResult:
+    """Optimise `loss_fn` over the steps `source` hands out until `total_steps` (or `max_seconds`, checked at
+    phase boundaries). `prepare_step` sees each step's micro-batches before the first forward pass (step-wide
+    totals a loss needs); `after_phase(phase, first_step, last_step)` runs after each phase's steps."""
+    if config.batch_size < 1 or config.grad_accum < 1:
+        raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    step = resume(config, run_dir, model, optimizer, scheduler, source)
+    device = model_device(model)
+    metrics_logger = MetricsLogger(run_dir, total_steps, config, initial_step=step, description=description)
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    model.train()
+    try:
+        while step < total_steps and not (max_seconds and time.perf_counter() - started > max_seconds):
+            first_step, phase_started = step, time.perf_counter()
+            phase = source.next_phase(step, total_steps - step)
+            phase.seconds += time.perf_counter() - phase_started
+            for micro_batches in phase.steps:
+                micro_batches = [to_device(batch, device) for batch in micro_batches]
+                step_started = time.perf_counter()
+                try:
+                    if prepare_step is not None:
+                        prepare_step(micro_batches)
+                    metrics = accumulate(model, micro_batches, loss_fn, units_of, step)
+                    metrics["grad_norm"] = clip_and_step(model, optimizer, scheduler, config.max_grad_norm)
+                except TrainingError as error:
+                    raise stop_error(error, step, run_dir) from None
+                step += 1
+                record = step_record(phase, metrics, time.perf_counter() - step_started, scheduler)
+                if (
+                    evaluate is not None
+                    and config.eval_every > 0
+                    and step % config.eval_every == 0
+                    and step < total_steps
+                ):
+                    record.update({f"eval/{key}": value for key, value in evaluate(model).items()})
+                    model.train()
+                if step % config.log_every == 0 or step == total_steps:
+                    metrics_logger.log(step, record)
+                history.append({"step": step, **record})
+                metrics_logger.advance()
+            if after_phase is not None:
+                after_phase(phase, first_step, step)
+            every = config.save_every
+            if every > 0 and step // every > first_step // every and step < total_steps:
+                state = source.state()
+                save_checkpoint(
+                    run_dir, step, model, optimizer, scheduler, state, keep=config.keep_checkpoints
+                )
+        if step < total_steps:
+            logger.warning(
+                "%s: max_time of %.0f s reached after %d of %d steps",
+                description,
+                max_seconds,
+                step,
+                total_steps,
+            )
+        if evaluate is not None:
+            final_eval = {f"eval/{key}": value for key, value in evaluate(model).items()}
+            metrics_logger.log(step, final_eval)
+            history.append({"step": step, **final_eval})
+    finally:
+        metrics_logger.close()
+    return TrainResult(step=step, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started)
+
+
+def resume(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, source: Source) -> int:
+    """The step to start from: 0, or the last checkpoint's (model, optimizer, RNG and source restored)."""
+    if not config.resume:
+        return 0
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise ConfigError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
+    state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
+    source.restore(state)
+    return state["step"]
+
+
+def step_record(phase: Phase, metrics: dict[str, float], train_seconds: float, scheduler) -> dict[str, float]:
+    """One optimizer step's metrics: the phase's, the update's, and timing (the phase's time is shared by
+    its steps)."""
+    shared = phase.seconds / len(phase.steps)
+    step_time = shared + train_seconds
+    tokens = metrics.pop("tokens")  # prompt + completion tokens the step trained on
+    timing = {"step_time": step_time, "tokens_per_second": tokens / step_time}
+    if phase.generation:
+        timing.update(generation_time=shared, generation_share=shared / step_time)
+    return {**phase.metrics, **metrics, "learning_rate": scheduler.get_last_lr()[0], **timing}
+
+
+def accumulate(model, micro_batches: list[dict[str, Any]], loss_fn, units_of, step: int) -> dict[str, float]:
+    """Forward/backward every micro-batch of one optimizer step; the loss is normalised over the step."""
+    # The normaliser (tokens, pairs, ...) of the whole step, over every process, before the first backward.
+    step_units = 1.0
+    if units_of is not None:
+        step_units = max(
+            distributed.sum_across(float(sum(units_of(batch) for batch in micro_batches))), 1e-12
+        )
+    totals: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
+    maxima: dict[str, float] = {}
+    for batch in micro_batches:
+        output = loss_fn(model, batch)
+        if not torch.isfinite(output.loss_sum):
+            raise TrainingError(f"loss is {output.loss_sum.item()}")
+        (output.loss_sum / step_units if units_of is not None else output.loss_sum).backward()
+        totals["loss"] += output.loss_sum.item()
+        totals["tokens"] += output.tokens
+        for key, value in output.metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        for key, value in output.maxima.items():
+            maxima[key] = max(maxima.get(key, value), value)
+    means = {key: (value if key == "tokens" else value / step_units) for key, value in totals.items()}
+    return {**means, **maxima}
+
+
+def stop_error(error: TrainingError, step: int, run_dir: Path) -> TrainingError:
+    """The NaN/inf guard's message: where it happened, what is kept, what to try."""
+    kept = list_checkpoints(run_dir)
+    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+    return TrainingError(
+        f"{error} at optimizer step {step + 1}: training stopped before the update; {where}. "
+        "Lower train.learning_rate, check the data for empty or extreme rows, or keep max_grad_norm on."
+    )
 
 
 def train_on_examples(
@@ -144,96 +343,9 @@ def train_on_examples(
     description: str = "train",
     prepare_step: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> TrainResult:
-    """Optimise `loss_fn` over shuffled micro-batches of `examples` with the shared runtime.
-
-    `prepare_step`, when given, sees the collated micro-batches of each optimizer step before the first
-    forward pass, to add step-wide totals a loss needs (for example the chosen-token count of RPO's SFT term).
-    """
-    if config.batch_size < 1 or config.grad_accum < 1:
-        raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
-    total_steps = total_steps_for(len(examples), config)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    step, position = 0, 0
-    checkpoints = list_checkpoints(run_dir)
-    if config.resume and checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
-        step, position = state["step"], state["position"]
-    elif config.resume:
-        raise ConfigError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
-    stream = example_stream(len(examples), config.seed, start=position)
-    device = next(model.parameters()).device
-    logger = MetricsLogger(run_dir, total_steps, config, initial_step=step, description=description)
-    history: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    model.train()
-    try:
-        while step < total_steps:
-            step_started = time.perf_counter()
-            micro_batches = [
-                to_device(collate([examples[next(stream)] for _ in range(config.batch_size)]), device)
-                for _ in range(config.grad_accum)
-            ]
-            position += config.batch_size * config.grad_accum
-            try:
-                if prepare_step is not None:
-                    prepare_step(micro_batches)
-                metrics = _accumulate(model, micro_batches, loss_fn, units_of, step)
-                metrics["grad_norm"] = clip_and_step(model, optimizer, scheduler, config.max_grad_norm)
-            except TrainingError as error:
-                raise stop_error(error, step, run_dir) from None
-            step += 1
-            elapsed = time.perf_counter() - step_started
-            metrics.update(
-                learning_rate=scheduler.get_last_lr()[0], step_time=elapsed,
-                tokens_per_second=metrics.pop("tokens") / elapsed, epoch=position / len(examples),
-            )
-            if (
-                evaluate is not None and config.eval_every > 0 and step % config.eval_every == 0
-                and step < total_steps
-            ):
-                metrics.update({f"eval/{k}": v for k, v in evaluate(model).items()})
-                model.train()
-            if step % config.log_every == 0 or step == total_steps:
-                logger.log(step, metrics)
-            history.append({"step": step, **metrics})
-            logger.advance()
-            if config.save_every > 0 and step % config.save_every == 0 and step < total_steps:
-                save_checkpoint(
-                    run_dir, step, model, optimizer, scheduler, {"position": position},
-                    keep=config.keep_checkpoints,
-                )
-        if evaluate is not None:
-            final_eval = {f"eval/{k}": v for k, v in evaluate(model).items()}
-            logger.log(step, final_eval)
-            history.append({"step": step, **final_eval})
-    finally:
-        logger.close()
-    return TrainResult(step=step, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started)
-
-
-def _accumulate(model, micro_batches: list[dict[str, Any]], loss_fn, units_of, step: int) -> dict[str, float]:
-    """Forward/backward every micro-batch of one optimizer step; the loss is normalised over the step."""
-    # The normaliser (tokens, pairs, ...) of the whole step must be known before the first backward.
-    step_units = max(float(sum(units_of(batch) for batch in micro_batches)), 1e-12)
-    totals: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
-    for batch in micro_batches:
-        output = loss_fn(model, batch)
-        if not torch.isfinite(output.loss_sum):
-            raise TrainingError(f"loss is {output.loss_sum.item()} at optimizer step {step + 1}")
-        (output.loss_sum / step_units).backward()
-        totals["loss"] += output.loss_sum.item()
-        totals["tokens"] += output.tokens
-        for key, value in output.metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value)
-    return {key: (value if key == "tokens" else value / step_units) for key, value in totals.items()}
-
-
-def stop_error(error: TrainingError, step: int, run_dir: Path) -> TrainingError:
-    """The NaN/inf guard's message: where it happened, what is kept, what to try."""
-    kept = list_checkpoints(run_dir)
-    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
-    return TrainingError(
-        f"{error} at optimizer step {step + 1}: training stopped before the update; {where}. "
-        "Lower train.learning_rate, check the data for empty or extreme rows, or keep max_grad_norm on."
-    )
+    """`train` over shuffled micro-batches of `examples` (SFT, DPO, the reward model)."""
+    return train(
+        model=model, source=ExampleSource(examples, collate, config), loss_fn=loss_fn, units_of=units_of,
+        config=config, run_dir=run_dir, total_steps=total_steps_for(len(examples), config), evaluate=evaluate,
+        description=description, prepare_step=prepare_step,
+    )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from prefalign.config import TrainConfig, save_config
 from prefalign.errors import ConfigError
+from prefalign.models.loading import load_causal_lm
 
 
 def seed_everything(seed: int) -> None:
@@ -47,3 +49,17 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()
     }
+
+
+def start_run(config: Any, command: str, model=None, tokenizer=None, *, load: Callable = load_causal_lm):
+    """What every trainer does first, in this order (seeds before any weight is made, so runs repeat bit for
+    bit): threads, seeds, the run folder with its config.yaml, then the model and tokenizer from config.model
+    unless given (a model needs its tokenizer). Returns (run_dir, model, tokenizer)."""
+    set_threads(config.train.num_threads)
+    seed_everything(config.train.seed)
+    run_dir = prepare_run_dir(config, command)
+    if model is None:
+        model, tokenizer = load(config.model)
+    elif tokenizer is None:
+        raise ConfigError(f"{command}(model=...) needs tokenizer=... as well.")
+    return run_dir, model, tokenizer

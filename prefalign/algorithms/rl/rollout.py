@@ -1,0 +1,85 @@
+"""Rollout collection: G completions per prompt from the rollout engine, scored through
+`WeightedRewards.score_groups` (the one place that flattens groups and counts failures), and the statistics
+RL logs about them (TRL's names)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prefalign import losses
+from prefalign.rewards import WeightedRewards
+from prefalign.rewards.functions import RewardFailure, as_completion
+from prefalign.rollout.types import FINISH_LENGTH, Sample, SamplingParams
+
+
+@dataclass
+class ScoredGroups:
+    """One generation call's groups: rows[i] (a prompt row) has samples[i] (G of them) and scores[i]."""
+
+    rows: list[dict[str, Any]]
+    samples: list[list[Sample]]
+    scores: torch.Tensor  # (rows, G), NaN where a sample has no score (a reward failed, or all returned None)
+    per_function: dict[str, list[list[float | None]]] = field(default_factory=dict)
+    failures: list[RewardFailure] = field(default_factory=list)
+
+
+def sample_and_score(
+    engine, rows: list[dict[str, Any]], row_ids: list[int], rewards: WeightedRewards, params: SamplingParams
+) -> ScoredGroups:
+    """Generate params.n completions of each tokenized prompt row and score them (failures name the row)."""
+    samples = engine.generate([row["prompt_ids"] for row in rows], params)
+    prompts = [row["prompt"] for row in rows]
+    # TRL's convention: conversational prompts get their completion as an assistant message.
+    completions = [
+        [as_completion(row["prompt"], s.text) for s in group]
+        for row, group in zip(rows, samples, strict=True)
+    ]
+    columns = {name: [row[name] for row in rows] for name in rows[0] if name not in ("prompt", "prompt_ids")}
+    token_ids = {"completion_ids": [[s.token_ids for s in group] for group in samples]}
+    scored = rewards.score_groups(prompts, completions, columns, token_ids)
+    for (
+        failure
+    ) in scored.failures:  # the group's position -> the training row, so the message points at the data
+        failure.prompt_index = row_ids[failure.prompt_index]
+    scores = torch.tensor(
+        [[math.nan if value is None else value for value in group] for group in scored.scores]
+    )
+    return ScoredGroups(rows, samples, scores.view(len(rows), params.n), scored.per_function, scored.failures)
+
+
+def reward_metrics(scores: torch.Tensor) -> dict[str, float]:
+    """Mean reward, mean within-group std and the share of all-equal groups, over the scored samples."""
+    groups = [group[~torch.isnan(group)] for group in scores]  # each group's scored samples
+    groups = [group for group in groups if group.numel()]
+    if not groups:
+        return {"reward": math.nan, "reward_std": math.nan, "frac_reward_zero_std": math.nan}
+    stds = [group.std().item() for group in groups if group.numel() > 1]
+    equal = [bool(losses.zero_std_groups(group.unsqueeze(0), group.numel())) for group in groups]
+    return {
+        "reward": torch.cat(groups).mean().item(),
+        "reward_std": sum(stds) / len(stds) if stds else math.nan,
+        "frac_reward_zero_std": sum(equal) / len(equal),
+    }
+
+
+def completion_metrics(samples: list[Sample]) -> dict[str, float]:
+    lengths = torch.tensor([len(s.token_ids) for s in samples], dtype=torch.float32)
+    return {
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": sum(s.finish_reason == FINISH_LENGTH for s in samples) / len(samples),
+    }
+
+
+def function_means(per_function: dict[str, list[list[float | None]]]) -> dict[str, float]:
+    """Each reward function's mean over the samples it scored (None left out)."""
+    means = {}
+    for name, groups in per_function.items():
+        values = [value for group in groups for value in group if value is not None]
+        means[f"rewards/{name}/mean"] = sum(values) / len(values) if values else math.nan
+    return means

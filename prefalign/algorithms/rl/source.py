@@ -1,0 +1,107 @@
+"""RL's source of optimizer steps for the one training loop (`prefalign.runtime.loop.train`).
+
+Each phase collects one rollout batch with the algorithm's `collect` (sampling, scoring, advantages), adds
+the frozen reference's per-token log-probs when there is a KL term, and hands out `num_iterations` (μ) passes
+over the batch, each split into `steps_per_generation` optimizer steps of whole groups, in micro-batches.
+
+π_old: when the batch feeds more than one optimizer step, the ratio's denominator is a no-grad forward of the
+training model before the first update (as TRL, OpenRLHF and verl do), not the sampler's log-probs: the two
+differ under bf16 and with another engine; their largest and mean difference is logged. With one step per
+batch, π_old = π detached in the loss (ratio 1 in value), and the loss logs the same difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prefalign.algorithms.rl.experience import add_token_logps, collate_experience, logprob_difference
+from prefalign.models.reference import Reference
+from prefalign.runtime.loop import Phase, example_stream
+
+
+@dataclass
+class RolloutBatch:
+    """What an algorithm's collection step returns: experience rows (groups contiguous) and what to log."""
+
+    rows: list[dict[str, Any]]
+    group_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    logged: list[dict[str, Any]] = field(default_factory=list)  # sampled completions for completions.jsonl
+
+
+@dataclass
+class Progress:
+    """Where a run is: prompts consumed and generation calls made (sampling seeds follow the calls)."""
+
+    position: int = 0
+    generation_calls: int = 0
+    step: int = 0
+
+
+class ExperienceSource:
+    def __init__(
+        self,
+        collect: Callable[[Progress, Callable[[], int]], RolloutBatch],
+        *,
+        num_prompts: int,
+        seed: int,
+        policy: torch.nn.Module,
+        score: Callable[[torch.nn.Module, dict[str, Any]], Any],
+        reference: Reference | None,
+        num_iterations: int,
+        steps_per_generation: int,
+        micro_batch_size: int,
+        pad_token_id: int,
+        device: torch.device,
+    ):
+        self.collect, self.policy, self.score, self.reference = collect, policy, score, reference
+        self.num_prompts, self.seed = num_prompts, seed
+        self.num_iterations, self.steps_per_generation = num_iterations, steps_per_generation
+        self.micro_batch_size, self.pad_token_id, self.device = micro_batch_size, pad_token_id, device
+        self.restore({"position": 0, "generation_calls": 0})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.progress = Progress(position=state["position"], generation_calls=state["generation_calls"])
+        self.stream = example_stream(self.num_prompts, self.seed, start=self.progress.position)
+
+    def state(self) -> dict[str, Any]:
+        return {"position": self.progress.position, "generation_calls": self.progress.generation_calls}
+
+    def next_prompt(self) -> int:
+        self.progress.position += 1
+        return next(self.stream)
+
+    def next_phase(self, step: int, steps_left: int) -> Phase:
+        self.progress.step = step
+        batch = self.collect(self.progress, self.next_prompt)
+        rows, group = batch.rows, batch.group_size
+        logged = {
+            "batch_size": self.micro_batch_size,
+            "pad_token_id": self.pad_token_id,
+            "device": self.device,
+        }
+        if self.reference is not None:
+            with self.reference.network() as network:
+                add_token_logps(rows, "ref_logps", lambda b: self.score(network, b), **logged)
+        num_groups = len(rows) // group
+        parts = min(self.steps_per_generation, num_groups)
+        bounds = [round(i * num_groups / parts) * group for i in range(parts + 1)]
+        metrics = dict(batch.metrics)
+        if self.num_iterations > 1 or parts > 1:  # π drifts from π_old within the batch: fix π_old now
+            add_token_logps(rows, "old_logps", lambda b: self.score(self.policy, b), **logged)
+            metrics.update(logprob_difference(rows))
+        steps = []
+        for _ in range(self.num_iterations):
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+                size = self.micro_batch_size
+                steps.append(
+                    [
+                        collate_experience(rows[i : min(i + size, stop)], self.pad_token_id)
+                        for i in range(start, stop, size)
+                    ]
+                )
+        return Phase(steps=steps[:steps_left], metrics=metrics, generation=True, logged=batch.logged)
