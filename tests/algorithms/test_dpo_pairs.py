@@ -9,6 +9,7 @@ from prefalign.algorithms.dpo_pairs import PairForward, precompute_reference, se
 from prefalign.config import DataConfig
 from prefalign.data import collate_preference
 from prefalign.models.forward import completion_logps, mixed_precision
+from prefalign.models.reference import Reference
 from prefalign.tasks.arithmetic import preference_dataset
 from tests.helpers import tiny_model
 
@@ -26,7 +27,8 @@ def test_cached_reference_is_reused_only_for_the_same_data_and_weights(tmp_path)
     def reference_of(network, rows, run_dir=tmp_path):
         before = len(forwards)
         forward = PairForward(tokenizer.pad_token_id)
-        values = precompute_reference(run_dir, network, None, {"train": rows}, forward, 4)["train"]["chosen"]
+        reference = Reference(network, snapshot=False)
+        values = precompute_reference(run_dir, reference, {"train": rows}, forward, 4)["train"]["chosen"]
         if len(forwards) > before:
             computed.append(1)
         return values
@@ -62,7 +64,8 @@ def test_precomputed_reference_equals_a_plain_per_pair_forward(tmp_path):
     pairs[1] = {**pairs[1], "chosen_ids": pairs[1]["chosen_ids"] + pairs[2]["chosen_ids"]}
     assert len({len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs}) > 2
     chosen, rejected = per_pair_logps(model, pairs, pad)
-    cached = precompute_reference(tmp_path, model, None, {"train": pairs}, PairForward(pad), 3)["train"]
+    reference = Reference(model, snapshot=False)
+    cached = precompute_reference(tmp_path, reference, {"train": pairs}, PairForward(pad), 3)["train"]
     torch.testing.assert_close(cached["chosen"], chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached["rejected"], rejected, rtol=1e-5, atol=1e-5)
     # Computed under inference mode, but stored as ordinary tensors: the loss can use them beside autograd.

@@ -73,7 +73,8 @@ def test_kill_9_then_resume_ends_where_the_whole_run_ends(tmp_path, command):
     assert not (cut / "final").exists() and (cut / "checkpoints" / "step-000002" / "state.json").exists()
 
     assert main([*arguments, "--train.output_dir", str(cut), "--train.resume", "true"]) == 0
-    expected, resumed = load_file(str(whole / "final" / "model.safetensors")), load_file(str(cut / "final" / "model.safetensors"))
+    expected = load_file(str(whole / "final" / "model.safetensors"))
+    resumed = load_file(str(cut / "final" / "model.safetensors"))
     assert expected.keys() == resumed.keys()
     for name, tensor in expected.items():
         assert resumed[name].equal(tensor), name
