@@ -7,15 +7,14 @@ from pathlib import Path
 
 import torch
 
-from prefalign.recipes.base_model import BaseConfig
-from prefalign.tasks.model import new_model
+from prefalign.tasks.model import TinyModelConfig, new_model
 from prefalign.tasks.tokenizer import build_char_tokenizer
 
 
 def tiny_model(seed: int = 0, hidden_size: int = 32, num_layers: int = 1):
     """A random 1-layer Llama and the char tokenizer (fp32, CPU)."""
     tokenizer = build_char_tokenizer()
-    config = BaseConfig(
+    config = TinyModelConfig(
         hidden_size=hidden_size, num_layers=num_layers, num_heads=2, intermediate_size=2 * hidden_size,
         seed=seed,
     )

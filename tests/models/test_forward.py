@@ -121,3 +121,24 @@ def test_bf16_autocast_decision():
     assert use_bf16_autocast("bf16", cpu, 32) is True
     assert use_bf16_autocast("auto", cpu, 128) is False  # small matmuls: casting costs more than it saves
     assert use_bf16_autocast("auto", cpu, 384) is cpu_has_native_bf16()
+
+
+def test_completion_lengths_are_exact_under_bf16():
+    """A bf16 sum of ones stops counting at 256 (257 -> 256): lengths are summed in float32, so SimPO's and
+    length-normalised IPO's divisions see the true token counts."""
+    from prefalign.tasks.model import TinyModelConfig, new_model
+    from prefalign.tasks.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    model = new_model(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                                      max_position_embeddings=512), tokenizer)  # fmt: skip
+    rows = [{"prompt_ids": [5, 6], "completion_ids": [7] * length} for length in (257, 259, 3)]
+    batch = collate_sft(rows, tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scored = completion_logps(model, batch)
+        prompts, completions = [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows]
+        grouped = grouped_completion_logps(model, prompts, completions, tokenizer.pad_token_id)
+    for result in (scored, grouped):
+        assert result.mask.dtype == torch.bfloat16  # the case that rounded
+        assert result.lengths.tolist() == [257.0, 259.0, 3.0]
+        assert result.lengths.dtype == torch.float32
