@@ -12,31 +12,8 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `target`; on success it replaces `target` (a folder), on an
-    error it is removed and `target` is left as it was."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield staging
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | Path) -> Iterator[Path]:
-    """Yield a staging path beside `target` (its suffix kept, for writers that read it); on success the
-    written file (or folder, for save_to_disk) replaces `target`; on an error it is removed."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
-    os.close(handle)
-    staging = Path(name)
+def _staged(staging: Path, target: Path) -> Iterator[Path]:
+    """Yield `staging`; when the block completes it replaces `target`, and it never outlives the block."""
     try:
         yield staging
         if target.is_dir():
@@ -47,3 +24,21 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
         elif staging.exists():
             staging.unlink()
+
+
+def atomic_folder(target: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """An empty staging folder beside `target`; on success it replaces `target` (a folder), on an error it is
+    removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return _staged(Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)), target)
+
+
+def atomic_file(target: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """A staging path beside `target` (its suffix kept, for writers that go by it); on success the written
+    file replaces `target`, on an error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=target.suffix, dir=target.parent)
+    os.close(handle)
+    return _staged(Path(name), target)
