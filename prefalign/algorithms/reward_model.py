@@ -33,17 +33,15 @@ from prefalign.losses import bradley_terry_loss
 from prefalign.models.forward import count_tokens, mixed_precision, use_bf16_autocast
 from prefalign.models.loading import disable_dropout, is_peft_model, model_device
 from prefalign.models.saving import model_card, save_model
-from prefalign.rewards.scorer import (
+from prefalign.rewards.encoding import (
     SETTINGS_FILE,
     PairStats,
-    RewardModelScorer,
     RewardSettings,
     collate_pairs,
     encode_pairs,
-    load_reward_backbone,
     resolve_rendering,
-    reward_scores,
 )
+from prefalign.rewards.scorer import RewardModelScorer, load_reward_backbone, reward_scores
 from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
 from prefalign.runtime.setup import start_run
 

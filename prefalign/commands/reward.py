@@ -14,10 +14,8 @@ from prefalign.commands.builtin import builtin_data, resolve_builtin, resolve_bu
 from prefalign.config import DataConfig, option
 from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.pairs import evaluate_pairs, format_pair_metrics
-from prefalign.rewards.scorer import (
-    RewardModelScorer,
-    encode_pairs,
-)
+from prefalign.rewards.encoding import encode_pairs
+from prefalign.rewards.scorer import RewardModelScorer
 from prefalign.runtime.setup import set_threads
 
 

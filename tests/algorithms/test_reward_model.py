@@ -23,7 +23,8 @@ from prefalign.algorithms.reward_model import (
 from prefalign.config import ModelConfig
 from prefalign.errors import ConfigError, ModelError
 from prefalign.rewards import RewardModelScorer
-from prefalign.rewards.scorer import collate_pairs, encode_pairs, load_reward_backbone
+from prefalign.rewards.encoding import collate_pairs, encode_pairs
+from prefalign.rewards.scorer import load_reward_backbone
 from prefalign.tasks.tokenizer import build_char_tokenizer
 from tests.helpers import assistant, save_tiny_model, user
 

@@ -16,7 +16,7 @@ from prefalign.config import DataConfig
 from prefalign.data.collate import pad_sequences
 from prefalign.errors import DataError, ModelError
 from prefalign.rewards import RewardModelScorer, WeightedRewards, register_reward_function
-from prefalign.rewards.scorer import (
+from prefalign.rewards.encoding import (
     RewardSettings,
     collate_pairs,
     encode_completions,
