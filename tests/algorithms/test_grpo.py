@@ -12,6 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
+import prefalign.algorithms.grpo as grpo_module
 from prefalign.algorithms.grpo import grpo
 from prefalign.algorithms.grpo_config import DEFAULT_MAX_NEW_TOKENS, GRPOConfig
 from prefalign.config import DataConfig, ModelConfig, TrainConfig
@@ -138,6 +139,88 @@ class CopyWatch:
         return self
 
 
+class StepSpy:
+    """Records each optimizer step's micro-batches and the weights the policy had when the step scored them:
+    GRPO's prepare_step (`step_totals`) runs right before a step's first forward pass, after the previous
+    update. Nothing is changed; the tests recompute the step's numbers from these with their own forwards."""
+
+    def __init__(self, monkeypatch, model):
+        self.batches: list[list[dict]] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+        original = grpo_module.step_totals
+
+        def spy(micro_batches):
+            original(micro_batches)
+            self.batches.append(micro_batches)
+            self.weights.append({name: t.detach().clone() for name, t in model.state_dict().items()})
+
+        monkeypatch.setattr(grpo_module, "step_totals", spy)
+
+    def completions(self, step: int = 0):
+        """(prompt_ids, completion_ids, advantage, trained, sampler_logps) of every completion of optimizer
+        step `step`."""
+        for batch in self.batches[step]:
+            yield from zip(
+                batch["prompt_ids"], batch["completion_ids"], batch["advantages"].tolist(),
+                batch["trained"].tolist(), batch["sampler_logps"], strict=True,
+            )  # fmt: skip
+
+
+def plain_scores(model, prompt_ids, completion_ids, temperature: float):
+    """Per-token log-probs and entropies (|y|,) of one completion at `temperature`, from a single unpadded
+    forward of prompt + completion: the logits at position t score token t + 1, over the full vocabulary."""
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float() / temperature  # (|y|, vocab)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = log_probs.gather(1, torch.tensor(completion_ids).unsqueeze(1)).squeeze(1)
+    return picked, -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+def policy_with(model_dir, weights, tokenizer=None, eos_bias: float = 0.0):
+    """A fresh copy of the tiny policy holding `weights` (None: its saved ones), optionally EOS-biased."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if weights is not None:
+        model.load_state_dict(weights)
+    return eos_likely(model, tokenizer, eos_bias) if eos_bias else model
+
+
+@torch.no_grad()
+def recompute_grpo_step(
+    policy, old_policy, reference, spy: StepSpy, step: int, config: GRPOConfig
+) -> dict[str, float]:
+    """One optimizer step's loss and metrics worked out from the formulas with plain forwards of the models
+    playing π, π_old (μ > 1: the policy before its rollout batch's first update) and π_ref: the k3 KL, the
+    'grpo' (token mean per completion, then mean over the step's trained completions) or 'dapo' (token mean
+    over the step's trained tokens) aggregation, and token means over the step's trained tokens for kl,
+    entropy and the clip ratios."""
+    assert config.loss_type in ("grpo", "dapo")
+    low, high = 1 - config.epsilon_low, 1 + config.epsilon_high
+    losses_, kls, entropies, clipped_low, clipped_high = [], [], [], [], []
+    for prompt_ids, completion_ids, advantage, trained, _ in spy.completions(step):
+        if not trained:
+            continue
+        logps, entropy = plain_scores(policy, prompt_ids, completion_ids, config.temperature)
+        old, _ = plain_scores(old_policy, prompt_ids, completion_ids, config.temperature)
+        ref, _ = plain_scores(reference, prompt_ids, completion_ids, config.temperature)
+        ratio = torch.exp(logps - old)
+        delta = ref - logps
+        kl = torch.exp(delta) - delta - 1
+        surrogate = torch.minimum(ratio * advantage, ratio.clamp(low, high) * advantage)
+        losses_.append(-surrogate + config.beta * kl)
+        kls.append(kl)
+        entropies.append(entropy)
+        clipped_low.append(((ratio < low) & (advantage < 0)).float())
+        clipped_high.append(((ratio > high) & (advantage > 0)).float())
+    per_sequence = config.loss_type == "grpo"
+    loss = torch.stack([t.mean() for t in losses_]).mean() if per_sequence else torch.cat(losses_).mean()
+    return {
+        "loss": float(loss), "kl": float(torch.cat(kls).mean()),
+        "entropy": float(torch.cat(entropies).mean()),
+        "clip_ratio/low_mean": float(torch.cat(clipped_low).mean()),
+        "clip_ratio/high_mean": float(torch.cat(clipped_high).mean()),
+    }  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -198,9 +281,9 @@ def test_run_logs_trl_metrics_completions_and_saves(tmp_path, model_dir):
         "tokens_per_second", "step_time", "generation_share", "loss", "grad_norm",
     }  # fmt: skip
     assert expected <= set(first)
-    # Step 1: the policy is the reference, so every token's k3 is 0; ρ = 1 clips nothing.
-    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
-    assert first["clip_ratio/low_mean"] == 0.0 and first["clip_ratio/high_mean"] == 0.0
+    # The reference stays frozen while the policy trains: once it has moved, the KL is positive (a reference
+    # that followed the policy would log 0). Step 1's values are checked against a recomputation below.
+    assert all(m["kl"] > 0.0 for m in result.metrics[1:] if "kl" in m)
     assert 0.0 < first["generation_share"] < 1.0
     assert any("eval/accuracy" in m for m in result.metrics if m["step"] == 2)
     logged = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
@@ -223,6 +306,42 @@ def test_lora_reference_is_the_adapters_off_policy(tmp_path, model_dir):
     assert (tmp_path / "lora" / "final" / "adapter_model.safetensors").exists()
 
 
+def test_second_pass_clips_and_its_kl_match_a_recomputation(tmp_path, model_dir, tokenizer, monkeypatch):
+    """μ = 2 at temperature 0.7 with a KL term, 3 steps: steps 1 and 2 are the two passes over the first
+    rollout batch (π_old = the policy before step 1), step 3 the first pass over the next one (π_old = the
+    policy before step 3); π_ref is the starting policy throughout. Each step's loss, KL, entropy and clip
+    ratios are recomputed from plain forwards of the weights in play: a wrong shift, mask, temperature,
+    π_old or reference changes them."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    spy = StepSpy(monkeypatch, model)
+    config = make_config(
+        model_dir, tmp_path / "mu2", loss_type="grpo", beta=0.1, num_iterations=2, temperature=0.7,
+        train={"max_steps": 3},
+    )
+    records = grpo(config, dataset=prompts(), model=model, tokenizer=tokenizer, save=False).metrics
+    policies = [policy_with(model_dir, weights) for weights in spy.weights]
+    for step, old in enumerate([0, 0, 2]):
+        expected = recompute_grpo_step(policies[step], policies[old], policies[0], spy, step, config)
+        for key, value in expected.items():
+            assert records[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+    first, second, third = records
+    # First pass: π = π_old exactly, so nothing clips; π = π_ref, so the KL is 0 up to float noise.
+    assert first["clip_ratio/region_mean"] == 0.0
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    # Second pass: the update moved π off π_old both ways, and away from the reference.
+    assert second["clip_ratio/low_mean"] > 0.0 and second["clip_ratio/high_mean"] > 0.0
+    assert second["kl"] > 1e-3
+    # A new rollout batch: π_old is the policy again (nothing clips), the reference is still the start.
+    assert third["clip_ratio/region_mean"] == 0.0 and third["kl"] > 1e-3
+    # The sampler's log-probs at T = 0.7 are the training forward's at the same weights (π_old) ...
+    assert first["rollout/logprob_diff_max"] < 1e-4 and third["rollout/logprob_diff_max"] < 1e-4
+    # ... and the plain forward's, so both apply the temperature as the sampling did.
+    with torch.no_grad():
+        for prompt_ids, completion_ids, _, _, sampler_logps in spy.completions(0):
+            logps, _ = plain_scores(policies[0], prompt_ids, completion_ids, config.temperature)
+            torch.testing.assert_close(torch.tensor(sampler_logps), logps, atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------- accumulation and old log-probs
 
 
@@ -238,47 +357,70 @@ def eos_likely(model, tokenizer, bias: float = 3.5):
     return model
 
 
-def sgd_like(**train) -> dict:
-    """Optimizer settings whose single step is a plain SGD step of rate 1. AdamW's first step moves each
+def sgd_like(max_steps: int = 1, **train) -> dict:
+    """Optimizer settings whose first step is a plain SGD step of rate 1. AdamW's first step moves each
     weight by lr · g / (|g| + ε); with ε = lr ≫ |g| that is g itself, so the weight change is the step's
-    whole gradient, scale included (the usual first step, about lr · sign(g), would hide a scaled one)."""
+    whole gradient, scale included (the usual first step, about lr · sign(g), would hide a scaled one).
+    Later steps are a fixed function of the gradients so far (momentum), so equal gradients still give
+    equal updates."""
     return dict(
         learning_rate=1e6, adam_epsilon=1e6, weight_decay=0.0, schedule="constant", warmup_ratio=0.0,
-        max_grad_norm=0.0, max_steps=1, **train,
+        max_grad_norm=0.0, max_steps=max_steps, **train,
     )
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "share_prompt"), [("grpo", True), ("dapo", True), ("dr_grpo", True), ("dapo", False)]
-)
+    ("loss_type", "share_prompt", "second_pass"),
+    [
+        ("grpo", True, False), ("dapo", True, False), ("dr_grpo", True, False), ("dapo", False, False),
+        ("grpo", True, True), ("dapo", False, True),
+    ],
+)  # fmt: skip
 def test_accumulation_gives_the_gradient_of_one_batch(
-    tmp_path, model_dir, tokenizer, loss_type, share_prompt
+    tmp_path, model_dir, tokenizer, monkeypatch, loss_type, share_prompt, second_pass
 ):
-    """Micro-batches of 3, 3 and 2 completions update exactly like one batch of 8 (no clipping): three prompts
-    are sampled, dynamic sampling drops the one whose rewards are all equal (its answer is a multiple of 3),
-    and the 8 completions left have different lengths (EOS made likely)."""
+    """Micro-batches of 3, 3 and 2 completions update exactly like one batch of 8: three prompts are sampled,
+    dynamic sampling drops the one whose rewards are all equal (its answer is a multiple of 3), and the 8
+    completions left have different lengths (EOS made likely). `second_pass`: μ = 2 and a k3 KL term
+    (β = 0.1), so step 2 is a second pass over the same completions after an update, with ρ ≠ 1, clipping
+    active and a positive KL, and each step's update is compared."""
     rows = prompts(64).to_list()
     multiples = [row for row in rows if int(row["answer"]) % 3 == 0]
     others = [row for row in rows if int(row["answer"]) % 3 != 0]
     dataset = datasets.Dataset.from_list([others[0], multiples[0], others[1]])
+    extra = dict(num_iterations=2, beta=0.1) if second_pass else {}
+    steps = 2 if second_pass else 1
     updates, records = [], []
     for micro, accumulation in ((12, 1), (3, 4)):
         model = eos_likely(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer)
+        spy = StepSpy(monkeypatch, model)
         config = make_config(
             model_dir, tmp_path / f"micro-{micro}", loss_type=loss_type, share_prompt=share_prompt,
             max_new_tokens=6, reward_functions=["test_char_codes_unless_three"], dynamic_sampling=True,
-            max_sampling_rounds=1,
-            train=sgd_like(batch_size=micro, grad_accum=accumulation),
-        )
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        [record] = grpo(config, dataset=dataset, model=model, tokenizer=tokenizer, save=False).metrics
-        updates.append(torch.cat([(before[n] - p.detach()).flatten() for n, p in model.named_parameters()]))
-        records.append(record)
-    assert [record["groups_trained"] for record in records] == [2, 2]  # 8 completions: micro-batches 3, 3, 2
-    assert records[0]["completions/min_length"] < records[0]["completions/max_length"]
-    assert updates[0].abs().max() > 0
-    torch.testing.assert_close(updates[1], updates[0], atol=1e-6, rtol=1e-4)
-    assert records[1]["grad_norm"] == pytest.approx(records[0]["grad_norm"], rel=1e-4)
+            max_sampling_rounds=1, train=sgd_like(steps, batch_size=micro, grad_accum=accumulation), **extra,
+        )  # fmt: skip
+        run_records = grpo(config, dataset=dataset, model=model, tokenizer=tokenizer, save=False).metrics
+        weights = [*spy.weights, {name: t.detach().clone() for name, t in model.state_dict().items()}]
+        names = [name for name, _ in model.named_parameters()]
+        updates.append([
+            torch.cat([(before[n] - after[n]).flatten() for n in names])
+            for before, after in zip(weights[:-1], weights[1:], strict=True)
+        ])  # fmt: skip
+        records.append(run_records)
+    assert [record["groups_trained"] for record in records[0] + records[1]] == [2] * 2 * steps  # 3, 3, 2
+    assert records[0][0]["completions/min_length"] < records[0][0]["completions/max_length"]
+    if second_pass:
+        first, second = records[0]
+        assert first["clip_ratio/region_mean"] == 0.0
+        assert second["clip_ratio/low_mean"] > 0.0 and second["clip_ratio/high_mean"] > 0.0
+        assert second["kl"] > 1e-3
+    for step in range(steps):
+        assert updates[0][step].abs().max() > 0
+        torch.testing.assert_close(updates[1][step], updates[0][step], atol=1e-6, rtol=1e-4)
+        assert records[1][step]["grad_norm"] == pytest.approx(records[0][step]["grad_norm"], rel=1e-4)
+        if second_pass:
+            for key in ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+                assert records[1][step][key] == pytest.approx(records[0][step][key], rel=1e-4, abs=1e-6)
 
 
 def test_several_iterations_use_rollout_logprobs_and_clip(tmp_path, model_dir):
@@ -327,10 +469,63 @@ def test_truncated_completions_can_be_masked(tmp_path, model_dir):
     )
     result = grpo(config, dataset=prompts())
     metrics = result.metrics[0]
-    # With one new token almost every completion is cut; masked ones contribute no loss and no gradient.
-    assert metrics["completions/clipped_ratio"] > 0.5
-    if metrics["completions/clipped_ratio"] == 1.0:
-        assert metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
+    # With one new token every completion is cut here; masked ones contribute no loss and no gradient.
+    assert metrics["completions/clipped_ratio"] == 1.0
+    assert metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize(("loss_type", "share_prompt"), [("grpo", True), ("dapo", False)])
+def test_masked_truncated_completions_leave_the_loss_and_update_of_the_others(
+    tmp_path, model_dir, tokenizer, monkeypatch, loss_type, share_prompt
+):
+    """Some completions end with EOS, some are cut at max_new_tokens (EOS made likely; temperature 0.7). The
+    logged loss and the update (one SGD step of rate 1: the gradient) equal those worked out by hand over
+    the untruncated completions only, with plain forwards, normalised by their count (grpo) or their tokens
+    (dapo); the truncated ones have nonzero advantages, so training on them would change both. Both training
+    forwards: each prompt once for its group (share_prompt) and padded rows."""
+    bias, max_new_tokens, temperature = 3.0, 3, 0.7
+    model = eos_likely(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, bias)
+    spy = StepSpy(monkeypatch, model)
+    config = make_config(
+        model_dir, tmp_path / "mixed", max_new_tokens=max_new_tokens, mask_truncated_completions=True,
+        temperature=temperature, loss_type=loss_type, share_prompt=share_prompt, train=sgd_like(batch_size=8),
+    )
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    [record] = grpo(config, dataset=prompts(), model=model, tokenizer=tokenizer, save=False).metrics
+    update = torch.cat([(before[name] - p.detach()).flatten() for name, p in model.named_parameters()])
+    completions = list(spy.completions(0))
+    # Truncated: max_new_tokens tokens and no EOS at the end.
+    cut = [len(ids) == max_new_tokens and ids[-1] != tokenizer.eos_token_id for _, ids, *_ in completions]
+    assert 0 < sum(cut) < len(cut)
+    assert record["completions/clipped_ratio"] == pytest.approx(sum(cut) / len(cut))
+    kept = [c for c, is_cut in zip(completions, cut, strict=True) if not is_cut]
+    assert any(c[2] != 0 for c, is_cut in zip(completions, cut, strict=True) if is_cut)
+
+    def surrogate(chosen, policy=None):
+        """−(1/N) Σ_i A_i mean_t ρ_it (grpo) or −(1/N_tok) Σ_i Σ_t A_i ρ_it (dapo) over `chosen`, with
+        ρ = exp(log π − log π detached): 1 in value, ∇ log π in gradient."""
+        terms = []
+        for prompt_ids, ids, advantage, *_ in chosen:
+            if policy is None:  # the value only: ρ = 1
+                logps = torch.zeros(len(ids))
+            else:
+                logps = plain_scores(policy, prompt_ids, ids, temperature)[0]
+            terms.append(-advantage * torch.exp(logps - logps.detach()))
+        if loss_type == "grpo":
+            return torch.stack([t.mean() for t in terms]).sum() / len(terms)
+        return torch.cat(terms).sum() / sum(len(t) for t in terms)
+
+    assert record["loss"] == pytest.approx(float(surrogate(kept)), abs=1e-6)
+
+    def gradient(chosen) -> torch.Tensor:
+        policy = policy_with(model_dir, None, tokenizer, eos_bias=bias)
+        surrogate(chosen, policy).backward()
+        return torch.cat([p.grad.flatten() for _, p in policy.named_parameters()])
+
+    torch.testing.assert_close(update, gradient(kept), atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(update, gradient(completions), atol=1e-4)  # the masked ones would count
+    # π = π_old here, so the loss compares the sampler's log-probs with the training forward's at T = 0.7.
+    assert record["rollout/logprob_diff_max"] < 1e-4
 
 
 # ----------------------------------------------------------------------------- bad rewards and prompts

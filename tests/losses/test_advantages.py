@@ -26,6 +26,21 @@ def test_grpo_all_equal_group_is_exactly_zero():
     assert zero_std_groups(rewards, 3).tolist() == [True, False]
 
 
+@pytest.mark.parametrize("scale", ["group", "none", "batch"])
+def test_all_equal_groups_whose_mean_does_not_round_back_are_exactly_zero(scale):
+    """G = 8 rewards of 0.1 (or 0.7): in float32 their mean is not exactly 0.1 (0.7), so r − mean is about
+    ∓7e-9 (6e-8), and the group std about 8e-9 (6e-8), far below δ = 1e-4: the plain formula gives about
+    −7.4e-5 (6.0e-4), not 0. Only the explicit zeroing of all-equal groups makes these exactly 0."""
+    groups = torch.tensor([[0.1] * 8, [0.7] * 8, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    naive = centered / (groups.std(dim=1, keepdim=True) + 1e-4)
+    assert (centered[:2] != 0).all() and (naive[:2].abs() > 1e-5).all()  # the test can fail
+    advantages = group_advantages(groups.flatten(), group_size=8, scale=scale)
+    assert advantages[:16].tolist() == [0.0] * 16
+    assert (advantages[16:] != 0).all()  # the group with a spread keeps its advantages
+    assert zero_std_groups(groups.flatten(), 8).tolist() == [True, True, False]
+
+
 def test_grpo_accepts_grouped_shape():
     advantages = group_advantages(torch.tensor([[0.0, 1.0], [3.0, 3.0]]), group_size=2)
     assert advantages.shape == (2, 2)
