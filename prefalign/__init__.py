@@ -24,6 +24,7 @@ _PUBLIC = {
     "dpo": "prefalign.commands.dpo", "DPOConfig": "prefalign.algorithms.dpo",
     "IterativeDPOConfig": "prefalign.recipes.iterative_dpo",
     "grpo": "prefalign.commands.grpo", "GRPOConfig": "prefalign.algorithms.grpo_config",
+    "ppo": "prefalign.commands.ppo", "PPOConfig": "prefalign.algorithms.ppo_config",
     "reward": "prefalign.commands.reward", "RewardConfig": "prefalign.algorithms.reward_model",
     "eval_reward": "prefalign.commands.reward", "EvalRewardConfig": "prefalign.commands.reward",
     "sample": "prefalign.commands.sample", "SampleConfig": "prefalign.algorithms.rejection_sampling_config",
@@ -46,6 +47,8 @@ __all__ = [
     "DPOConfig",
     "IterativeDPOConfig",
     "grpo",
+    "ppo",
+    "PPOConfig",
     "GRPOConfig",
     "reward",
     "RewardConfig",
@@ -87,6 +90,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for editors and type checkers; at run time the table above is used
     from prefalign.algorithms.dpo import DPOConfig
     from prefalign.algorithms.grpo_config import GRPOConfig
+    from prefalign.algorithms.ppo_config import PPOConfig
     from prefalign.algorithms.rejection_sampling_config import SampleConfig
     from prefalign.algorithms.reward_model import RewardConfig
     from prefalign.algorithms.sft import SFTConfig
@@ -95,6 +99,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time the table above 
     from prefalign.commands.dpo import dpo
     from prefalign.commands.eval import EvalConfig, evaluate
     from prefalign.commands.grpo import grpo
+    from prefalign.commands.ppo import ppo
     from prefalign.commands.reward import EvalRewardConfig, eval_reward, reward
     from prefalign.commands.sample import sample
     from prefalign.commands.score import ScoreConfig, score

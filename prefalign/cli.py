@@ -47,6 +47,11 @@ COMMANDS: dict[str, Command] = {
         "prefalign.commands.grpo", "grpo", "GRPOConfig",
         "GRPO (and Dr. GRPO, DAPO, GSPO): group-relative RL with reward functions and/or a reward model",
     ),
+    "ppo": Command(
+        "prefalign.commands.ppo", "ppo", "PPOConfig",
+        "PPO with a learned critic (GAE, KL penalty to the reference, clipped updates); reward functions "
+        "and/or a reward model",
+    ),
     "eval": Command(
         "prefalign.commands.eval", "evaluate", "EvalConfig",
         "accuracy, pass@k and KL of a model on a prompt set",

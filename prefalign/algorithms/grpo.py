@@ -19,21 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from prefalign import losses
-from prefalign.algorithms.grpo_config import DEFAULT_MAX_NEW_TOKENS, GRPOConfig, check_config
+from prefalign.algorithms.grpo_config import GRPOConfig, check_config
 from prefalign.algorithms.grpo_rollout import collect_rollout
-from prefalign.algorithms.rl.experience import CompletionScorer, aligned
+from prefalign.algorithms.rl.experience import CompletionScorer, aligned, step_totals
+from prefalign.algorithms.rl.prompts import load_prompts
 from prefalign.algorithms.rl.source import ExperienceSource
-from prefalign.config import save_config
-from prefalign.data import tokenize_prompts
-from prefalign.data.context import fit_to_context
-from prefalign.data.splits import log_stats, resolve_rows
-from prefalign.errors import ConfigError
 from prefalign.evaluation.policy import evaluate_policy
 from prefalign.models.loading import disable_dropout, model_device
 from prefalign.models.reference import Reference
@@ -41,7 +36,6 @@ from prefalign.models.saving import model_card, save_model
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import build_scorers
 from prefalign.rollout.engine import LocalEngine
-from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, Phase, TrainResult, train
 from prefalign.runtime.setup import start_run
 
@@ -53,59 +47,6 @@ def build_rewards(config: GRPOConfig) -> WeightedRewards:
         config.reward_functions, config.reward_weights, reward_model=config.reward_model,
         reward_model_weight=config.reward_model_weight, device=config.model.device, needed_by="GRPO",
     )  # fmt: skip
-
-
-def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, run_dir: Path):
-    """Tokenized training prompts (a list of rows) and eval prompts (a Dataset or None)."""
-    train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
-    context = getattr(model.config, "max_position_embeddings", None)
-    prompts, stats = tokenize_prompts(train_rows, tokenizer, config.data)
-    data_stats = {"train": log_stats("train", stats)}
-    if not config.max_new_tokens:
-        config.max_new_tokens = default_max_new_tokens(prompts, context)
-        logger.info(
-            "grpo: max_new_tokens = %d (the model's context is %s tokens)", config.max_new_tokens, context
-        )
-        save_config(config, run_dir / "config.yaml")
-        if config.overlong_buffer > config.max_new_tokens:  # check_config could not bound it before the fit
-            raise ConfigError(
-                f"overlong_buffer {config.overlong_buffer} is longer than max_new_tokens "
-                f"{config.max_new_tokens} (fitted to the model's context of {context} tokens); lower "
-                "overlong_buffer or set max_new_tokens"
-            )
-    splits = {"train": prompts}
-    if eval_rows is not None:
-        splits["eval"], eval_stats = tokenize_prompts(eval_rows, tokenizer, config.data)
-        data_stats["eval"] = log_stats("eval", eval_stats)
-    for name, rows in splits.items():
-        splits[name], kept = fit_to_context(
-            rows, context, config.max_new_tokens, too_long=config.data.too_long_prompt, name=name
-        )
-        data_stats[name]["dropped_context"] = len(rows) - len(kept)
-    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
-    return splits["train"].to_list(), splits.get("eval")
-
-
-def default_max_new_tokens(prompts, context: int | None) -> int:
-    """DEFAULT_MAX_NEW_TOKENS, or what the context leaves after the longest prompt if less (and > 0)."""
-    room = context - max(map(len, prompts["prompt_ids"]), default=0) if context else DEFAULT_MAX_NEW_TOKENS
-    return min(DEFAULT_MAX_NEW_TOKENS, room) if room > 0 else DEFAULT_MAX_NEW_TOKENS
-
-
-def step_totals(micro_batches: list[dict[str, Any]]) -> None:
-    """The step's normalisers over every process, before the first backward: trained completion tokens and
-    trained completions (the loss types divide by one or the other)."""
-    trained = [
-        torch.tensor([len(ids) for ids in b["completion_ids"]]) * b["trained"].cpu() for b in micro_batches
-    ]
-    tokens = distributed.sum_across(float(sum(int(t.sum()) for t in trained)))
-    sequences = distributed.sum_across(float(sum(int((t > 0).sum()) for t in trained)))
-    completion_tokens = distributed.sum_across(
-        float(sum(sum(map(len, b["completion_ids"])) for b in micro_batches))
-    )
-    for batch in micro_batches:
-        batch["step_tokens"], batch["step_sequences"] = int(tokens), max(1, int(sequences))
-        batch["step_completion_tokens"] = int(completion_tokens)
 
 
 def make_loss(config: GRPOConfig, score: CompletionScorer):
@@ -182,7 +123,9 @@ def grpo(
     disable_dropout(model)
     frozen = Reference(model, reference) if config.beta else None  # beta = 0 loads no reference at all
     rewards = build_rewards(config)
-    prompts, eval_prompts = load_prompts(config, tokenizer, model, dataset, eval_dataset, run_dir)
+    prompts, eval_prompts = load_prompts(
+        config, tokenizer, model, dataset, eval_dataset, run_dir, command="grpo"
+    )
     prompts_per_step = config.train.batch_size * config.train.grad_accum // config.num_generations
     # An epoch is one pass over the prompts; each prompt's rollout is optimised μ times (as in TRL).
     total_steps = config.train.max_steps or max(

@@ -6,13 +6,12 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from prefalign.algorithms.rl.prompts import DEFAULT_MAX_NEW_TOKENS
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
 from prefalign.errors import ConfigError
 
 logger = logging.getLogger("prefalign")
 
-
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass

@@ -35,24 +35,33 @@ from prefalign.runtime.setup import to_device
 logger = logging.getLogger("prefalign")
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def build_optimizer(
+    model: torch.nn.Module, config: TrainConfig, learning_rates: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: weight decay except on biases and norm gains, at
+    config.learning_rate, or at learning_rates[prefix] for parameters whose name starts with that prefix
+    (PPO's critic has its own rate). With one rate the groups are exactly [decay, no decay]."""
+    rates = learning_rates or {}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        rate = next((lr for prefix, lr in rates.items() if name.startswith(prefix)), config.learning_rate)
         # Biases and norm gains are scale parameters: decaying them only hurts.
-        (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        decayed = not (parameter.ndim < 2 or "norm" in name.lower())
+        groups.setdefault((rate, decayed), []).append(parameter)
+    ordered = sorted(groups, key=lambda key: (key[0] != config.learning_rate, -key[0], not key[1]))
+    parameters = [p for params in groups.values() for p in params]
     # The fused kernel (one pass over all parameters; transformers' Trainer default too) is about 5x faster
     # than the per-tensor update on CPU; it needs floating parameters on CPU or CUDA.
     fused = config.fused_optimizer and all(
-        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters
     )
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        [
+            {"params": groups[key], "lr": key[0], "weight_decay": config.weight_decay if key[1] else 0.0}
+            for key in ordered
+        ],
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
@@ -203,13 +212,14 @@ def train(
     prepare_step: Callable[[list[dict[str, Any]]], None] | None = None,
     after_phase: Callable[[Phase, int, int], None] | None = None,
     max_seconds: float = 0.0,
+    learning_rates: dict[str, float] | None = None,
 ) -> TrainResult:
     """Optimise `loss_fn` over the steps `source` hands out until `total_steps` (or `max_seconds`, checked at
     phase boundaries). `prepare_step` sees each step's micro-batches before the first forward pass (step-wide
     totals a loss needs); `after_phase(phase, first_step, last_step)` runs after each phase's steps."""
     if config.batch_size < 1 or config.grad_accum < 1:
         raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, learning_rates)
     scheduler = build_scheduler(optimizer, config, total_steps)
     step = resume(config, run_dir, model, optimizer, scheduler, source)
     device = model_device(model)

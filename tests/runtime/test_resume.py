@@ -49,6 +49,9 @@ def command_line(command: str, tmp_path: Path) -> list[str]:
         data = write_rows(tmp_path / "pairs.jsonl", preference_dataset("train", limit=32))
         return [command, *common, "--data.path", data, "--train.batch_size", "4", "--data.max_length", "32"]
     data = write_rows(tmp_path / "prompts.jsonl", prompt_dataset("train", limit=32))
+    if command == "ppo":  # two PPO epochs per rollout, so a checkpoint falls every 2 steps; β adapts (saved)
+        return [command, *common, "--data.path", data, "--train.batch_size", "4", "--num_iterations", "2",
+                "--max_new_tokens", "4", "--data.max_length", "32", "--kl_target", "0.5"]  # fmt: skip
     return [command, *common, "--data.path", data, "--train.batch_size", "8", "--num_generations", "4",
             "--max_new_tokens", "4", "--data.max_length", "32", "--beta", "0.05"]  # fmt: skip
 
@@ -58,7 +61,7 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     return {record["step"]: record["loss"] for record in records if "loss" in record}
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "reward", "grpo"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "reward", "grpo", "ppo"])
 def test_kill_9_then_resume_ends_where_the_whole_run_ends(tmp_path, command):
     arguments = command_line(command, tmp_path)
     whole, cut = tmp_path / "whole", tmp_path / "cut"

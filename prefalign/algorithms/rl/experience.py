@@ -16,9 +16,12 @@ import torch
 
 from prefalign.data import collate_sft
 from prefalign.models.forward import CompletionLogps, completion_logps, grouped_completion_logps
+from prefalign.runtime import distributed
 from prefalign.runtime.setup import to_device
 
-PER_TOKEN = ("sampler_logps", "old_logps", "ref_logps")
+# Per-completion-token lists an experience row may carry (PPO adds the critic's values, GAE's advantages and
+# returns); a missing one collates to None.
+PER_TOKEN = ("sampler_logps", "old_logps", "ref_logps", "old_values", "token_advantages", "returns")
 
 
 def collate_experience(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
@@ -28,7 +31,8 @@ def collate_experience(rows: list[dict[str, Any]], pad_token_id: int) -> dict[st
         pad_token_id=pad_token_id, prompt_ids=[row["prompt_ids"] for row in rows],
         completion_ids=[row["completion_ids"] for row in rows],
     )  # fmt: skip
-    batch["advantages"] = torch.tensor([row["advantage"] for row in rows], dtype=torch.float32)  # (B,)
+    # (B,): GRPO's one advantage per completion (PPO's are per token, in token_advantages)
+    batch["advantages"] = torch.tensor([row.get("advantage", 0.0) for row in rows], dtype=torch.float32)
     batch["trained"] = torch.tensor([float(row["trained"]) for row in rows])  # (B,)
     for name in PER_TOKEN:
         batch[name] = [row.get(name) for row in rows]  # per row: one value per completion token, or None
@@ -93,3 +97,20 @@ def logprob_difference(rows: list[dict[str, Any]], name: str = "old_logps") -> d
         "rollout/logprob_diff_max": max(differences),
         "rollout/logprob_diff_mean": sum(differences) / len(differences),
     }
+
+
+def step_totals(micro_batches: list[dict[str, Any]]) -> None:
+    """The step's normalisers over every process, before the first backward: trained completion tokens, all
+    completion tokens and trained completions (a loss divides by the one its aggregation needs), stored in
+    every micro-batch as step_tokens, step_completion_tokens and step_sequences."""
+    trained = [
+        torch.tensor([len(ids) for ids in b["completion_ids"]]) * b["trained"].cpu() for b in micro_batches
+    ]
+    tokens = distributed.sum_across(float(sum(int(t.sum()) for t in trained)))
+    sequences = distributed.sum_across(float(sum(int((t > 0).sum()) for t in trained)))
+    completion_tokens = distributed.sum_across(
+        float(sum(sum(map(len, b["completion_ids"])) for b in micro_batches))
+    )
+    for batch in micro_batches:
+        batch["step_tokens"], batch["step_sequences"] = int(tokens), max(1, int(sequences))
+        batch["step_completion_tokens"] = int(completion_tokens)

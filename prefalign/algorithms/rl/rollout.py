@@ -57,6 +57,8 @@ def reward_metrics(scores: torch.Tensor) -> dict[str, float]:
     groups = [group for group in groups if group.numel()]
     if not groups:
         return {"reward": math.nan, "reward_std": math.nan, "frac_reward_zero_std": math.nan}
+    if scores.shape[1] < 2:  # one completion per prompt (PPO): no groups to describe
+        return {"reward": torch.cat(groups).mean().item()}
     stds = [group.std().item() for group in groups if group.numel() > 1]
     equal = [bool(losses.zero_std_groups(group.unsqueeze(0), group.numel())) for group in groups]
     return {

@@ -57,19 +57,28 @@ class ExperienceSource:
         micro_batch_size: int,
         pad_token_id: int,
         device: torch.device,
+        prepare: Callable[[list[dict[str, Any]]], dict[str, float]] | None = None,
+        always_old_logps: bool = False,
+        extra_state: dict[str, Any] | None = None,
     ):
         self.collect, self.policy, self.score, self.reference = collect, policy, score, reference
         self.num_prompts, self.seed = num_prompts, seed
         self.num_iterations, self.steps_per_generation = num_iterations, steps_per_generation
         self.micro_batch_size, self.pad_token_id, self.device = micro_batch_size, pad_token_id, device
-        self.restore({"position": 0, "generation_calls": 0})
+        # prepare(rows) -> metrics runs once the reference and old log-probs are in (PPO: values, rewards,
+        # GAE); extra_state is the algorithm's own resumable state (PPO's β), saved with the checkpoints.
+        self.prepare, self.always_old_logps = prepare, always_old_logps
+        self.extra_state = extra_state if extra_state is not None else {}
+        self.restore({"position": 0, "generation_calls": 0, **self.extra_state})
 
     def restore(self, state: dict[str, Any]) -> None:
         self.progress = Progress(position=state["position"], generation_calls=state["generation_calls"])
         self.stream = example_stream(self.num_prompts, self.seed, start=self.progress.position)
+        self.extra_state.update({key: state[key] for key in self.extra_state if key in state})
 
     def state(self) -> dict[str, Any]:
-        return {"position": self.progress.position, "generation_calls": self.progress.generation_calls}
+        progress = {"position": self.progress.position, "generation_calls": self.progress.generation_calls}
+        return {**progress, **self.extra_state}
 
     def next_prompt(self) -> int:
         self.progress.position += 1
@@ -91,9 +100,12 @@ class ExperienceSource:
         parts = min(self.steps_per_generation, num_groups)
         bounds = [round(i * num_groups / parts) * group for i in range(parts + 1)]
         metrics = dict(batch.metrics)
-        if self.num_iterations > 1 or parts > 1:  # π drifts from π_old within the batch: fix π_old now
+        multi_step = self.num_iterations > 1 or parts > 1
+        if multi_step or self.always_old_logps:  # π drifts from π_old within the batch: fix π_old now
             add_token_logps(rows, "old_logps", lambda b: self.score(self.policy, b), **logged)
             metrics.update(logprob_difference(rows))
+        if self.prepare is not None:
+            metrics.update(self.prepare(rows))
         steps = []
         for _ in range(self.num_iterations):
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
