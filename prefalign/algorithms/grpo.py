@@ -35,6 +35,7 @@ from prefalign.data.context import fit_to_context
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.errors import ConfigError
 from prefalign.evaluation.policy import evaluate_policy
+from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, model_device
 from prefalign.models.reference import Reference
 from prefalign.models.saving import model_card, save_model
@@ -42,8 +43,8 @@ from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import build_scorers
 from prefalign.rollout.engine import LocalEngine
 from prefalign.runtime import distributed
-from prefalign.runtime.loop import LossOutput, Phase, TrainResult, train
-from prefalign.runtime.setup import start_run
+from prefalign.runtime.loop import LossOutput, Phase, TrainResult, finished_run, train
+from prefalign.runtime.setup import start_run, write_run_file
 
 logger = logging.getLogger("prefalign")
 
@@ -82,7 +83,7 @@ def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, ru
             rows, context, config.max_new_tokens, too_long=config.data.too_long_prompt, name=name
         )
         data_stats[name]["dropped_context"] = len(rows) - len(kept)
-    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
+    write_run_file(run_dir / "data_stats.json", json.dumps(data_stats, indent=2))
     return splits["train"].to_list(), splits.get("eval")
 
 
@@ -175,8 +176,11 @@ def grpo(
     reference=None,
     save: bool = True,
 ) -> TrainResult:
-    """Run GRPO as configured; returns the training result (the policy is saved to <run>/final)."""
+    """Run GRPO as configured; returns the training result (the policy is saved to <run>/final). Resuming a
+    finished run returns its result without training (prefalign.runtime.loop.finished_run)."""
     check_config(config)
+    if (finished := finished_run(config, "grpo")) is not None:
+        return finished
     run_dir, model, tokenizer = start_run(config, "grpo", model, tokenizer)
     # The engine samples in eval mode: π_old and π must be the same function at μ's first pass.
     disable_dropout(model)
@@ -209,7 +213,8 @@ def grpo(
     def write_completions(phase: Phase, first_step: int, last_step: int) -> None:
         every = config.log_completions_every
         if every and any(step % every == 0 for step in range(first_step, last_step)):
-            with (run_dir / "completions.jsonl").open("a") as handle:
+            path = run_dir / "completions.jsonl"
+            with writing(path, "set train.output_dir to another folder"), path.open("a") as handle:
                 for record in phase.logged:
                     handle.write(json.dumps({"step": first_step + 1, **record}, default=str) + "\n")
 
