@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from prefalign.errors import ConfigError, DataError, ModelError, PrefalignError, TrainingError
+from prefalign.errors import ConfigError, DataError, ModelError, OutputError, PrefalignError, TrainingError
 from prefalign.version import __version__
 
 # name -> module that defines it (the commands layer, or the lower layer for types and helpers)
@@ -40,7 +40,7 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "ConfigError", "DataError", "ModelError", "PrefalignError", "TrainingError", "__version__",
+    "ConfigError", "DataError", "ModelError", "OutputError", "PrefalignError", "TrainingError", "__version__",
     "sft",
     "SFTConfig",
     "dpo",

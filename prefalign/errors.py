@@ -19,3 +19,8 @@ class ModelError(PrefalignError, ValueError):
 
 class TrainingError(PrefalignError, RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
+
+
+class OutputError(PrefalignError, OSError):
+    """A file or folder cannot be written (a read-only folder, a full disk, ...); the message names the path
+    and what to do."""

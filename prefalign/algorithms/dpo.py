@@ -56,8 +56,8 @@ from prefalign.models.loading import (
 from prefalign.models.reference import Reference, check_reference_model, check_same_tokenizer
 from prefalign.models.saving import model_card, save_model
 from prefalign.runtime import distributed
-from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
-from prefalign.runtime.setup import start_run
+from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
+from prefalign.runtime.setup import start_run, write_run_file
 
 
 @dataclass
@@ -232,9 +232,12 @@ def dpo(
     """Run DPO (or a family member) as configured; returns the training result (model saved to <run>/final).
 
     `model`/`tokenizer` replace config.model; `reference` (a model object, or a prefalign.models.Reference)
-    replaces config.reference.
+    replaces config.reference. Resuming a finished run returns its result without training
+    (prefalign.runtime.loop.finished_run).
     """
     check_config(config)
+    if (finished := finished_run(config, "dpo")) is not None:
+        return finished
     run_dir, model, tokenizer = start_run(config, "dpo", model, tokenizer)
     disable_dropout(model)  # policy and reference log-probs are compared: dropout would add noise to both
     dataset, eval_dataset = (_as_dataset(rows) for rows in (dataset, eval_dataset))
@@ -243,7 +246,7 @@ def dpo(
     splits, data_stats = {"train": train_pairs}, {"train": train_report}
     if eval_rows is not None:
         splits["eval"], data_stats["eval"] = tokenized_pairs(eval_rows, tokenizer, config.data, "eval")
-    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
+    write_run_file(run_dir / "data_stats.json", json.dumps(data_stats, indent=2))
 
     frozen = reference_of(config, model, tokenizer, reference)
     # The KV cache that shares prompts is off under gradient checkpointing (transformers disables it there).

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from prefalign.config import DataConfig
 from prefalign.data import collate_preference, tokenize_preference
 from prefalign.data.splits import log_stats
 from prefalign.errors import DataError
-from prefalign.files import atomic_file
+from prefalign.files import atomic_file, writing
 from prefalign.models.forward import (
     CompletionLogps,
     completion_logps,
@@ -168,26 +168,51 @@ def precompute_reference(
             {name: fingerprint(pairs) for name, pairs in splits.items()} | precision
             | {"reference_weights": weights_fingerprint(network)}
         )
-        if path.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as handle:
-                stored = handle.metadata() or {}
-            if all(stored.get(name) == value for name, value in prints.items()):
-                tensors = load_file(str(path))
-                logger.info("reference log-probs reused from %s", path)
-                return {
-                    name: {side: tensors[f"{name}/{side}"] for side in ("chosen", "rejected")}
-                    for name in splits
-                }
+        cached = _read_cached(path, prints, splits)
+        if cached is not None:
+            logger.info("reference log-probs reused from %s", path)
+            return cached
         results = {
             name: sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward)
             for name, pairs in splits.items()
         }
     tensors = {f"{name}/{side}": values for name, sides in results.items() for side, values in sides.items()}
-    with atomic_file(path) as staging:  # a torn file would block every later resume
-        save_file(tensors, str(staging), metadata=prints)
+    with writing(path, "set train.output_dir to another folder"), atomic_file(path) as staging:
+        save_file(tensors, str(staging), metadata=prints)  # atomic: a torn file would block every resume
     return results
+
+
+def _read_cached(
+    path: Path, prints: dict[str, str], splits: dict[str, list[dict[str, Any]]],
+) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The cached log-probs when `path` holds them for these prints (data, precision, reference weights),
+    with one finite value per pair of each split; None when it does not. A file that cannot be read (torn or
+    corrupt) is reported and recomputed rather than stopping the run."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored = handle.metadata() or {}
+            if any(stored.get(name) != value for name, value in prints.items()):
+                return None  # another data set, precision or reference: recomputed, silently
+            cached = {
+                name: {side: handle.get_tensor(f"{name}/{side}") for side in ("chosen", "rejected")}
+                for name in splits
+            }
+    except Exception as error:  # noqa: BLE001 -- safetensors raises its own error types, OSError, ...
+        logger.warning("%s cannot be read (%s): computing the reference log-probs again", path, error)
+        return None
+    for name, sides in cached.items():
+        for side, values in sides.items():
+            if values.shape != (len(splits[name]),) or not bool(torch.isfinite(values).all()):
+                logger.warning(
+                    "%s holds %s/%s of shape %s (expected (%d,) finite values): computing the reference "
+                    "log-probs again", path, name, side, tuple(values.shape), len(splits[name]),
+                )  # fmt: skip
+                return None
+    return cached
 
 
 def on_the_fly_reference(reference: Reference, forward: PairForward):

@@ -30,13 +30,14 @@ from prefalign.algorithms.rl.experience import CompletionScorer, aligned, step_t
 from prefalign.algorithms.rl.prompts import load_prompts
 from prefalign.algorithms.rl.source import ExperienceSource
 from prefalign.evaluation.policy import evaluate_policy
+from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, model_device
 from prefalign.models.reference import Reference
 from prefalign.models.saving import model_card, save_model
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import build_scorers
 from prefalign.rollout.engine import LocalEngine
-from prefalign.runtime.loop import LossOutput, Phase, TrainResult, train
+from prefalign.runtime.loop import LossOutput, Phase, TrainResult, finished_run, train
 from prefalign.runtime.setup import start_run
 
 logger = logging.getLogger("prefalign")
@@ -116,8 +117,11 @@ def grpo(
     reference=None,
     save: bool = True,
 ) -> TrainResult:
-    """Run GRPO as configured; returns the training result (the policy is saved to <run>/final)."""
+    """Run GRPO as configured; returns the training result (the policy is saved to <run>/final). Resuming a
+    finished run returns its result without training (prefalign.runtime.loop.finished_run)."""
     check_config(config)
+    if (finished := finished_run(config, "grpo")) is not None:
+        return finished
     run_dir, model, tokenizer = start_run(config, "grpo", model, tokenizer)
     # The engine samples in eval mode: π_old and π must be the same function at μ's first pass.
     disable_dropout(model)
@@ -152,7 +156,8 @@ def grpo(
     def write_completions(phase: Phase, first_step: int, last_step: int) -> None:
         every = config.log_completions_every
         if every and any(step % every == 0 for step in range(first_step, last_step)):
-            with (run_dir / "completions.jsonl").open("a") as handle:
+            path = run_dir / "completions.jsonl"
+            with writing(path, "set train.output_dir to another folder"), path.open("a") as handle:
                 for record in phase.logged:
                     handle.write(json.dumps({"step": first_step + 1, **record}, default=str) + "\n")
 

@@ -39,6 +39,7 @@ from prefalign.algorithms.rl.rollout import (
 from prefalign.algorithms.rl.source import ExperienceSource, Progress, RolloutBatch
 from prefalign.config import ModelConfig
 from prefalign.evaluation.policy import evaluate_policy
+from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, is_peft_model, load_sequence_classifier, model_device
 from prefalign.models.reference import Reference, check_same_tokenizer
 from prefalign.models.saving import model_card, save_model
@@ -48,7 +49,7 @@ from prefalign.rewards.functions import as_completion, build_scorers
 from prefalign.rollout.engine import LocalEngine
 from prefalign.rollout.types import FINISH_EOS, SamplingParams
 from prefalign.runtime import distributed
-from prefalign.runtime.loop import LossOutput, Phase, TrainResult, train
+from prefalign.runtime.loop import LossOutput, Phase, TrainResult, finished_run, train
 from prefalign.runtime.setup import start_run, to_device
 
 logger = logging.getLogger("prefalign")
@@ -296,6 +297,8 @@ def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, token
         save: bool = True) -> TrainResult:  # fmt: skip
     """Run PPO as configured; returns the training result (policy in <run>/final, critic in final/critic)."""
     check_config(config)
+    if (finished := finished_run(config, "ppo")) is not None:
+        return finished
     run_dir, model, tokenizer = start_run(config, "ppo", model, tokenizer)
     frozen = Reference(model, reference)  # π_ref: a frozen copy, LoRA adapters off, or the given model
     critic, origin = build_critic(config, model, tokenizer)
@@ -340,7 +343,8 @@ def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, token
     def write_completions(phase: Phase, first_step: int, last_step: int) -> None:
         every = config.log_completions_every
         if every and any(step % every == 0 for step in range(first_step, last_step)):
-            with (run_dir / "completions.jsonl").open("a") as handle:
+            path = run_dir / "completions.jsonl"
+            with writing(path, "set train.output_dir to another folder"), path.open("a") as handle:
                 for record in phase.logged:
                     handle.write(json.dumps({"step": first_step + 1, **record}, default=str) + "\n")
 

@@ -42,8 +42,8 @@ from prefalign.rewards.encoding import (
     resolve_rendering,
 )
 from prefalign.rewards.scorer import RewardModelScorer, load_reward_backbone, reward_scores
-from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
-from prefalign.runtime.setup import start_run
+from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
+from prefalign.runtime.setup import start_run, write_run_file
 
 logger = logging.getLogger("prefalign")
 
@@ -165,12 +165,15 @@ def length_grouped_batches(
 def train_reward_model(
     config: RewardConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True,
 ) -> RewardTrainResult:
-    """Train a reward model as configured; saved to <run>/final unless save=False."""
+    """Train a reward model as configured; saved to <run>/final unless save=False. Resuming a finished run
+    returns its result without training (finished_reward_run)."""
     if not config.center_rewards_coefficient >= 0:  # also catches NaN
         raise ConfigError(
             "center_rewards_coefficient must be >= 0 (0 = off, e.g. 0.01), got "
             f"{config.center_rewards_coefficient}"
         )
+    if (finished := finished_run(config, "reward")) is not None:
+        return finished_reward_run(finished)
     run_dir, model, tokenizer = start_run(config, "reward", model, tokenizer, load=load_reward_backbone)
     settings = RewardSettings(
         rendering=resolve_rendering(config.rendering, tokenizer), max_length=config.data.max_length,
@@ -182,7 +185,7 @@ def train_reward_model(
     if eval_rows is not None:
         eval_examples, eval_stats = encode_pairs(eval_rows, tokenizer, settings, config.data)
         data_stats["eval"] = _log_stats("eval", eval_stats)
-    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
+    write_run_file(run_dir / "data_stats.json", json.dumps(data_stats, indent=2))
     scorer = RewardModelScorer(model, tokenizer, batch_size=config.eval_batch_size, settings=settings)
     width = getattr(getattr(model, "config", None), "hidden_size", None)
     autocast_bf16 = use_bf16_autocast(config.mixed_precision, model_device(model), width)
@@ -211,7 +214,7 @@ def train_reward_model(
     settings.reward_mean, settings.reward_std = _training_reward_statistics(scorer, examples, config)
     evaluation = evaluate_pairs(scorer, eval_examples) if eval_examples else None
     if evaluation is not None:
-        (run_dir / "eval_reward.json").write_text(json.dumps(evaluation, indent=2))
+        write_run_file(run_dir / "eval_reward.json", json.dumps(evaluation, indent=2))
     model_dir = None
     if save:
         model_dir = save_reward_model(
@@ -220,6 +223,22 @@ def train_reward_model(
     return RewardTrainResult(
         step=result.step, metrics=result.metrics, run_dir=run_dir, wall_time=result.wall_time,
         evaluation=evaluation, settings=settings, model_dir=model_dir,
+    )
+
+
+def finished_reward_run(finished: TrainResult) -> RewardTrainResult:
+    """A finished run's result as training returns it: its steps and metrics (finished_run), the held-out
+    evaluation and scoring settings it saved, and its final/ folder."""
+    model_dir = finished.run_dir / "final"
+    evaluation_file = finished.run_dir / "eval_reward.json"
+    settings_file = model_dir / SETTINGS_FILE
+    return RewardTrainResult(
+        **vars(finished),
+        evaluation=json.loads(evaluation_file.read_text()) if evaluation_file.exists() else None,
+        settings=RewardSettings.from_folder(model_dir, None, None) if settings_file.exists() else (
+            RewardSettings()
+        ),
+        model_dir=model_dir,
     )
 
 

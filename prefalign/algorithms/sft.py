@@ -18,8 +18,8 @@ from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.models.forward import completion_logps, count_tokens
 from prefalign.models.loading import model_device
 from prefalign.models.saving import model_card, save_model
-from prefalign.runtime.loop import LossOutput, TrainResult, train_on_examples
-from prefalign.runtime.setup import start_run, to_device
+from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
+from prefalign.runtime.setup import start_run, to_device, write_run_file
 
 
 @dataclass
@@ -63,7 +63,10 @@ def make_evaluator(examples, pad_token_id: int, batch_size: int):
 def sft(
     config: SFTConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, save: bool = True,
 ) -> TrainResult:
-    """Run SFT as configured; returns the training result (the model is saved to <run>/final)."""
+    """Run SFT as configured; returns the training result (the model is saved to <run>/final). Resuming a
+    finished run returns its result without training (prefalign.runtime.loop.finished_run)."""
+    if (finished := finished_run(config, "sft")) is not None:
+        return finished
     run_dir, model, tokenizer = start_run(config, "sft", model, tokenizer)
     train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     train_data, stats = tokenize_sft(train_rows, tokenizer, config.data)
@@ -74,7 +77,7 @@ def sft(
         eval_data, eval_stats = tokenize_sft(eval_rows, tokenizer, config.data)
         data_stats["eval"] = log_stats("eval", eval_stats)
         evaluate = make_evaluator(eval_data.to_list(), tokenizer.pad_token_id, config.train.batch_size)
-    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
+    write_run_file(run_dir / "data_stats.json", json.dumps(data_stats, indent=2))
     result = train_on_examples(
         model=model,
         examples=examples,

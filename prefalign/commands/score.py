@@ -13,7 +13,7 @@ from typing import Any
 
 from prefalign.config import option
 from prefalign.errors import ConfigError
-from prefalign.files import atomic_file
+from prefalign.files import atomic_file, writing
 from prefalign.rewards.scorer import RewardModelScorer
 
 
@@ -51,6 +51,7 @@ def score(config: ScoreConfig) -> Path:
     set_threads(config.num_threads)
     if not config.data:
         raise ConfigError("score needs --data FILE (the rows to score)")
+    path = output_path(config)
     rows = load_rows([config.data], columns=config.columns)
     scorer = RewardModelScorer(
         config.model, batch_size=config.batch_size, device=config.device, normalize=config.normalize,
@@ -70,20 +71,37 @@ def score(config: ScoreConfig) -> Path:
             "reward",
             scorer.score([row["prompt"] for row in singles], [row["completion"] for row in singles]),
         )
-    path = Path(
-        config.output or f"runs/score/{Path(config.data.rstrip('/')).name.split('.')[0]}.scored.jsonl"
-    )
     _write_rows(output, path)
     print(f"scored {len(output)} rows with {config.model}: {path}")
     return path
 
 
+def output_path(config: ScoreConfig) -> Path:
+    """Where the scored copy goes, checked before anything is loaded: a known format, and never the input
+    itself (the scored copy must not replace the rows it was made from)."""
+    path = Path(
+        config.output or f"runs/score/{Path(config.data.rstrip('/')).name.split('.')[0]}.scored.jsonl"
+    )
+    if not path.name.lower().endswith((".parquet", ".csv", ".json", ".jsonl")):
+        raise ConfigError(f"score: output {str(path)!r} must end in .jsonl, .json, .parquet or .csv")
+    data = Path(config.data)
+    if path.resolve() == data.resolve() or (path.is_file() and data.is_file() and path.samefile(data)):
+        raise ConfigError(
+            f"score: --output {config.output!r} is the input file {config.data!r}; the scored copy must not "
+            f"replace the data it scores: choose another --output (e.g. {_beside(path)!r}), or leave it "
+            "empty for runs/score/<data name>.scored.jsonl"
+        )
+    return path
+
+
+def _beside(path: Path) -> str:
+    return str(path.with_name(f"{path.name.split('.')[0]}-scored{path.suffix}"))
+
+
 def _write_rows(dataset: Any, path: Path) -> None:
     """The scored copy, written atomically (a crash leaves no half-written file where the output goes)."""
     name = path.name.lower()
-    if not name.endswith((".parquet", ".csv", ".json", ".jsonl")):
-        raise ConfigError(f"score: output {str(path)!r} must end in .jsonl, .json, .parquet or .csv")
-    with atomic_file(path) as staging:
+    with writing(path, "choose another --output"), atomic_file(path) as staging:
         if name.endswith(".parquet"):
             dataset.to_parquet(str(staging))
         elif name.endswith(".csv"):

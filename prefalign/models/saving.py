@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefalign.files import atomic_folder
+from prefalign.files import atomic_folder, writing
 from prefalign.models.loading import is_peft_model
 
 
@@ -28,7 +28,8 @@ def save_model(
     `<out_dir>/merged` as well. `extra_files` (name -> JSON-able object) are written beside the weights.
     """
     out_dir = Path(out_dir)
-    with atomic_folder(out_dir) as staging:
+    where = "save to another folder (train.output_dir for a training run)"
+    with writing(out_dir, where), atomic_folder(out_dir) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if is_peft_model(model) and merge_lora:

@@ -17,6 +17,7 @@ from prefalign.runtime.loop import (
     build_scheduler,
     clip_and_step,
     example_stream,
+    finished_run,
     lr_factor,
     stop_error,
     total_steps_for,
@@ -24,12 +25,14 @@ from prefalign.runtime.loop import (
     train_on_examples,
 )
 from prefalign.runtime.metrics import MetricsLogger, read_metrics
-from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads, to_device
+from prefalign.runtime.setup import prepare_run_dir, seed_everything, set_threads, to_device, write_run_file
 
 __all__ = [
     "seed_everything",
     "set_threads",
     "prepare_run_dir",
+    "write_run_file",
+    "finished_run",
     "to_device",
     "CHECKPOINT_PREFIX",
     "trainable_state",

@@ -48,10 +48,14 @@ def save_checkpoint(
     final = checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
     with atomic_folder(final) as staging:
         save_file(trainable_state(model), str(staging / "model.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
-        torch.save({"torch": torch.get_rng_state(), **cuda}, staging / "rng.pt")
+        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        saved["rng"] = {"torch": torch.get_rng_state(), **cuda}
+        for name, value in saved.items():
+            # Through a Python file: a full disk is then an OSError (torch.save to a path raises a bare
+            # RuntimeError).
+            with (staging / f"{name}.pt").open("wb") as handle:
+                torch.save(value, handle)
         (staging / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **state}))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -26,10 +26,18 @@ import torch
 
 from prefalign.config import TrainConfig
 from prefalign.errors import ConfigError, TrainingError
+from prefalign.files import writing
 from prefalign.models.loading import model_device
 from prefalign.runtime import distributed
 from prefalign.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from prefalign.runtime.metrics import MetricsLogger
+from prefalign.runtime.run_folder import (
+    last_step,
+    read_log,
+    remove_interrupted_saves,
+    run_dir_for,
+    trim_step_logs,
+)
 from prefalign.runtime.setup import to_device
 
 logger = logging.getLogger("prefalign")
@@ -260,10 +268,11 @@ def train(
                 after_phase(phase, first_step, step)
             every = config.save_every
             if every > 0 and step // every > first_step // every and step < total_steps:
-                state = source.state()
-                save_checkpoint(
-                    run_dir, step, model, optimizer, scheduler, state, keep=config.keep_checkpoints
-                )
+                with writing(run_dir / "checkpoints", "set train.output_dir to another folder"):
+                    save_checkpoint(
+                        run_dir, step, model, optimizer, scheduler, source.state(),
+                        keep=config.keep_checkpoints,
+                    )
         if step < total_steps:
             logger.warning(
                 "%s: max_time of %.0f s reached after %d of %d steps",
@@ -282,7 +291,8 @@ def train(
 
 
 def resume(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, source: Source) -> int:
-    """The step to start from: 0, or the last checkpoint's (model, optimizer, RNG and source restored)."""
+    """The step to start from: 0, or the last checkpoint's (model, optimizer, RNG and source restored; the
+    step logs cut back to it; staging folders of an interrupted checkpoint save removed)."""
     if not config.resume:
         return 0
     checkpoints = list_checkpoints(run_dir)
@@ -290,7 +300,27 @@ def resume(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, sour
         raise ConfigError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
     state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
     source.restore(state)
+    with writing(run_dir, "set train.output_dir to another folder"):
+        remove_interrupted_saves(run_dir)
+        trim_step_logs(run_dir, state["step"])
+    logger.warning("resumed from checkpoint step %d (%s)", state["step"], checkpoints[-1])
     return state["step"]
+
+
+def finished_run(config: Any, command: str) -> TrainResult | None:
+    """With train.resume on a finished run (final/ exists): says so and returns its TrainResult without
+    training: `step` is the run's last step, `metrics` the records of its metrics.jsonl, `wall_time` 0.
+    None otherwise (train as usual)."""
+    run_dir = run_dir_for(config.train, command)
+    if not (config.train.resume and (run_dir / "final").is_dir()):
+        return None
+    step = last_step(run_dir)
+    logger.warning(
+        "%s: the run in %s is already finished (step %d, model in %s): nothing to resume. To train it "
+        "again pass --train.overwrite true instead of --train.resume, or set a new train.output_dir.",
+        command, run_dir, step, run_dir / "final",
+    )  # fmt: skip
+    return TrainResult(step=step, metrics=read_log(run_dir / "metrics.jsonl"), run_dir=run_dir, wall_time=0.0)
 
 
 def step_record(phase: Phase, metrics: dict[str, float], train_seconds: float, scheduler) -> dict[str, float]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from prefalign.config import TrainConfig
+from prefalign.files import writing
 
 
 class MetricsLogger:
@@ -38,7 +39,7 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with self.path.open("a") as handle:
+        with writing(self.path, "set train.output_dir to another folder"), self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.tracker is not None:
             self.tracker.log(record, step=step)

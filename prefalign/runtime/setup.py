@@ -4,7 +4,6 @@ device."""
 from __future__ import annotations
 
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,15 @@ import torch
 
 from prefalign.config import TrainConfig, save_config
 from prefalign.errors import ConfigError
+from prefalign.files import atomic_file, writing
 from prefalign.models.loading import load_causal_lm
+from prefalign.runtime.run_folder import (
+    CONFIG_FILE,
+    check_new_run,
+    check_resume,
+    clear_run,
+    run_dir_for,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -29,19 +36,31 @@ def set_threads(num_threads: int) -> None:
 
 
 def prepare_run_dir(config: Any, command: str) -> Path:
-    """Create the run folder, refuse to clobber a finished run, write the resolved config."""
+    """The run folder, as train.resume / train.overwrite say (prefalign.runtime.run_folder has the rules): a
+    new run refuses a folder holding a run or files a run would replace; overwrite removes only what a
+    previous run wrote; resume checks the config against the run's config.yaml and keeps that file. Writes
+    the resolved config.yaml (unless resuming)."""
     train: TrainConfig = config.train
-    run_dir = Path(train.output_dir or f"runs/{command}")
-    if (run_dir / "final").exists() and not (train.resume or train.overwrite):
-        raise ConfigError(
-            f"run folder {str(run_dir)!r} already holds a finished run; set train.output_dir to a new "
-            "folder, or pass --overwrite true to replace it (--resume true to continue it)"
-        )
-    if train.overwrite and not train.resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    run_dir = run_dir_for(train, command)
+    with writing(run_dir, "set train.output_dir to another folder"):
+        if train.resume:
+            check_resume(config, run_dir)
+        elif train.overwrite:
+            clear_run(run_dir, command)
+        else:
+            check_new_run(run_dir, command)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (train.resume and (run_dir / CONFIG_FILE).exists()):
+            with atomic_file(run_dir / CONFIG_FILE) as staging:
+                save_config(config, staging)
     return run_dir
+
+
+def write_run_file(path: Path, text: str) -> None:
+    """A small file of the run folder (data_stats.json, ...), written atomically; a read-only folder or a
+    full disk is an OutputError naming it."""
+    with writing(path, "set train.output_dir to another folder"), atomic_file(path) as staging:
+        staging.write_text(text)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -3,15 +3,26 @@ and reused only for the same data and the same reference weights."""
 
 from __future__ import annotations
 
-import torch
+import logging
 
-from prefalign.algorithms.dpo_pairs import PairForward, precompute_reference, sequence_logps, tokenized_pairs
+import torch
+from safetensors.torch import load_file
+
+from prefalign import DPOConfig, TrainConfig, dpo
+from prefalign.algorithms.dpo_pairs import (
+    REF_LOGPS_FILE,
+    PairForward,
+    precompute_reference,
+    sequence_logps,
+    tokenized_pairs,
+)
 from prefalign.config import DataConfig
 from prefalign.data import collate_preference
 from prefalign.models.forward import completion_logps, mixed_precision
 from prefalign.models.reference import Reference
+from prefalign.runtime.metrics import read_metrics
 from prefalign.tasks.arithmetic import preference_dataset
-from tests.helpers import tiny_model
+from tests.helpers import save_tiny_model, tiny_model
 
 
 def test_cached_reference_is_reused_only_for_the_same_data_and_weights(tmp_path):
@@ -74,3 +85,35 @@ def test_precomputed_reference_equals_a_plain_per_pair_forward(tmp_path):
     fast = sequence_logps(model, pairs, pad, 64, PairForward(pad, bf16=True))
     torch.testing.assert_close(fast["chosen"], chosen, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(fast["rejected"], rejected, rtol=1e-2, atol=1e-2)
+
+
+def test_an_unreadable_reference_cache_is_recomputed_on_resume(tmp_path, caplog):
+    """A torn or corrupt ref_logps.safetensors is reported and recomputed: the resumed run ends with the
+    uninterrupted run's numbers."""
+    model_dir, run = save_tiny_model(tmp_path / "model"), tmp_path / "run"
+    rows = preference_dataset("train", limit=16)
+
+    def train(resume=False):
+        config = DPOConfig()
+        config.model.name_or_path, config.data.max_length = str(model_dir), 32
+        config.train = TrainConfig(
+            output_dir=str(run), max_steps=4, save_every=2, batch_size=4, learning_rate=1e-3, progress=False,
+            resume=resume,
+        )  # fmt: skip
+        return dpo(config, dataset=rows, save=False)  # no final/: the run can be resumed from step 2 again
+
+    whole = train()
+    cache = run / REF_LOGPS_FILE
+    # Copied out: load_file maps the file, whose bytes the loop below overwrites.
+    cached = {key: value.clone() for key, value in load_file(str(cache)).items()}
+    intact = cache.read_bytes()
+    for broken in (b"\x00garbage" * 64, intact[: len(intact) // 2]):
+        cache.write_bytes(broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="prefalign"):
+            resumed = train(resume=True)
+        assert "cannot be read" in caplog.text and "computing the reference log-probs again" in caplog.text
+        assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in whole.metrics[2:]]
+        assert [record["step"] for record in read_metrics(run)] == [1, 2, 3, 4]
+        assert load_file(str(cache)).keys() == cached.keys()
+        assert all(torch.equal(load_file(str(cache))[key], value) for key, value in cached.items())

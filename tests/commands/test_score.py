@@ -32,3 +32,22 @@ def test_score_command_writes_a_reward_column(tmp_path):
     [scored] = score([{"prompt": "1+1=", "chosen": "2", "rejected": "3"}], "pairs")
     assert scored["reward_chosen"] == pytest.approx(expected[0])
     assert scored["reward_rejected"] != pytest.approx(scored["reward_chosen"])
+
+
+def test_score_refuses_to_write_over_its_input_before_loading_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = saved_classifier(tmp_path / "rm")
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1+1=", "completion": "2"}])
+    before = (tmp_path / "a.jsonl").read_text()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("loaded before the output was checked")
+
+    monkeypatch.setattr("prefalign.data.load_rows", loaded)
+    monkeypatch.setattr("prefalign.commands.score.RewardModelScorer", loaded)
+    for output in ("./a.jsonl", str(tmp_path / "a.jsonl")):  # the same file, however it is written
+        assert main(["score", "--model", str(folder), "--data", "a.jsonl", "--output", output]) == 2
+        error = capsys.readouterr().err
+        assert "is the input file 'a.jsonl'" in error and "choose another --output (e.g. '" in error
+        assert "a-scored.jsonl'" in error
+    assert (tmp_path / "a.jsonl").read_text() == before

@@ -1,9 +1,12 @@
 """Kill -9 and resume through the one training loop: SFT, DPO, the reward model and GRPO each end bit for bit
-where the uninterrupted run ends (final weights and every logged loss)."""
+where the uninterrupted run ends (final weights and every logged loss). A resume says where it starts, logs
+each step once, cleans up after an interrupted save, and leaves a finished run alone; a full disk is named."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +15,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from prefalign.cli import main
+from prefalign import SFTConfig, TrainConfig, sft
+from prefalign.cli import main, parse_overrides
+from prefalign.config import load_config
+from prefalign.files import staging_prefix
+from prefalign.runtime import checkpoint
+from prefalign.runtime.checkpoint import list_checkpoints
+from prefalign.runtime.metrics import read_metrics
 from prefalign.tasks.arithmetic import preference_dataset, prompt_dataset, sft_dataset
 from tests.helpers import save_tiny_model
 
@@ -83,3 +92,63 @@ def test_kill_9_then_resume_ends_where_the_whole_run_ends(tmp_path, command):
         assert resumed[name].equal(tensor), name
     assert losses_by_step(cut) == losses_by_step(whole)
     assert sorted(losses_by_step(cut)) == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- what a resume says and keeps
+
+
+def sft_config(model_dir: Path, run_dir: Path, **train) -> SFTConfig:
+    config = SFTConfig()
+    config.model.name_or_path, config.data.max_length = str(model_dir), 32
+    config.train = TrainConfig(
+        output_dir=str(run_dir), max_steps=4, save_every=2, batch_size=4, learning_rate=1e-3, progress=False,
+        num_threads=1, **train,
+    )  # fmt: skip
+    return config
+
+
+def test_resume_says_where_it_starts_and_logs_each_step_once(tmp_path, caplog):
+    model_dir, run = save_tiny_model(tmp_path / "model"), tmp_path / "run"
+    rows = sft_dataset("train", limit=16)
+    whole = sft(sft_config(model_dir, run), dataset=rows, save=False)  # checkpoint at step 2, metrics 1-4
+    # A kill -9 during a checkpoint save leaves its staging folder behind.
+    leftover = run / "checkpoints" / f"{staging_prefix('step-000003')}k2j3"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_text("half written")
+    with caplog.at_level(logging.WARNING, logger="prefalign"):
+        resumed = sft(sft_config(model_dir, run, resume=True), dataset=rows, save=False)
+    assert "resumed from checkpoint step 2" in caplog.text
+    assert not leftover.exists()
+    assert [m["step"] for m in resumed.metrics] == [3, 4]
+    records = read_metrics(run)
+    assert [record["step"] for record in records] == [1, 2, 3, 4]  # steps 3 and 4 once, from the resumed run
+    assert [record["loss"] for record in records] == [m["loss"] for m in whole.metrics]
+
+
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, caplog):
+    arguments = [*command_line("sft", tmp_path), "--train.output_dir", str(tmp_path / "run")]
+    assert main(arguments) == 0
+    weights, metrics = tmp_path / "run" / "final" / "model.safetensors", tmp_path / "run" / "metrics.jsonl"
+    stamp, logged = weights.stat().st_mtime_ns, metrics.read_text()
+    with caplog.at_level(logging.WARNING, logger="prefalign"):
+        assert main([*arguments, "--train.resume", "true"]) == 0
+    assert "is already finished (step 4" in caplog.text and "nothing to resume" in caplog.text
+    assert weights.stat().st_mtime_ns == stamp and metrics.read_text() == logged
+    # The Python function returns the finished run's result without training.
+    _, overrides, _ = parse_overrides([*arguments[1:], "--train.resume", "true"])
+    result = sft(load_config(SFTConfig, overrides=overrides, from_string=True))
+    assert result.step == 4 and [m["step"] for m in result.metrics] == [1, 2, 3, 4] and result.wall_time == 0
+    assert weights.stat().st_mtime_ns == stamp
+
+
+def test_a_full_disk_is_an_error_naming_the_folder_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def full_disk(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    run = tmp_path / "run"
+    assert main([*command_line("sft", tmp_path), "--train.output_dir", str(run)]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot write {str(run / 'checkpoints')!r}: the disk is full" in error, error
+    assert "train.output_dir" in error and "Traceback" not in error
+    assert list_checkpoints(run) == []  # nothing half-written is left as a checkpoint

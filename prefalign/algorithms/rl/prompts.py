@@ -11,6 +11,7 @@ from prefalign.data import tokenize_prompts
 from prefalign.data.context import fit_to_context
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.errors import ConfigError
+from prefalign.runtime.setup import write_run_file
 
 logger = logging.getLogger("prefalign")
 
@@ -50,7 +51,7 @@ def load_prompts(config, tokenizer, model, dataset, eval_dataset, run_dir: Path,
             rows, context, config.max_new_tokens, too_long=config.data.too_long_prompt, name=name
         )
         data_stats[name]["dropped_context"] = len(rows) - len(kept)
-    (run_dir / "data_stats.json").write_text(json.dumps(data_stats, indent=2))
+    write_run_file(run_dir / "data_stats.json", json.dumps(data_stats, indent=2))
     return splits["train"].to_list(), splits.get("eval")
 
 
