@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from prefalign import losses
-from prefalign.algorithms.grpo_config import DEFAULT_MAX_NEW_TOKENS, GRPOConfig, check_config
+from prefalign.algorithms.grpo_config import DEFAULT_MAX_NEW_TOKENS, GRPOConfig
 from prefalign.algorithms.grpo_rollout import collect_rollout
 from prefalign.algorithms.rl.experience import CompletionScorer, aligned
 from prefalign.algorithms.rl.source import ExperienceSource
-from prefalign.config import save_config
+from prefalign.config import save_config, validate
 from prefalign.data import tokenize_prompts
 from prefalign.data.context import fit_to_context
 from prefalign.data.splits import log_stats, resolve_rows
@@ -68,7 +68,7 @@ def load_prompts(config: GRPOConfig, tokenizer, model, dataset, eval_dataset, ru
             "grpo: max_new_tokens = %d (the model's context is %s tokens)", config.max_new_tokens, context
         )
         save_config(config, run_dir / "config.yaml")
-        if config.overlong_buffer > config.max_new_tokens:  # check_config could not bound it before the fit
+        if config.overlong_buffer > config.max_new_tokens:  # validate could not bound it before the fit
             raise ConfigError(
                 f"overlong_buffer {config.overlong_buffer} is longer than max_new_tokens "
                 f"{config.max_new_tokens} (fitted to the model's context of {context} tokens); lower "
@@ -178,7 +178,14 @@ def grpo(
 ) -> TrainResult:
     """Run GRPO as configured; returns the training result (the policy is saved to <run>/final). Resuming a
     finished run returns its result without training (prefalign.runtime.loop.finished_run)."""
-    check_config(config)
+    validate(config)
+    if config.beta > 0 and config.kl_estimator == "k1":
+        # k1 = log π − log π_ref has expected gradient zero under on-policy samples: as a loss term it does
+        # not pull the policy toward the reference (its value is still a fine KL metric).
+        logger.warning(
+            "grpo: kl_estimator=k1 as a loss term has zero expected gradient; use k3 (default) or k2 to "
+            "regularise toward the reference"
+        )
     if (finished := finished_run(config, "grpo")) is not None:
         return finished
     run_dir, model, tokenizer = start_run(config, "grpo", model, tokenizer)
