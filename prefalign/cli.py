@@ -1,7 +1,11 @@
 """`prefalign <command> [--config file.yaml] [--key value ...]`: a thin layer over the Python API.
 
 Each command is a function taking its config dataclass; this file only parses arguments into that
-config. Commands are imported lazily so `prefalign env` and `--help` stay fast.
+config (the command checks it, prefalign.config.validate, before any work). Commands are imported lazily so
+`prefalign env` and `--help` stay fast.
+
+Exit codes: 0 done, 2 a mistake the message explains (a PrefalignError: no traceback), 130 interrupted, 1 an
+unexpected error: that is a bug in prefalign, so its traceback is printed with a request for a bug report.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import traceback
 from dataclasses import dataclass
 
 from prefalign.config import help_text, load_config
@@ -153,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"prefalign {name}: interrupted; checkpoints already written are whole", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - not a user's mistake (those are PrefalignError): show everything
+        traceback.print_exc()
+        print(
+            f"prefalign {name}: internal error: this is a bug in prefalign, not in your command. Please "
+            "report it with the command line, the traceback above and the output of `prefalign env`.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

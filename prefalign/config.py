@@ -1,17 +1,30 @@
 """One config system: a dataclass per command, YAML files, dotted command-line overrides.
 
-Every field has a type, a default and a help string (`option(...)`). Sections (`model`, `data`, `train`)
-are nested dataclasses shared by the commands. A key is written in full (`train.learning_rate`) or by its
-last part when that is unambiguous (`learning_rate`). Unknown keys and wrong types raise `ConfigError`
-naming the key and suggesting the closest valid one.
+Every field has a type, a default, a help string and, where it has one, its valid range (`option(...)`:
+`low`/`high` inclusive, `above`/`below` exclusive, `check` for values a range cannot say, such as device
+names); `--help` shows the range. Sections (`model`, `data`, `train`) are nested dataclasses shared by the
+commands. A key is written in full (`train.learning_rate`) or by its last part when that is unambiguous
+(`learning_rate`). Unknown keys and wrong types raise `ConfigError` naming the key and suggesting the closest
+valid one.
+
+`validate(config)` checks a whole config before any model or data is loaded: the type and range of every
+field of every section (NaN and infinity are refused for floats unless the field allows them), then the
+cross-field rules, which each config class declares as a method `check(self, prefix)` (`prefix` is where the
+section sits, "train." or "", so messages name full keys). The commands layer calls it first for every
+command; the algorithm functions call it too, for direct users.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -21,11 +34,134 @@ import yaml
 from prefalign.errors import ConfigError
 
 
-def option(default: Any = None, help: str = "", *, factory: Any = None) -> Any:
-    """A config field: its default (or a factory for lists/dicts) and the help text `--help` prints."""
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field (of each item of a list field): `low`/`high` inclusive,
+    `above`/`below` exclusive, plus 0 with the meaning `zero` says ('off', 'auto', ...) when 0 is outside
+    them; NaN and ±infinity only where allowed."""
+
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    below: float | None = None
+    allow_nan: bool = False
+    allow_inf: bool = False
+    zero: str | None = None
+
+    def bounded(self) -> bool:
+        return any(bound is not None for bound in (self.low, self.high, self.above, self.below))
+
+    def text(self, integer: bool = False) -> str:
+        """'at least 1' (integers), '>= 0', '> 0', 'in [0, 1)', ... ('' when unbounded)."""
+        low = self.low is not None and _number(self.low)
+        above = self.above is not None and _number(self.above)
+        high = self.high is not None and _number(self.high)
+        below = self.below is not None and _number(self.below)
+        if (low or above) and (high or below):
+            text = f"in {'[' + low if low else '(' + above}, {high + ']' if high else below + ')'}"
+        elif low:
+            text = f"at least {low}" if integer else f">= {low}"
+        elif above:
+            text = f"> {above}"
+        elif high:
+            text = f"at most {high}" if integer else f"<= {high}"
+        elif below:
+            text = f"< {below}"
+        else:
+            return ""
+        return text + (f" (or 0 = {self.zero})" if self.zero else "")
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` (a number) is out of range, or None."""
+        integer = isinstance(value, int)
+        if not integer and math.isnan(value):
+            if self.allow_nan:
+                return None
+            return f"must be {self.text(integer)}" if self.bounded() else "must be a number (not NaN)"
+        if not integer and math.isinf(value) and not self.allow_inf:
+            return f"must be finite{', ' + self.text(integer) if self.bounded() else ''}"
+        if self.zero and value == 0:
+            return None
+        if (
+            (self.low is not None and value < self.low) or (self.high is not None and value > self.high)
+            or (self.above is not None and value <= self.above)
+            or (self.below is not None and value >= self.below)
+        ):
+            return f"must be {self.text(integer)}"
+        return None
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+# A `check`: value -> why it is wrong (None when it is fine); its `__doc__` first line is shown by --help.
+Check = Callable[[Any], "str | None"]
+
+
+def option(
+    default: Any = None, help: str = "", *, factory: Any = None, low: float | None = None,
+    high: float | None = None, above: float | None = None, below: float | None = None,
+    zero: str | None = None, allow_nan: bool = False, allow_inf: bool = False, check: Check | None = None,
+) -> Any:
+    """A config field: its default (or a factory for lists/dicts), the help text `--help` prints, and its
+    valid values: `low <= value <= high`, `above < value < below` (any subset), 0 as well when `zero` says
+    what it means there, NaN/inf refused unless allowed, and `check(value)` returning a problem (or None)
+    for what a range cannot say. None (for an optional field) is always valid; for a list the range applies
+    to each item."""
+    metadata = {
+        "help": help, "range": Range(low, high, above, below, allow_nan, allow_inf, zero), "check": check,
+    }
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(value: str) -> str | None:
+    """auto, cpu, cuda[:N] or mps"""
+    if value == "auto":
+        return None
+    import torch  # here, not at the top: `--help` and `prefalign env` stay fast
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        return "is not a device name: use auto, cpu, cuda, cuda:N or mps"
+    if device.type not in DEVICE_TYPES:
+        return f"is a device type prefalign does not run on ({device.type}): use auto, cpu, cuda or mps"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return (
+                "needs CUDA, which is not available here (torch.cuda.is_available() is False: no GPU, or a "
+                "CPU-only torch build); use auto or cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return f"is not on this machine, which has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "needs MPS (an Apple GPU), which is not available here; use auto or cpu"
+    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return "needs an Intel XPU, which is not available here; use auto or cpu"
+    return None
+
+
+# A hub name: `name` or `org/name`; anything else that does not exist cannot be a model.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_model_location(value: str) -> str | None:
+    """an existing folder or a hub name"""
+    if value == "builtin" or Path(value).expanduser().exists():
+        return None
+    if _HUB_NAME.fullmatch(value) and ".." not in value:
+        return None  # a hub name: only loading can tell whether it is there
+    return (
+        "is a folder that does not exist (and not a hub name such as org/model); point it at a model "
+        "folder written by save_pretrained"
+    )
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -41,7 +177,9 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.",
     )
-    device: str = option("auto", "Device: auto, cpu, cuda, cuda:1, ...")
+    device: str = option(
+        "auto", "Where the model runs; auto = cuda when it is available, else cpu.", check=check_device,
+    )
     trust_remote_code: bool = option(
         False, "Allow code shipped with the model to run. Off unless you trust the source.",
     )
@@ -52,14 +190,29 @@ class ModelConfig:
         "None = transformers' choice.",
     )
     lora: bool = option(False, "Train LoRA adapters instead of all weights (through peft).")
-    lora_r: int = option(8, "LoRA rank.")
-    lora_alpha: int = option(16, "LoRA scaling alpha.")
-    lora_dropout: float = option(0.0, "Dropout on the LoRA path.")
+    lora_r: int = option(8, "LoRA rank.", low=1)
+    lora_alpha: int = option(16, "LoRA scaling alpha.", low=1)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA path.", low=0, below=1)
     lora_target_modules: list[str] = option(
         help="Module names that get adapters; `all-linear` = every linear layer but the output head.",
         factory=lambda: ["all-linear"],
     )
-    merge_lora: bool = option(False, "Also save a merged full model (final/merged) next to the adapter.")
+    merge_lora: bool = option(
+        False, "Also save a merged full model (final/merged) next to the adapter (needs model.lora).",
+    )
+
+    def check(self, prefix: str = "") -> None:
+        if self.merge_lora and not self.lora:
+            raise ConfigError(
+                f"{prefix}merge_lora is set but {prefix}lora is not: there is no adapter to merge (a full "
+                f"fine-tune already saves the whole model); drop --{prefix}merge_lora, or train LoRA with "
+                f"--{prefix}lora true"
+            )
+        if self.lora and not self.lora_target_modules:
+            raise ConfigError(
+                f"{prefix}lora_target_modules is empty, so LoRA would train nothing; name the modules, or "
+                "use all-linear"
+            )
 
 
 @dataclass
@@ -78,61 +231,82 @@ class DataConfig:
     )
     eval_fraction: float = option(
         0.0, "Fraction of the training source held out for evaluation when eval_path is empty.",
+        low=0, below=1,
     )
     max_samples: int | None = option(
-        None, "Use at most this many training rows (after shuffling with the seed).",
+        None, "Use at most this many training rows (after shuffling with the seed).", low=1,
     )
-    max_eval_samples: int | None = option(None, "Use at most this many eval rows.")
+    max_eval_samples: int | None = option(None, "Use at most this many eval rows.", low=1)
     max_length: int = option(
         512, "Longest prompt+completion in tokens; completions are truncated to fit (counted and reported).",
+        low=2,
     )
     max_prompt_length: int | None = option(
         None,
         "Longest prompt in tokens; longer prompts are cut from the left (counted). None = no separate limit.",
+        low=1,
     )
     too_long_prompt: Literal["drop", "error"] = option(
         "drop", "A prompt that alone fills max_length: drop the row (counted) or stop with an error.",
     )
-    seed: int = option(0, "Seed for shuffling before max_samples and for the eval split.")
+    seed: int = option(0, "Seed for shuffling before max_samples and for the eval split.", low=0)
+
+    def check(self, prefix: str = "") -> None:
+        if self.eval_path and self.eval_fraction:
+            raise ConfigError(
+                f"{prefix}eval_fraction = {self.eval_fraction} splits held-out rows off {prefix}path, but "
+                f"{prefix}eval_path already names the held-out data, so it would do nothing; set one of them"
+            )
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = option("", "Run folder; empty = runs/<command>.")
-    learning_rate: float = option(1e-5, "Peak learning rate of AdamW.")
-    batch_size: int = option(8, "Examples per micro-batch.")
+    learning_rate: float = option(1e-5, "Peak learning rate of AdamW.", above=0)
+    batch_size: int = option(8, "Examples per micro-batch.", low=1)
     grad_accum: int = option(
-        1, "Micro-batches per optimizer step; the loss is normalised over the whole step.",
+        1, "Micro-batches per optimizer step; the loss is normalised over the whole step.", low=1,
     )
-    epochs: float = option(1.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = option(0, "Optimizer steps to run; 0 = derive from epochs.")
-    warmup_ratio: float = option(0.0, "Fraction of steps with linear warmup.")
+    epochs: float = option(1.0, "Passes over the training data (ignored when max_steps > 0).", low=0)
+    max_steps: int = option(0, "Optimizer steps to run; 0 = derive from epochs.", low=0)
+    warmup_ratio: float = option(0.0, "Fraction of steps with linear warmup.", low=0, high=1)
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate decay after warmup.")
-    min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak (cosine and linear).")
-    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = option(0.9, "AdamW beta1.")
-    adam_beta2: float = option(0.999, "AdamW beta2.")
-    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    min_lr_ratio: float = option(
+        0.0, "Final learning rate as a fraction of the peak (cosine and linear).", low=0, high=1,
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms).", low=0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", low=0, below=1)
+    adam_beta2: float = option(0.999, "AdamW beta2.", low=0, below=1)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.", above=0)
     fused_optimizer: bool = option(
         True,
         "torch's fused AdamW kernel where the parameters allow it: several times faster on CPU, numerically "
         "a little different from the per-tensor loop.",
     )
     max_grad_norm: float = option(
-        1.0, "Clip the global gradient norm to this (0 = no clipping); the pre-clip norm is logged.",
+        1.0, "Clip the global gradient norm to this (0 = no clipping); the pre-clip norm is logged.", low=0,
     )
-    seed: int = option(42, "Seed for initialisation, shuffling and sampling.")
-    eval_every: int = option(0, "Evaluate every N optimizer steps (0 = only at the end).")
-    save_every: int = option(0, "Checkpoint every N optimizer steps (0 = no intermediate checkpoints).")
-    keep_checkpoints: int = option(2, "Keep this many most recent checkpoints.")
-    log_every: int = option(1, "Write metrics every N optimizer steps.")
+    seed: int = option(42, "Seed for initialisation, shuffling and sampling.", low=0)
+    eval_every: int = option(0, "Evaluate every N optimizer steps (0 = only at the end).", low=0)
+    save_every: int = option(
+        0, "Checkpoint every N optimizer steps (0 = no intermediate checkpoints).", low=0,
+    )
+    keep_checkpoints: int = option(2, "Keep this many most recent checkpoints (0 = keep them all).", low=0)
+    log_every: int = option(1, "Write metrics every N optimizer steps.", low=1)
     resume: bool = option(False, "Continue from the newest checkpoint in the run folder.")
-    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
+    num_threads: int = option(0, "torch CPU threads (0 = torch's default).", low=0)
     report_to: list[str] = option(
         help="Extra trackers through accelerate (tensorboard, wandb, ...).", factory=list,
     )
     progress: bool = option(True, "Show a progress bar with ETA.")
     overwrite: bool = option(False, "Allow writing into a run folder that already holds a finished run.")
+
+    def check(self, prefix: str = "") -> None:
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ConfigError(
+                f"{prefix}max_steps = 0 means 'derive the steps from {prefix}epochs', and {prefix}epochs is "
+                f"0: nothing would train; set {prefix}max_steps to the steps to run or {prefix}epochs above 0"
+            )
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -181,7 +355,9 @@ def _resolve_key(cls: type, key: str) -> str:
 
 
 def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_origin(hint) is None and getattr(hint, "__name__", None):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def coerce(key: str, value: Any, hint: Any, *, from_string: bool = False) -> Any:
@@ -207,10 +383,10 @@ def coerce(key: str, value: Any, hint: Any, *, from_string: bool = False) -> Any
         raise ConfigError(f"config key {key!r} must be one of {list(args)}, got {value!r}{hint_text}")
     if origin in (list, tuple):
         if from_string and isinstance(value, str):
-            parsed = (
-                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            )
-            value = parsed
+            if value.strip().startswith("["):
+                value = _parse_yaml(key, value, "a list like [a, b] or a,b", "[a, b]")
+            else:
+                value = [v for v in value.split(",") if v]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -218,12 +394,17 @@ def coerce(key: str, value: Any, hint: Any, *, from_string: bool = False) -> Any
         return [coerce(key, item, args[0] if args else Any, from_string=from_string) for item in value]
     if origin is dict:
         if from_string and isinstance(value, str):
-            value = yaml.safe_load(value) or {}
+            value = _parse_yaml(key, value, "a mapping like {a: b, c: d}", "{a: b, c: d}") or {}
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping like {{a: b}}, got {value!r}")
-        return {str(k): v for k, v in value.items()}
+            raise ConfigError(f"config key {key!r} must be a mapping like {{a: b, c: d}}, got {value!r}")
+        item_hint = args[1] if len(args) == 2 else Any
+        return {str(k): coerce(f"{key}.{k}", v, item_hint) for k, v in value.items()}
     if hint is Any:
         return value
+    if hint in (Callable, collections.abc.Callable) or origin is collections.abc.Callable:
+        if callable(value):
+            return value
+        raise ConfigError(f"config key {key!r} must be a function, got {value!r}")
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -255,10 +436,23 @@ def coerce(key: str, value: Any, hint: Any, *, from_string: bool = False) -> Any
     if hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
     raise ConfigError(f"config key {key!r}: unsupported type {_type_name(hint)}")
+
+
+def _parse_yaml(key: str, text: str, form: str, example: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = " ".join(str(getattr(error, "problem", "") or "").split())
+        raise ConfigError(
+            f"config key {key!r} must be {form}; could not read {text!r}"
+            + (f" ({problem})" if problem else "") + f". Quote it in the shell: --{key} '{example}'"
+        ) from None
 
 
 def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -304,6 +498,8 @@ def load_config(
             raise ConfigError(f"config file {str(path)!r} does not exist") from error
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        except OSError as error:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {error.strerror}") from error
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
         apply_overrides(config, data)
@@ -312,8 +508,21 @@ def load_config(
     return config
 
 
+def describe_values(f: dataclasses.Field, hint: Any = None) -> str:
+    """The valid values of a field as --help shows them ('at least 1', 'in [0, 1)', a check's summary), or
+    ''."""
+    parts = []
+    value_range = f.metadata.get("range")
+    if value_range is not None and value_range.bounded():
+        parts.append(value_range.text(integer=int in (hint, *typing.get_args(hint))))
+    check = f.metadata.get("check")
+    if check is not None and check.__doc__:
+        parts.append(check.__doc__.strip().splitlines()[0])
+    return ", ".join(parts)
+
+
 def help_text(cls: type) -> str:
-    """Every option: dotted key, type, default and help."""
+    """Every option: dotted key, type, valid values, default and help."""
     lines = []
 
     def walk(section_cls: type, instance: Any, prefix: str) -> None:
@@ -324,10 +533,84 @@ def help_text(cls: type) -> str:
             if dataclasses.is_dataclass(hint):
                 walk(hint, value, f"{prefix}{f.name}.")
                 continue
-            type_text = _type_name(hint)
+            values = describe_values(f, hint)
+            type_text = _type_name(hint) + (f", {values}" if values else "")
             lines.append(
                 f"  --{prefix}{f.name} ({type_text}, default {value!r})\n      {f.metadata.get('help', '')}"
             )
 
     walk(cls, cls(), "")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _field_problem(key: str, f: dataclasses.Field, value: Any) -> str | None:
+    """Why a (type-checked) leaf value is not valid, or None: its range (each item of a list), its check."""
+    items = value if isinstance(value, list) else [value]
+    value_range = f.metadata.get("range")
+    check = f.metadata.get("check")
+    for item in items:
+        if item is None:
+            continue
+        problem = None
+        if value_range is not None and isinstance(item, (int, float)) and not isinstance(item, bool):
+            problem = value_range.problem(item)
+        if problem is None and check is not None:
+            problem = check(item)
+        if problem is not None:
+            help_line = f.metadata.get("help", "")
+            if problem.startswith("must"):
+                said = f"{key} {problem}, got {item!r}"
+            else:
+                said = f"{key} {item!r} {problem}"
+            return said + (f" ({help_line})" if help_line else "")
+    return None
+
+
+def validate(config: Any) -> Any:
+    """Check a whole config before any work starts; returns it (values normalised to their field types, e.g.
+    a Path to a str, "1e-5" to a float, a tuple to a list), or raises ConfigError naming every key that is
+    out of range, then the first broken cross-field rule.
+
+    Ranges first, for every field of every section (all problems at once); then each config object's
+    `check(prefix)` method, innermost sections first, the top-level config last."""
+    if not is_config(config):
+        raise ConfigError(f"expected a config dataclass instance, got {type(config).__name__}")
+    problems: list[str] = []
+    sections: list[tuple[Any, str]] = []
+
+    def walk(section: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            key, hint, value = f"{prefix}{f.name}", hints[f.name], getattr(section, f.name)
+            if dataclasses.is_dataclass(hint):
+                if not isinstance(value, hint):
+                    problems.append(f"config key {key!r} must be a {hint.__name__}, got {value!r}")
+                else:
+                    walk(value, f"{key}.")
+                continue
+            try:
+                value = coerce(key, value, hint)
+            except ConfigError as error:
+                problems.append(str(error))
+                continue
+            setattr(section, f.name, value)
+            problem = _field_problem(key, f, value)
+            if problem:
+                problems.append(problem)
+        sections.append((section, prefix))
+
+    walk(config, "")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(
+            f"{len(problems)} config values are not valid:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    for section, prefix in sections:  # innermost first: walk appends a section after its own sections
+        check = getattr(section, "check", None)
+        if callable(check):
+            check(prefix)
+    return config

@@ -38,7 +38,7 @@ from prefalign.algorithms.dpo_pairs import (
     precompute_reference,
     tokenized_pairs,
 )
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, check_model_location, option, validate
 from prefalign.data.splits import resolve_rows
 from prefalign.errors import ConfigError
 from prefalign.losses import DPO_LOSSES, dpo_loss, sft_term
@@ -79,6 +79,7 @@ class DPOConfig:
         0.1,
         "β: strength of the pull towards the reference (higher = stay closer). IPO's τ; SimPO's "
         "reward scale (about 2 there).",
+        above=0,
     )
     loss_type: list[str] = option(
         help="Loss by name, or several to add up with loss_weights: " + ", ".join(DPO_LOSSES)
@@ -89,6 +90,7 @@ class DPOConfig:
     label_smoothing: float = option(
         0.0,
         "ε: assumed rate of flipped labels, for conservative (sigmoid/cdpo, ≤ 0.5) and robust (< 0.5) DPO.",
+        low=0, high=0.5,
     )
     simpo_gamma: float = option(0.5, "SimPO's target reward margin γ.")
     rpo_alpha: float = option(
@@ -96,6 +98,7 @@ class DPOConfig:
         "α of the RPO SFT term: α · (chosen-token NLL summed) / (chosen tokens in the optimizer step); 0 = "
         "plain DPO. About 1 (Pang et al.) for tasks with right answers, where plain DPO tends to lower the "
         "chosen log-probs too; Llama 3 used 0.2 on chat data.",
+        low=0,
     )
     precompute_ref_logps: bool = option(
         True,
@@ -105,10 +108,11 @@ class DPOConfig:
     reference: str | None = option(
         None,
         "Reference model folder or hub name; None = the policy before training (LoRA: adapters off). Must "
-        "share the policy's tokenizer.",
+        "share the policy's tokenizer. Reference-free losses (simpo) use none.",
+        check=check_model_location,
     )
     ref_batch_size: int = option(
-        64, "Pairs per no-grad batch when computing reference log-probs and eval metrics.",
+        64, "Pairs per no-grad batch when computing reference log-probs and eval metrics.", low=1,
     )
     share_prompt: bool = option(
         True,
@@ -122,6 +126,9 @@ class DPOConfig:
         "twice as fast; off elsewhere.",
     )
 
+    def check(self, prefix: str = "") -> None:
+        check_config(self, prefix)
+
 
 def loss_types(config: DPOConfig) -> list[str]:
     """The configured loss names as a list (a Python caller may give one string)."""
@@ -132,9 +139,9 @@ def needs_reference(config: DPOConfig) -> bool:
     return any(DPO_LOSSES[name].needs_reference for name in loss_types(config) if name in DPO_LOSSES)
 
 
-def check_config(config: DPOConfig) -> None:
-    """Fail on a bad loss setup before any model is loaded (dpo_loss owns the rules; ask it on one dummy
-    pair)."""
+def check_config(config: DPOConfig, prefix: str = "") -> None:
+    """DPO's rules between fields, before any model is loaded (dpo_loss owns the loss rules: ask it on one
+    dummy pair). DPOConfig.check, which prefalign.config.validate runs."""
     one = torch.ones(1)
     try:
         dpo_loss(
@@ -144,10 +151,12 @@ def check_config(config: DPOConfig) -> None:
         )  # fmt: skip
     except ValueError as error:
         raise ConfigError(f"DPO config: {error}") from None
-    if config.rpo_alpha < 0:
-        raise ConfigError(f"rpo_alpha must be >= 0 (0 = no SFT term), got {config.rpo_alpha}.")
-    if config.ref_batch_size < 1:
-        raise ConfigError(f"ref_batch_size must be at least 1, got {config.ref_batch_size}.")
+    if config.reference and not needs_reference(config):
+        raise ConfigError(
+            f"{prefix}reference is set ({config.reference!r}), but {prefix}loss_type {loss_types(config)} is "
+            "reference-free, so no reference model would be used; drop --reference, or choose a loss that "
+            "uses one (sigmoid, ipo, ...)"
+        )
 
 
 def make_loss(
@@ -235,7 +244,7 @@ def dpo(
     replaces config.reference. Resuming a finished run returns its result without training
     (prefalign.runtime.loop.finished_run).
     """
-    check_config(config)
+    validate(config)
     if (finished := finished_run(config, "dpo")) is not None:
         return finished
     run_dir, model, tokenizer = start_run(config, "dpo", model, tokenizer)

@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from prefalign import losses
-from prefalign.algorithms.grpo_config import GRPOConfig, check_config
+from prefalign.algorithms.grpo_config import GRPOConfig
 from prefalign.algorithms.grpo_rollout import collect_rollout
 from prefalign.algorithms.rl.experience import CompletionScorer, aligned, step_totals
 from prefalign.algorithms.rl.prompts import load_prompts
 from prefalign.algorithms.rl.source import ExperienceSource
+from prefalign.config import validate
 from prefalign.evaluation.policy import evaluate_policy
 from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, model_device
@@ -119,7 +120,14 @@ def grpo(
 ) -> TrainResult:
     """Run GRPO as configured; returns the training result (the policy is saved to <run>/final). Resuming a
     finished run returns its result without training (prefalign.runtime.loop.finished_run)."""
-    check_config(config)
+    validate(config)
+    if config.beta > 0 and config.kl_estimator == "k1":
+        # k1 = log π − log π_ref has expected gradient zero under on-policy samples: as a loss term it does
+        # not pull the policy toward the reference (its value is still a fine KL metric).
+        logger.warning(
+            "grpo: kl_estimator=k1 as a loss term has zero expected gradient; use k3 (default) or k2 to "
+            "regularise toward the reference"
+        )
     if (finished := finished_run(config, "grpo")) is not None:
         return finished
     run_dir, model, tokenizer = start_run(config, "grpo", model, tokenizer)

@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from prefalign import losses
-from prefalign.algorithms.ppo_config import PPOConfig, check_config
+from prefalign.algorithms.ppo_config import PPOConfig
 from prefalign.algorithms.rl.experience import CompletionScorer, aligned, collate_experience, step_totals
 from prefalign.algorithms.rl.prompts import load_prompts
 from prefalign.algorithms.rl.rollout import (
@@ -37,7 +37,7 @@ from prefalign.algorithms.rl.rollout import (
     sample_and_score,
 )
 from prefalign.algorithms.rl.source import ExperienceSource, Progress, RolloutBatch
-from prefalign.config import ModelConfig
+from prefalign.config import ModelConfig, validate
 from prefalign.evaluation.policy import evaluate_policy
 from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, is_peft_model, load_sequence_classifier, model_device
@@ -296,7 +296,7 @@ def make_loss(config: PPOConfig, score: CompletionScorer):
 def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None,
         save: bool = True) -> TrainResult:  # fmt: skip
     """Run PPO as configured; returns the training result (policy in <run>/final, critic in final/critic)."""
-    check_config(config)
+    validate(config)
     if (finished := finished_run(config, "ppo")) is not None:
         return finished
     run_dir, model, tokenizer = start_run(config, "ppo", model, tokenizer)

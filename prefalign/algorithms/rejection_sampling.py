@@ -44,7 +44,7 @@ from prefalign.algorithms.rejection_sampling_config import (
     SampleConfig,
     check_settings,
 )
-from prefalign.config import save_config
+from prefalign.config import save_config, validate
 from prefalign.data import tokenize_prompts
 from prefalign.data.context import fit_to_context
 from prefalign.data.splits import log_stats, resolve_rows
@@ -334,9 +334,9 @@ def sample(
     config: SampleConfig, *, dataset: datasets.Dataset | None = None, model=None, tokenizer=None,
 ) -> SampleOutput:
     """`prefalign sample`: write rows (pairs or best-of-n), samples, stats and provenance to output_dir."""
+    validate(config)
     set_threads(config.num_threads)
     seed_everything(config.seed)
-    check_settings(config.sampling)
     out = Path(config.output_dir)
     name = "best_of_n" if config.sampling.strategy == "best_of_n" else "pairs"
     rows_path = out / f"{name}{OUTPUT_SUFFIX[config.output_format]}"

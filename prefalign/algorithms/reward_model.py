@@ -25,9 +25,8 @@ from typing import Any, Literal
 
 import torch
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, option, validate
 from prefalign.data.splits import resolve_rows
-from prefalign.errors import ConfigError
 from prefalign.evaluation.pairs import evaluate_pairs
 from prefalign.losses import bradley_terry_loss
 from prefalign.models.forward import count_tokens, mixed_precision, use_bf16_autocast
@@ -69,7 +68,7 @@ class RewardConfig:
         "(plain); auto = the template when there is one.",
     )
     center_rewards_coefficient: float = option(
-        0.0, "Reward centering c · mean((r_w + r_l)²) (Eisenstein et al. 2023 suggest 0.01); 0 = off.",
+        0.0, "Reward centering c · mean((r_w + r_l)²) (Eisenstein et al. 2023 suggest 0.01); 0 = off.", low=0,
     )
     use_margin: bool = option(True, "Subtract the data's `margin` column from r_w − r_l when it has one.")
     mixed_precision: Literal["auto", "bf16", "no"] = option(
@@ -91,9 +90,9 @@ class RewardConfig:
         "CPU in bf16 its random masks cost about a third of the forward pass.",
     )
     normalization_pairs: int = option(
-        1000, "Training pairs scored after training for the saved reward mean/std (0 = all).",
+        1000, "Training pairs scored after training for the saved reward mean/std (0 = all).", low=0,
     )
-    eval_batch_size: int = option(64, "Sequences per forward pass when evaluating and scoring.")
+    eval_batch_size: int = option(64, "Sequences per forward pass when evaluating and scoring.", low=1)
     eval_only: bool = option(
         False,
         "Only evaluate model.name_or_path (a trained reward model) on data.eval_path (else data.path).",
@@ -167,11 +166,7 @@ def train_reward_model(
 ) -> RewardTrainResult:
     """Train a reward model as configured; saved to <run>/final unless save=False. Resuming a finished run
     returns its result without training (finished_reward_run)."""
-    if not config.center_rewards_coefficient >= 0:  # also catches NaN
-        raise ConfigError(
-            "center_rewards_coefficient must be >= 0 (0 = off, e.g. 0.01), got "
-            f"{config.center_rewards_coefficient}"
-        )
+    validate(config)
     if (finished := finished_run(config, "reward")) is not None:
         return finished_reward_run(finished)
     run_dir, model, tokenizer = start_run(config, "reward", model, tokenizer, load=load_reward_backbone)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, option, validate
 from prefalign.data import collate_sft, tokenize_sft
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.models.forward import completion_logps, count_tokens
@@ -65,6 +65,7 @@ def sft(
 ) -> TrainResult:
     """Run SFT as configured; returns the training result (the model is saved to <run>/final). Resuming a
     finished run returns its result without training (prefalign.runtime.loop.finished_run)."""
+    validate(config)
     if (finished := finished_run(config, "sft")) is not None:
         return finished
     run_dir, model, tokenizer = start_run(config, "sft", model, tokenizer)

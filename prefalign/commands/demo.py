@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.commands.demo_stages import STAGES, DemoContext
-from prefalign.config import option
+from prefalign.config import option, validate
 from prefalign.errors import ConfigError
 from prefalign.runtime.setup import seed_everything, set_threads
 
@@ -23,17 +23,22 @@ from prefalign.runtime.setup import seed_everything, set_threads
 @dataclass
 class DemoConfig:
     output_dir: str = option("runs/demo", "Run folder of the demo; report.md is written there.")
-    stages: list[str] = option(help="Stages to run, in order.", factory=lambda: list(STAGES))
-    eval_prompts: int = option(500, "Held-out prompts each evaluation uses.")
-    seed: int = option(0, "Seed for every stage.")
-    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
+    stages: list[str] = option(
+        help=f"Stages to run, in order (of {', '.join(STAGES)}).", factory=lambda: list(STAGES),
+    )
+    eval_prompts: int = option(500, "Held-out prompts each evaluation uses.", low=1)
+    seed: int = option(0, "Seed for every stage.", low=0)
+    num_threads: int = option(0, "torch CPU threads (0 = torch's default).", low=0)
+
+    def check(self, prefix: str = "") -> None:
+        unknown = [name for name in self.stages if name not in STAGES]
+        if unknown:
+            raise ConfigError(f"unknown demo stage {unknown[0]!r} in {prefix}stages; stages: {list(STAGES)}")
 
 
 def demo(config: DemoConfig) -> dict[str, Any]:
     """Run the stages, rewriting report.md and results.json after each; returns every stage's results."""
-    unknown = [name for name in config.stages if name not in STAGES]
-    if unknown:
-        raise ConfigError(f"unknown demo stage {unknown[0]!r}; stages: {list(STAGES)}")
+    validate(config)
     set_threads(config.num_threads)
     seed_everything(config.seed)
     run_dir = Path(config.output_dir)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from prefalign.algorithms import dpo as algorithm
 from prefalign.algorithms.dpo import DPOConfig
 from prefalign.commands.builtin import resolve_builtin
-from prefalign.config import option
+from prefalign.config import option, validate
 from prefalign.recipes.iterative_dpo import IterativeDPOConfig, iterative_dpo, plain_dpo_config
 from prefalign.runtime.loop import TrainResult
 
@@ -22,15 +22,24 @@ class DPOCommandConfig(IterativeDPOConfig):
         1,
         "Iterative (on-policy) DPO: rounds of sample -> pairs -> DPO with the current policy "
         "(train.max_steps per round); 1 = offline DPO on data.path's pairs.",
+        low=1,
     )
+
+    def check(self, prefix: str = "") -> None:
+        # One round is plain DPO: the iterative rules (pair strategy, no resume, ...) do not apply.
+        if self.rounds == 1:
+            DPOConfig.check(self, prefix)
+        else:
+            IterativeDPOConfig.check(self, prefix)
 
 
 def dpo(
     config: DPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None,
     save: bool = True,
 ) -> TrainResult:
-    """Resolve `builtin`, then run plain DPO, or iterative DPO when `config` has rounds > 1 (keyword
-    arguments as prefalign.algorithms.dpo.dpo takes them)."""
+    """Check the config, resolve `builtin`, then run plain DPO, or iterative DPO when `config` has rounds > 1
+    (keyword arguments as prefalign.algorithms.dpo.dpo takes them)."""
+    validate(config)
     dataset, eval_dataset = resolve_builtin(
         config, "preference", dataset=dataset, eval_dataset=eval_dataset, model=model,
     )

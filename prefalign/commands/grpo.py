@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefalign.algorithms import grpo as algorithm
 from prefalign.algorithms.grpo_config import GRPOConfig
 from prefalign.commands.builtin import resolve_builtin
+from prefalign.config import validate
 from prefalign.runtime.loop import TrainResult
 
 
@@ -12,7 +13,9 @@ def grpo(
     config: GRPOConfig, *, dataset=None, eval_dataset=None, model=None, tokenizer=None, reference=None,
     save: bool = True,
 ) -> TrainResult:
-    """Resolve `builtin`, then train (prefalign.algorithms.grpo.grpo, whose keyword arguments these are)."""
+    """Check the config, resolve `builtin`, then train (prefalign.algorithms.grpo.grpo, whose keyword
+    arguments these are)."""
+    validate(config)
     dataset, eval_dataset = resolve_builtin(
         config, "prompts", dataset=dataset, eval_dataset=eval_dataset, model=model,
     )

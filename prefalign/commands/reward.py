@@ -11,7 +11,7 @@ from typing import Any
 
 from prefalign.algorithms.reward_model import RewardConfig, train_reward_model
 from prefalign.commands.builtin import builtin_data, resolve_builtin, resolve_builtin_models
-from prefalign.config import DataConfig, option
+from prefalign.config import DataConfig, check_device, check_model_location, option, validate
 from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.pairs import evaluate_pairs, format_pair_metrics
 from prefalign.rewards.encoding import encode_pairs
@@ -24,18 +24,22 @@ class EvalRewardConfig:
     model: str = option(
         "runs/reward/final",
         "Reward-model folder (final/ of `prefalign reward`, or any one-label sequence classifier).",
+        check=check_model_location,
     )
     data: DataConfig = option(
         help="Held-out preference rows: data.path (builtin = the task's held-out pairs).", factory=DataConfig,
     )
-    batch_size: int = option(64, "Sequences per forward pass.")
-    device: str = option("auto", "Device: auto, cpu, cuda, ...")
+    batch_size: int = option(64, "Sequences per forward pass.", low=1)
+    device: str = option(
+        "auto", "Where the model runs; auto = cuda when it is available, else cpu.", check=check_device,
+    )
     output_dir: str = option("runs/eval-reward", "Where eval_reward.json is written.")
-    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
+    num_threads: int = option(0, "torch CPU threads (0 = torch's default).", low=0)
 
 
 def eval_reward(config: EvalRewardConfig) -> dict[str, Any]:
     """`prefalign eval-reward`: pairwise accuracy (95% CI), mean margin, length correlation; table + JSON."""
+    validate(config)
     set_threads(config.num_threads)
     resolve_builtin_models(config)
     scorer = RewardModelScorer(config.model, batch_size=config.batch_size, device=config.device)
@@ -59,6 +63,7 @@ def reward(
 ) -> Any:
     """`prefalign reward`: train (or, with --eval_only, evaluate) a reward model. Keyword arguments as
     prefalign.algorithms.reward_model.train_reward_model takes them."""
+    validate(config)
     if not config.eval_only:
         dataset, eval_dataset = resolve_builtin(
             config, "reward_pairs", dataset=dataset, eval_dataset=eval_dataset, model=model,

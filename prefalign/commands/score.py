@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefalign.config import option
+from prefalign.config import check_device, option, validate
 from prefalign.errors import ConfigError
 from prefalign.files import atomic_file, writing
 from prefalign.rewards.scorer import RewardModelScorer
@@ -36,10 +36,12 @@ class ScoreConfig:
         "Where the scored copy is written (.jsonl, .json, .parquet or .csv); empty = "
         "runs/score/<data name>.scored.jsonl.",
     )
-    batch_size: int = option(64, "Sequences per forward pass.")
-    device: str = option("auto", "Device: auto, cpu, cuda, ...")
+    batch_size: int = option(64, "Sequences per forward pass.", low=1)
+    device: str = option(
+        "auto", "Where the model runs; auto = cuda when it is available, else cpu.", check=check_device,
+    )
     normalize: bool = option(False, "Write (score - mean) / std with the training data's statistics.")
-    num_threads: int = option(0, "torch CPU threads (0 = torch's default).")
+    num_threads: int = option(0, "torch CPU threads (0 = torch's default).", low=0)
 
 
 def score(config: ScoreConfig) -> Path:
@@ -48,6 +50,7 @@ def score(config: ScoreConfig) -> Path:
     from prefalign.data.sources import visible_columns
     from prefalign.runtime.setup import set_threads
 
+    validate(config)
     set_threads(config.num_threads)
     if not config.data:
         raise ConfigError("score needs --data FILE (the rows to score)")

@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 
 from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.errors import ConfigError
 from prefalign.files import atomic_folder
 from prefalign.models.loading import count_parameters
 from prefalign.models.saving import model_card, save_model
@@ -35,21 +36,32 @@ logger = logging.getLogger("prefalign")
 
 @dataclass
 class BaseConfig:
-    hidden_size: int = option(128, "Model width.")
-    num_layers: int = option(4, "Transformer blocks.")
-    num_heads: int = option(4, "Attention heads.")
-    intermediate_size: int = option(384, "MLP width.")
-    max_position_embeddings: int = option(128, "Longest sequence the model handles.")
-    steps: int = option(700, "SFT optimizer steps (fixed, so the build is deterministic for a seed).")
-    batch_size: int = option(64, "Demonstrations per step.")
-    learning_rate: float = option(3e-3, "Peak learning rate (cosine decay, 20-step warmup).")
-    seed: int = option(
-        1, "Seed for initialisation and data order (the default steps are calibrated for this seed).",
+    hidden_size: int = option(128, "Model width.", low=1)
+    num_layers: int = option(4, "Transformer blocks.", low=1)
+    num_heads: int = option(4, "Attention heads.", low=1)
+    intermediate_size: int = option(384, "MLP width.", low=1)
+    max_position_embeddings: int = option(128, "Longest sequence the model handles.", low=2)
+    steps: int = option(
+        700, "SFT optimizer steps (fixed, so the build is deterministic for a seed).", low=1,
     )
-    num_threads: int = option(1, "torch threads while building (fixed: results depend on the thread count).")
-    eval_prompts: int = option(500, "Held-out prompts for the calibration numbers.")
+    batch_size: int = option(64, "Demonstrations per step.", low=1)
+    learning_rate: float = option(3e-3, "Peak learning rate (cosine decay, 20-step warmup).", above=0)
+    seed: int = option(
+        1, "Seed for initialisation and data order (the default steps are calibrated for this seed).", low=0,
+    )
+    num_threads: int = option(
+        1, "torch threads while building (fixed: results depend on the thread count).", low=1,
+    )
+    eval_prompts: int = option(500, "Held-out prompts for the calibration numbers.", low=1)
     output_dir: str = option("", "Write the model here instead of the cache.")
     force: bool = option(False, "Rebuild even when a cached copy exists.")
+
+    def check(self, prefix: str = "") -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{prefix}hidden_size {self.hidden_size} is not a multiple of {prefix}num_heads "
+                f"{self.num_heads}: each head gets hidden_size / num_heads dimensions"
+            )
 
 
 def cache_root() -> Path:
@@ -104,7 +116,8 @@ def build_base_model(config: BaseConfig, target: Path) -> dict:
                 data=DataConfig(max_length=config.max_position_embeddings),
                 train=TrainConfig(
                     output_dir=str(Path(scratch) / "run"), learning_rate=config.learning_rate,
-                    batch_size=config.batch_size, max_steps=config.steps, warmup_ratio=20 / config.steps,
+                    batch_size=config.batch_size, max_steps=config.steps,
+                    warmup_ratio=min(1.0, 20 / config.steps),  # 20 steps, or all of a shorter build
                     seed=config.seed, log_every=25, progress=True,
                     # The calibration (seed, steps) was made with the per-tensor AdamW; this tiny model's jump
                     # from ~30% to ~98% greedy comes within a few hundred steps of 700 and moves with any

@@ -33,14 +33,14 @@ from typing import Any, Literal
 
 import datasets
 
-from prefalign.algorithms.dpo import DPOConfig, check_config, dpo
+from prefalign.algorithms.dpo import DPOConfig, dpo
 from prefalign.algorithms.rejection_sampling import build_rewards, rejection_sample, write_rows
 from prefalign.algorithms.rejection_sampling_config import (
     PAIR_STRATEGIES,
     RoundSamplingConfig,
     check_settings,
 )
-from prefalign.config import DataConfig, option
+from prefalign.config import DataConfig, option, validate
 from prefalign.data import load_rows, tokenize_prompts
 from prefalign.data.sources import HIDDEN_COLUMNS
 from prefalign.data.splits import resolve_rows
@@ -65,6 +65,7 @@ class IterativeDPOConfig(DPOConfig):
     rounds: int = option(
         2,
         "Rounds of sample -> pairs -> DPO with the current policy (train.max_steps per round), at least 2.",
+        low=2,
     )
     round_reference: Literal["original", "previous"] = option(
         "original", "Each round's reference is the original model, or the policy as it starts the round.",
@@ -73,6 +74,10 @@ class IterativeDPOConfig(DPOConfig):
         help="How each round samples (prompts from data.path or sampling.prompt_path), scores and pairs.",
         factory=RoundSamplingConfig,
     )
+
+    def check(self, prefix: str = "") -> None:
+        DPOConfig.check(self, prefix)
+        check_iterative(self)
 
 
 def plain_dpo_config(config: DPOConfig) -> DPOConfig:
@@ -217,8 +222,8 @@ def iterative_dpo(
     reference=None, save: bool = True,
 ) -> TrainResult:
     """K rounds of sample -> pairs -> DPO. Returns a TrainResult whose metrics hold one record per round."""
-    check_config(config)
-    check_iterative(config)
+    validate(config)
+    check_iterative(config)  # also for a config whose own check allows one round (the dpo command's)
     started = time.perf_counter()
     run_dir, model, tokenizer = start_run(config, "dpo", model, tokenizer)
     _clear_unfinished(run_dir)

@@ -287,13 +287,9 @@ def build_scorers(
     """The weighted scorers of a config: reward functions (names or callables), plus a reward model folder
     (`builtin`-style names resolved) scored by `RewardModelScorer`, whose NaN/inf scores come back as
     per-sample failures. One weight per function; empty weights = all 1."""
+    check_rewards(functions, weights, reward_model, needed_by)
     scorers = list(functions)
     weights = list(weights) or [1.0] * len(scorers)
-    if len(weights) != len(scorers):
-        raise ConfigError(
-            f"reward_weights has {len(weights)} values for {len(scorers)} reward functions; give "
-            "one weight per function"
-        )
     if reward_model:
         # Imported here: the scorer pulls in transformers, wanted only when a reward model is asked for.
         from prefalign.models.loading import resolve_model_path
@@ -303,6 +299,27 @@ def build_scorers(
             reward_model_function(resolve_model_path(reward_model), device=device, batch_size=batch_size)
         )
         weights.append(reward_model_weight)
-    if not scorers:
-        raise ConfigError(f"{needed_by} needs a reward: set reward_functions and/or reward_model")
     return WeightedRewards(scorers, weights)
+
+
+def check_rewards(
+    functions: Sequence[Any], weights: Sequence[float], reward_model: str | None, needed_by: str,
+    prefix: str = "",
+) -> None:
+    """What build_scorers refuses, checked by the configs before anything loads: no reward at all, or a
+    weight count that does not match the functions."""
+    if weights and len(weights) != len(functions):
+        raise ConfigError(
+            f"{prefix}reward_weights has {len(weights)} values for {len(functions)} reward functions; give "
+            "one weight per function"
+        )
+    if not functions and not reward_model:
+        raise ConfigError(
+            f"{needed_by} needs a reward: set {prefix}reward_functions and/or {prefix}reward_model"
+        )
+    for function in functions:
+        if isinstance(function, str) and not function.startswith("reward_model:"):
+            try:
+                get_reward_function(function)  # an unknown name or a failed import, said before any work
+            except ConfigError as error:
+                raise ConfigError(f"{prefix}reward_functions: {error}") from None

@@ -9,7 +9,7 @@ from tests.helpers import save_tiny_model
 
 def test_cli_runs_grpo_and_reports_config_errors(tmp_path, capsys):
     assert main(["grpo", "--num_generations", "1"]) == 2
-    assert "num_generations (G) must be at least 2" in capsys.readouterr().err
+    assert "num_generations must be at least 2" in capsys.readouterr().err
     model_dir = save_tiny_model(tmp_path / "model")
     out = tmp_path / "cli"
     arguments = [
