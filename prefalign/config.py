@@ -317,7 +317,26 @@ def is_config(obj: Any) -> bool:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as plain data; a callable (a reward function given as a Python object) is written as its
+    qualified name `module:qualname`, which is what `module:function` in a config imports back."""
+    return _plain_data(dataclasses.asdict(config))
+
+
+def callable_name(function: Any) -> str:
+    """'module:qualname' of a function (or of a callable object's class)."""
+    target = function if hasattr(function, "__qualname__") else type(function)
+    module = getattr(target, "__module__", None) or "__main__"
+    return f"{module}:{getattr(target, '__qualname__', type(function).__name__)}"
+
+
+def _plain_data(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_data(item) for item in value)
+    if callable(value) and not isinstance(value, type):
+        return callable_name(value)
+    return value
 
 
 def save_config(config: Any, path: str | Path) -> None:

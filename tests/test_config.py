@@ -20,6 +20,8 @@ from prefalign.config import (
     help_text,
     load_config,
     option,
+    save_config,
+    to_dict,
     validate,
 )
 from prefalign.errors import ConfigError
@@ -261,3 +263,18 @@ def test_model_locations(tmp_path):
 def test_unreadable_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(SFTConfig, tmp_path)  # a folder, not a file
+
+
+def shaped_reward(prompts, completions, **_):
+    return [0.0] * len(completions)
+
+
+def test_a_callable_reward_function_is_saved_as_its_qualified_name(tmp_path):
+    config = GRPOConfig(reward_functions=["exact_match", shaped_reward])
+    save_config(config, tmp_path / "config.yaml")
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "tests.test_config:shaped_reward" in saved
+    assert to_dict(config)["reward_functions"] == ["exact_match", "tests.test_config:shaped_reward"]
+    assert load_config(GRPOConfig, tmp_path / "config.yaml").reward_functions[1] == (
+        "tests.test_config:shaped_reward"
+    )  # and it imports back: module:function

@@ -29,7 +29,7 @@ from prefalign.algorithms.grpo_rollout import collect_rollout
 from prefalign.algorithms.rl.experience import CompletionScorer, aligned, step_totals
 from prefalign.algorithms.rl.prompts import load_prompts
 from prefalign.algorithms.rl.source import ExperienceSource
-from prefalign.config import validate
+from prefalign.config import to_dict, validate
 from prefalign.evaluation.policy import evaluate_policy
 from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, model_device
@@ -189,7 +189,7 @@ def card_lines(config: GRPOConfig, result: TrainResult) -> dict[str, Any]:
         f"scale_rewards {config.scale_rewards}, beta {config.beta})",
         "base model": config.model.name_or_path,
         "data": ", ".join(config.data.path),
-        "rewards": ", ".join(config.reward_functions + reward_model),
+        "rewards": ", ".join(to_dict(config)["reward_functions"] + reward_model),  # callables by name
         "steps": result.step,
         "completions per prompt (G)": config.num_generations,
         "learning rate": config.train.learning_rate,

@@ -55,6 +55,7 @@ def collect_rollout(engine, prompts, rewards: WeightedRewards, config: GRPOConfi
     batch is full (one generation call without dynamic sampling)."""
 
     def collect(progress: Progress, next_prompt) -> RolloutBatch:
+        rewards.trainer_state.global_step = progress.step  # what TRL's reward functions read as trainer_state
         wanted = config.train.batch_size * config.train.grad_accum // config.num_generations
         wanted *= config.steps_per_generation
         kept: list[tuple[dict, list, torch.Tensor]] = []

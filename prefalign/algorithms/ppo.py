@@ -37,7 +37,7 @@ from prefalign.algorithms.rl.rollout import (
     sample_and_score,
 )
 from prefalign.algorithms.rl.source import ExperienceSource, Progress, RolloutBatch
-from prefalign.config import ModelConfig, validate
+from prefalign.config import ModelConfig, to_dict, validate
 from prefalign.evaluation.policy import evaluate_policy
 from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, is_peft_model, load_sequence_classifier, model_device
@@ -373,7 +373,7 @@ def card_lines(config: PPOConfig, result: TrainResult, critic_origin: str) -> di
         f"β {config.beta}{f', adaptive to {config.kl_target} nats' if config.kl_target else ''})",
         "base model": config.model.name_or_path,
         "data": ", ".join(config.data.path),
-        "rewards": ", ".join(list(config.reward_functions) + reward_model),
+        "rewards": ", ".join(to_dict(config)["reward_functions"] + reward_model),  # callables by name
         "critic": critic_origin,
         "steps": result.step,
         "learning rate": config.train.learning_rate,

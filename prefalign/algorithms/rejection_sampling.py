@@ -44,7 +44,7 @@ from prefalign.algorithms.rejection_sampling_config import (
     SampleConfig,
     check_settings,
 )
-from prefalign.config import save_config, validate
+from prefalign.config import save_config, to_dict, validate
 from prefalign.data import tokenize_prompts
 from prefalign.data.context import fit_to_context
 from prefalign.data.splits import log_stats, resolve_rows
@@ -82,7 +82,8 @@ class SampleStats:
     prompts_with_rows: int = 0
     mean_score: float = 0.0
     finish_reasons: dict[str, int] = field(default_factory=dict)
-    score_by_function: dict[str, float] = field(default_factory=dict)
+    score_by_function: dict[str, float] = field(default_factory=dict)  # functions that scored a sample
+    silent_functions: list[str] = field(default_factory=list)  # returned None for every sample
     # the first few scorer failures, with prompt index
     failure_examples: list[str] = field(default_factory=list)
 
@@ -307,7 +308,33 @@ def _fill_sample_stats(
     stats.mean_score = sum(scores) / len(scores) if scores else 0.0
     for name, groups in per_function.items():
         values = [value for group in groups for value in group if value is not None]
-        stats.score_by_function[name] = sum(values) / len(values) if values else 0.0
+        if values:
+            stats.score_by_function[name] = sum(values) / len(values)
+        else:
+            stats.silent_functions.append(name)
+
+
+def no_rows_reason(stats: SampleStats) -> str:
+    """Why no row came out: the rewards when no sample was scored at all, else the sampling settings."""
+    if stats.samples and stats.reward_failures + stats.unscored_samples >= stats.samples:
+        causes = []
+        if stats.reward_failures:
+            causes.append(
+                f"the reward failed on {stats.reward_failures} of {stats.samples} samples "
+                f"({'; '.join(stats.failure_examples[:3])})"
+            )
+        if stats.silent_functions:
+            causes.append(
+                f"reward function(s) {', '.join(map(repr, stats.silent_functions))} returned None for every "
+                "sample"
+            )
+        elif stats.unscored_samples:
+            causes.append(f"every reward function returned None on {stats.unscored_samples} samples")
+        return (
+            f"no sample got a score: {'; and '.join(causes)}. Fix the reward function(s) (or the data "
+            "columns they read); sampling more would not help."
+        )
+    return f"{stats.summary()}. Sample more (sampling.n), lower score_margin or min_best_score."
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path, output_format: str) -> Path:
@@ -359,10 +386,7 @@ def sample(
     seconds = time.perf_counter() - started
     logger.info("sample: %s", output.stats.summary())
     if not output.rows:
-        raise DataError(
-            f"no rows to write: {output.stats.summary()}. Sample more (sampling.n), lower "
-            "score_margin or min_best_score."
-        )
+        raise DataError(f"no rows to write: {no_rows_reason(output.stats)}")
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     write_rows(output.rows, rows_path, config.output_format)
@@ -376,7 +400,7 @@ def sample(
         ),
         "data": list(config.data.path),
         "seed": config.seed,
-        "sampling": dataclasses.asdict(config.sampling),
+        "sampling": to_dict(config.sampling),
         "rows_file": rows_path.name,
         "format": "preference" if name == "pairs" else "sft",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

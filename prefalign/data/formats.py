@@ -13,6 +13,7 @@ Rules worth knowing:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ import datasets
 
 from prefalign.data.sources import HIDDEN_COLUMNS, ROW_COLUMN, SOURCE_COLUMN, row_location
 from prefalign.errors import DataError
+
+logger = logging.getLogger("prefalign")
 
 ROLES = ("system", "user", "assistant", "tool")
 Messages = list[dict[str, Any]]
@@ -209,10 +212,34 @@ def normalize_preference(rows: Rows) -> list[dict[str, Any]]:
     records, present = _records(rows)
     require_columns(present, ["chosen", "rejected"], "preference", records, "{good: chosen, bad: rejected}")
     has_prompt, has_margin = "prompt" in present, "margin" in present
-    return [
+    normalized = [
         _preference_row(_with_origin(record, index), has_prompt, has_margin)
         for index, record in enumerate(records)
     ]
+    _check_prompts(normalized, has_prompt)
+    return normalized
+
+
+def _check_prompts(rows: list[dict[str, Any]], has_prompt: bool) -> None:
+    """Rows whose prompt is empty (an empty `prompt`, or no `prompt` column and chosen/rejected sharing no
+    beginning) train on an empty prompt: said with the count, refused when every row is one."""
+    empty = [row for row in rows if _is_empty(row["prompt"])]
+    if not empty:
+        return
+    why = (
+        "their prompt is empty" if has_prompt
+        else "there is no 'prompt' column and their chosen and rejected share no beginning (implicit prompt)"
+    )  # fmt: skip
+    message = (
+        f"{_sources(rows)}: {len(empty)} of {len(rows)} preference rows have no prompt ({why}), first at "
+        f"{where(empty[0])}; they train on an empty prompt"
+    )
+    if len(empty) == len(rows):
+        raise DataError(
+            f"{message}, which is every row. Add a 'prompt' column (data.columns can rename yours), or give "
+            "chosen and rejected the prompt they answer as a shared beginning."
+        )
+    logger.warning("%s.", message)
 
 
 def _preference_row(record: dict[str, Any], has_prompt: bool, has_margin: bool) -> dict[str, Any]:

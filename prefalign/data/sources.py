@@ -280,6 +280,10 @@ def load_source(path: str, *, split: str = "train") -> datasets.Dataset:
                 "data.path / data.eval_path."
             )
         return _read_hub(path, split)
+    if os.path.getsize(path) == 0:
+        raise DataError(
+            f"{path}: the file is empty (0 bytes); it holds no rows. Check data.path / data.eval_path."
+        )
     try:
         return _read_file(path, split)
     except (OSError, UnicodeDecodeError, EOFError) as error:
@@ -372,6 +376,12 @@ def load_rows(
     if not expanded:
         raise DataError("no data source given; set data.path to one or more files, folders or hub names.")
     parts = [apply_column_mapping(load_source(path, split=split), columns, path) for path in expanded]
+    for part, path in zip(parts, expanded, strict=True):
+        if len(part) == 0:
+            kind = "file" if os.path.isfile(path) else "source"
+            raise DataError(
+                f"{path}: the {kind} is empty: it holds no rows. Check data.path / data.eval_path."
+            )
     return _concatenate(parts, expanded)
 
 

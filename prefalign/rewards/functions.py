@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
+import os
+import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +30,8 @@ from prefalign.errors import ConfigError
 from prefalign.tasks.arithmetic import exact_match_reward
 
 RewardFunction = Callable[..., list]
+
+logger = logging.getLogger("prefalign")
 
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {"exact_match": exact_match_reward}
 
@@ -43,15 +49,57 @@ def get_reward_function(name: str) -> RewardFunction:
 
         return reward_model_function(name.partition(":")[2])
     if ":" in name:
-        module_name, _, attribute = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError(f"reward function {name!r} could not be imported: {error}") from error
+        return _import_function(name)
     raise ConfigError(
         f"unknown reward function {name!r}: use one of {sorted(REWARD_FUNCTIONS)} or an "
         "import path 'module:function'"
     )
+
+
+def _import_function(name: str) -> RewardFunction:
+    """'module:function' (or 'module:Class.method'), the module looked up as `python -m` does: the current
+    folder first, then sys.path. Importing a module runs its code, as any import does."""
+    module_name, _, attribute = name.partition(":")
+    here = os.getcwd()
+    added = here not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.split(".")[0] != error.name.split(".")[0]:
+            raise ConfigError(
+                f"reward function {name!r}: importing module {module_name!r} failed: {error}"
+            ) from error
+        tried = [here] + [path or here for path in sys.path if (path or here) != here]
+        shown = ", ".join(tried[:6]) + (f" and {len(tried) - 6} more" if len(tried) > 6 else "")
+        raise ConfigError(
+            f"reward function {name!r}: no module {module_name!r} was found; looked in the current folder "
+            f"and sys.path: {shown}. Run from the folder that holds {module_name.split('.')[0]}.py, or add "
+            "its folder to PYTHONPATH."
+        ) from error
+    except Exception as error:  # noqa: BLE001 - the module's own code failed while importing
+        raise ConfigError(
+            f"reward function {name!r}: importing module {module_name!r} raised "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+    function: Any = module
+    try:
+        for part in attribute.split("."):
+            function = getattr(function, part)
+    except AttributeError as error:
+        where = getattr(module, "__file__", module_name)
+        raise ConfigError(
+            f"reward function {name!r}: module {module_name!r} ({where}) has no {attribute!r}"
+        ) from error
+    if not callable(function):
+        raise ConfigError(
+            f"reward function {name!r}: {attribute!r} is a {type(function).__name__}, not callable"
+        )
+    return function
 
 
 @dataclass
@@ -87,11 +135,29 @@ class GroupScores:
 
 
 @dataclass
+class RewardState:
+    """What reward functions receive as `trainer_state`, as TRL passes its `transformers.TrainerState`: the
+    fields reward shaping reads (GRPO keeps `global_step` current)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+
+
+# Arguments TRL's GRPOTrainer passes a reward function besides the data's columns. prompts, completions and
+# (where tokens exist) completion_ids are passed here as they are; trainer_state is a RewardState.
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+@dataclass
 class WeightedRewards:
     """Several scorers combined with weights; None results are left out of the sum (as in TRL).
 
     `names` holds registry names, import paths 'module:function', or the callables themselves (a reward
     model scorer, say); a callable is named by its `name` attribute, else its `__name__`, else its class.
+    Per-function scores (and metrics `rewards/<name>/mean`) use a short name trackers will not nest: a
+    function's own name (`fn` for 'my_rewards:fn'), `reward_model` for a reward model, unique (`_2`, ...).
+    Failures and warnings name a scorer in full (`labels`).
     """
 
     names: list[Any]
@@ -112,7 +178,11 @@ class WeightedRewards:
                 f"reward_weights must be finite numbers, got {bad[0]!r} in {list(self.weights)}"
             )
         self.functions = [get_reward_function(name) if isinstance(name, str) else name for name in self.names]
-        self.names = _unique([name if isinstance(name, str) else _callable_name(name) for name in self.names])
+        labels = [name if isinstance(name, str) else _callable_name(name) for name in self.names]
+        self.labels = _unique(labels)
+        self.names = _unique([_metric_name(label) for label in self.labels])
+        self.trainer_state = RewardState()
+        self._warned_empty: set[str] = set()
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Sequence[Any]):
         """-> (total: list[float | None], per_function: dict[name, list[float | None]], failures).
@@ -121,8 +191,17 @@ class WeightedRewards:
         """
         per_function: dict[str, list[float | None]] = {}
         failures: list[RewardFailure] = []
-        for name, function in zip(self.names, self.functions, strict=True):
-            per_function[name] = _call_one(name, function, prompts, completions, columns, failures)
+        extras = {"trainer_state": self.trainer_state}
+        for name, label, function in zip(self.names, self.labels, self.functions, strict=True):
+            per_function[name] = _call_one(label, function, prompts, completions, columns, extras, failures)
+            if completions and all(value is None for value in per_function[name]):
+                failed_here = sum(failure.function == label for failure in failures)
+                if not failed_here and name not in self._warned_empty:
+                    self._warned_empty.add(name)
+                    logger.warning(
+                        "reward function %r returned None (not applicable) for all %d samples: it scored "
+                        "nothing, so its metric rewards/%s/mean is left out", label, len(completions), name,
+                    )
         failed = {failure.prompt_index for failure in failures}
         total: list[float | None] = []
         for index in range(len(completions)):
@@ -180,6 +259,16 @@ def _callable_name(function: Any) -> str:
     return getattr(function, "name", None) or getattr(function, "__name__", None) or type(function).__name__
 
 
+def _metric_name(label: str) -> str:
+    """A short name with no '/' or ':' (trackers nest metrics on '/'): 'reward_model:runs/rm/final' ->
+    'reward_model', 'my_rewards:fn' -> 'fn', 'pkg.mod:Class.method' -> 'method'."""
+    if label.startswith("reward_model:") or label == "reward_model":
+        return "reward_model"
+    short = label.rpartition(":")[2].rpartition(".")[2] if ":" in label else label
+    short = re.sub(r"[/:\\\s]+", "_", short).strip("_")
+    return short or "reward"
+
+
 def _unique(names: list[str]) -> list[str]:
     """Names as given, a repeat suffixed `_2`, `_3`, ...: per-function scores (and metrics) are keyed by name,
     so two scorers sharing one (two lambdas, two reward models) would otherwise overwrite each other."""
@@ -205,10 +294,29 @@ def _accepted_columns(function: Any, columns: dict[str, Sequence[Any]]) -> dict[
     return {name: values for name, values in columns.items() if name in names}
 
 
-def _call_one(name, function, prompts, completions, columns, failures) -> list[float | None]:
-    columns = _accepted_columns(function, columns)
+def _check_arguments(name: str, function: Any, given: list[str]) -> None:
+    """A parameter the function requires and no one passes fails on every sample: say so once, up front."""
     try:
-        returned = function(prompts=list(prompts), completions=list(completions), **columns)
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]
+    missing = [parameter for parameter in required if parameter not in given]
+    if missing:
+        raise ConfigError(
+            f"reward function {name!r} requires argument(s) {', '.join(map(repr, missing))}, which are not "
+            f"passed; it is called with keyword arguments {', '.join(given)} (TRL's names, plus the data's "
+            "columns). Add the missing column(s) to the data, or give the parameter(s) a default."
+        )
+
+
+def _call_one(name, function, prompts, completions, columns, extras, failures) -> list[float | None]:
+    _check_arguments(name, function, ["prompts", "completions", *columns, *extras])
+    columns = _accepted_columns(function, columns)
+    extras = _accepted_columns(function, extras)
+    try:
+        returned = function(prompts=list(prompts), completions=list(completions), **columns, **extras)
         if returned is None or isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__len__"):
             raise ConfigError(
                 f"reward function {name!r} returned {_short(returned)}; it must return a list with one value "
@@ -225,7 +333,7 @@ def _call_one(name, function, prompts, completions, columns, failures) -> list[f
     except Exception:  # noqa: BLE001 - a user's function failing is reported, not fatal
         # Call it once per sample to find which ones fail; the others keep their rewards.
         values = [
-            _call_single(name, function, prompts, completions, columns, i, failures)
+            _call_single(name, function, prompts, completions, columns, extras, i, failures)
             for i in range(len(completions))
         ]
     cleaned: list[float | None] = []
@@ -256,10 +364,11 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _call_single(name, function, prompts, completions, columns, index, failures):
+def _call_single(name, function, prompts, completions, columns, extras, index, failures):
     try:
         single = {key: [value[index]] for key, value in columns.items()}
-        values = list(function(prompts=[prompts[index]], completions=[completions[index]], **single))
+        one = {"prompts": [prompts[index]], "completions": [completions[index]]}
+        values = list(function(**one, **single, **extras))
         if len(values) != 1:
             raise ValueError(f"returned {len(values)} values for 1 completion")
         return values[0]

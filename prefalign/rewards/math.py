@@ -4,11 +4,13 @@ Every function takes `prompts, completions, **columns` and returns one float per
 is a string, or a list of messages (conversational data) whose contents are joined.
 
 - `math_answer_reward`: 1.0 when the completion's final answer equals the `answer` column as a number,
-  else 0.0. The final answer is found, in this order, in `\\boxed{...}` (the last one), after `####`
-  (GSM8K references), in `<answer>...</answer>` tags, after "the answer is" / "answer:", after `A:` at the
-  start of a line; `math_answer` then falls back to the last number in the text, `math_answer_strict` does
-  not. Numbers compare exactly as fractions after removing `$`, thousands commas, spaces, a trailing
-  period and LaTeX wrappers: `70,000` = `$70000.00`, `0.5` = `1/2` = `\\frac{1}{2}`, `-3` = `−3`.
+  else 0.0. The final answer is read as a grader would: of the answers the completion marks (`\\boxed{...}`,
+  `####` as in GSM8K references, `<answer>...</answer>` tags, "the answer is" / "answer:" / "the answer should
+  be", `A:` at the start of a line) the one stated last (a model that corrects itself means its last word),
+  and of a computation its result ("the answer is 3 + 4 = 7" is 7); with no marked answer `math_answer`
+  falls back to the last number in the text, `math_answer_strict` does not. Numbers compare exactly as
+  fractions after removing currency signs, units, thousands commas, spaces, a trailing period and LaTeX
+  wrappers: `70,000` = `$70000.00`, `0.5` = `1/2` = `\\frac{1}{2}`, `-3` = `−3`.
   The `answer` column may be a bare number or a whole reference solution (its final answer is used).
 - `format_reward`: 1.0 when the completion holds non-empty `<answer>...</answer>` tags.
 - `think_format_reward`: 1.0 when it is `<think>...</think>` followed by `<answer>...</answer>`.
@@ -38,9 +40,15 @@ _NUMERIC = re.compile(f"{_FRAC.pattern}|{_NUMBER.pattern}")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _HASHES = re.compile(r"####\s*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# "the answer is", "final answer:", "answer = ", "the answer should actually be": the text after it, to the
+# line's end (in group 1 or 2). A lookahead, so that a second "answer is" on the same line is found too.
 _ANSWER_IS = re.compile(
-    r"(?:the\s+(?:final\s+)?answer\s+is\s*:?|final\s+answer\s*:|answer\s*:)\s*([^\n]*)", re.IGNORECASE,
+    r"\banswer\s*[:=]\s*(?=([^\n]*))"
+    r"|\banswer\s+(?:is|was|should\s+be|would\s+be|will\s+be|must\s+be)\b"
+    r"(?:\s+(?:actually|really|then|now|therefore|thus|instead|indeed|simply|just)\b)*\s*:?\s*(?=([^\n]*))",
+    re.IGNORECASE,
 )
+_EQUALS_WORDS = re.compile(r"\b(?:equals|is\s+equal\s+to)\b|\\approx|≈", re.IGNORECASE)
 _A_COLON = re.compile(r"(?:^|\n)\s*A\s*:\s*([^\n]*)")
 _LATEX_NOISE = re.compile(r"\\text\{[^}]*\}|\\mathrm\{[^}]*\}|\\[,!;: ]|\\left|\\right|\\%|\\\$")
 
@@ -48,6 +56,12 @@ _LATEX_NOISE = re.compile(r"\\text\{[^}]*\}|\\mathrm\{[^}]*\}|\\[,!;: ]|\\left|\
 def _last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched so `\\boxed{\\frac{1}{2}}`
     works."""
+    found = _last_boxed_at(text)
+    return found[1] if found else None
+
+
+def _last_boxed_at(text: str) -> tuple[int, str] | None:
+    """(position, content) of the last complete box."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -61,7 +75,7 @@ def _last_boxed(text: str) -> str | None:
         elif text[index] == "}":
             depth -= 1
             if depth == 0:
-                return text[brace + 1 : index]
+                return start, text[brace + 1 : index]
     return None  # unbalanced: the completion was cut off inside the box
 
 
@@ -70,17 +84,42 @@ def _last_match(pattern: re.Pattern, text: str) -> str | None:
     return matches[-1] if matches else None
 
 
+def _marked_answers(text: str) -> list[tuple[int, str]]:
+    """Every answer the text marks (boxed, ####, tags, "the answer is", A:), as (position, text)."""
+    found = []
+    boxed = _last_boxed_at(text)
+    if boxed is not None:
+        found.append(boxed)
+    for pattern in (_HASHES, _ANSWER_TAG, _ANSWER_IS, _A_COLON):
+        for match in pattern.finditer(text):
+            group = next((index for index in range(1, (pattern.groups or 0) + 1) if match.group(index)), None)
+            if group is not None and match.group(group).strip():
+                found.append((match.start(group), match.group(group).strip()))
+    return found
+
+
+def _result_of(answer: str) -> str:
+    """The result of a stated computation: '3 + 4 = 7' -> '7' (after the last '=', when a number is there)."""
+    answer = _EQUALS_WORDS.sub("=", answer)
+    if "=" in answer:
+        result = answer.rsplit("=", 1)[1]
+        if _NUMERIC.search(_normalize(result)):
+            return result.strip()
+    return answer
+
+
 def extract_final_answer(text: str, *, fallback_last_number: bool = True) -> str | None:
-    """The text of a completion's final answer (not yet parsed as a number), or None if there is none."""
-    for found in (
-        _last_boxed(text),
-        _last_match(_HASHES, text),
-        _last_match(_ANSWER_TAG, text),
-        _last_match(_ANSWER_IS, text),
-        _last_match(_A_COLON, text),
-    ):
-        if found is not None and found.strip():
-            return found.strip()
+    """The text of a completion's final answer (not yet parsed as a number), or None if there is none.
+
+    As a grader reads it: of the answers the text marks, the one stated last counts (a model that restates
+    or corrects itself means its last word), preferring one that holds a number; of a computation, its result
+    ('the answer is 3 + 4 = 7' is 7)."""
+    marked = sorted(_marked_answers(text), key=lambda found: found[0], reverse=True)
+    for _, answer in marked:
+        if _NUMERIC.search(_normalize(answer)):
+            return _result_of(answer)
+    if marked:
+        return marked[0][1]
     if fallback_last_number:
         numbers = [match.group() for match in _NUMERIC.finditer(_normalize(text))]
         return numbers[-1] if numbers else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,8 @@ import torch
 
 from prefalign.config import TrainConfig
 from prefalign.files import writing
+
+logger = logging.getLogger("prefalign")
 
 
 class MetricsLogger:
@@ -39,8 +43,14 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        # NaN / inf is not JSON: such a metric is left out of the record (and said), never written as NaN.
+        missing = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if missing:
+            logger.warning("step %d: metric(s) %s have no finite value; left out of metrics.jsonl",
+                           step, ", ".join(missing))
+            record = {k: v for k, v in record.items() if k not in missing}
         with writing(self.path, "set train.output_dir to another folder"), self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tracker is not None:
             self.tracker.log(record, step=step)
         if self.progress is not None:

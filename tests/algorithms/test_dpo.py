@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -394,3 +395,13 @@ def test_bad_loss_config_fails_before_loading_anything(tmp_path, fields, message
     with pytest.raises(ConfigError, match=message):
         dpo(config)
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_dataset_dict_trains_on_train_and_evaluates_on_test(tmp_path):
+    model, tokenizer = tiny_model(0)
+    splits = datasets.DatasetDict(
+        {"train": preference_dataset("train", limit=4), "test": preference_dataset("held_out", limit=2)}
+    )
+    result = dpo(make_config(tmp_path / "dict", steps=1), dataset=splits, model=model, tokenizer=tokenizer)
+    assert any("loss" in record for record in result.metrics)
+    assert any("eval/loss" in record for record in result.metrics)  # the test split is the eval data

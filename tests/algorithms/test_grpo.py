@@ -643,7 +643,8 @@ def test_reward_model_scores_the_completions(tmp_path, model_dir, tokenizer):
         model_dir, tmp_path / "rm", reward_functions=[], reward_model=str(folder), train={"max_steps": 1}
     )
     metrics = grpo(config, dataset=prompts(), save=False).metrics[0]
-    name = f"rewards/reward_model:{folder}/mean"
+    name = "rewards/reward_model/mean"  # short and stable, not the folder (trackers nest on '/')
+    assert not any(key.startswith("rewards/reward_model:") for key in metrics)
     assert math.isfinite(metrics[name]) and metrics["reward"] == pytest.approx(metrics[name])
     assert metrics["frac_reward_zero_std"] == 0.0  # a continuous score separates every group
 
@@ -654,3 +655,20 @@ def test_lora_policy_trains_only_adapters(tmp_path, model_dir, tokenizer):
     config = make_config(model_dir, tmp_path / "lora-only", train={"max_steps": 1})
     grpo(config, dataset=prompts(), model=model, tokenizer=tokenizer, save=False)
     assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_a_callable_reward_function_runs_and_is_saved_by_name(tmp_path, model_dir):
+    steps_seen = []
+
+    def shaped(prompts, completions, trainer_state, **columns):  # TRL's trainer_state, as GRPOTrainer passes
+        steps_seen.append(trainer_state.global_step)
+        return digit_share(prompts, completions, **columns)
+
+    config = make_config(model_dir, tmp_path / "callable", reward_functions=[shaped], train={"max_steps": 2})
+    result = grpo(config, dataset=prompts())
+    saved = yaml.safe_load((tmp_path / "callable" / "config.yaml").read_text())
+    assert saved["reward_functions"] == [
+        "tests.algorithms.test_grpo:test_a_callable_reward_function_runs_and_is_saved_by_name.<locals>.shaped"
+    ]
+    assert steps_seen == [0, 1] and "rewards/shaped/mean" in result.metrics[0]
+    assert (tmp_path / "callable" / "final" / "model.safetensors").exists()

@@ -349,3 +349,28 @@ def test_reward_functions_receive_completion_ids_as_in_grpo():
     assert output.stats.reward_failures == 0  # it failed on every sample: completion_ids was never passed
     scores = [sample["score"] for sample in output.samples]
     assert scores == [float(sample["num_tokens"]) for sample in output.samples]
+
+
+def never_applies(prompts, completions, **_):
+    return [None] * len(completions)
+
+
+def always_raises(prompts, completions, **_):
+    raise KeyError("answer")
+
+
+@pytest.mark.parametrize(
+    ("function", "cause"),
+    [
+        (never_applies, r"reward function\(s\) 'never_applies' returned None for every sample"),
+        (always_raises, "the reward failed on 8 of 8 samples.*always_raises.*KeyError"),
+    ],
+)
+def test_when_no_sample_is_scored_the_error_names_the_reward_not_more_sampling(tmp_path, function, cause):
+    model_dir = save_tiny_model(tmp_path / "model")
+    _write_prompts(tmp_path, ["1+2", "3+4"])
+    config = _config(tmp_path, model_dir)
+    config.sampling.reward_functions = [function]
+    with pytest.raises(DataError, match=f"no sample got a score: {cause}") as error:
+        sample(config)
+    assert "Sample more" not in str(error.value) and "sampling more would not help" in str(error.value)

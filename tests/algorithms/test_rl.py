@@ -77,3 +77,15 @@ def test_a_temperature_mismatch_shows_in_the_logprob_difference():
     source, _, _ = make_source(2, 1, 0.7, with_reference=False)
     source.score = CompletionScorer(temperature=1.0)
     assert source.next_phase(step=0, steps_left=2).metrics["rollout/logprob_diff_max"] > 1e-2
+
+
+def test_a_reward_function_that_scored_nothing_has_no_metric_not_nan():
+    from prefalign.algorithms.rl.rollout import function_means, reward_metrics
+
+    means = function_means({"scored": [[1.0, None], [3.0, None]], "never": [[None, None], [None, None]]})
+    assert means == {"rewards/scored/mean": 2.0}
+    assert reward_metrics(torch.full((2, 2), float("nan"))) == {}
+    assert reward_metrics(torch.tensor([[1.0, float("nan")]])) == {"reward": 1.0}  # one scored: no spread
+    assert reward_metrics(torch.tensor([[1.0, float("nan")], [2.0, 2.0]])) == pytest.approx(
+        {"reward": 5 / 3, "reward_std": 0.0, "frac_reward_zero_std": 1.0}
+    )

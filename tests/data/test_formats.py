@@ -167,3 +167,19 @@ def test_prompt_only_keeps_extra_columns():
         normalize_prompts([{"question": "x"}])
     with pytest.raises(DataError, match=r"row 1, column 'prompt': empty prompt"):
         normalize_prompts([{"prompt": ""}])
+
+
+def test_rows_without_a_prompt_or_a_shared_prefix_are_counted_and_refused_when_all(tmp_path, caplog):
+    shared = {"chosen": "2+2= 4", "rejected": "2+2= 5"}
+    unshared = {"chosen": "yes", "rejected": "no"}
+    rows = rows_from(tmp_path, [shared, unshared, unshared], name="mixed.jsonl")
+    with caplog.at_level("WARNING", logger="prefalign"):
+        normalized = normalize_preference(rows)
+    assert [row["prompt"] for row in normalized] == ["2+2=", "", ""]
+    assert "2 of 3 preference rows have no prompt" in caplog.text and "mixed.jsonl, line 2" in caplog.text
+    rows = rows_from(tmp_path, [unshared, unshared], name="none.jsonl")
+    with pytest.raises(DataError, match="2 of 2 preference rows have no prompt.*every row"):
+        normalize_preference(rows)
+    rows = rows_from(tmp_path, [{"prompt": "", **unshared}], name="blank.jsonl")
+    with pytest.raises(DataError, match="their prompt is empty"):
+        normalize_preference(rows)

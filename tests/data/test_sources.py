@@ -225,3 +225,18 @@ def test_split_config_errors(tmp_path):
         load_splits(DataConfig(path=[path], eval_fraction=0.9))
     with pytest.raises(ConfigError, match=r"max_samples"):
         load_splits(DataConfig(path=[path], max_samples=0))
+
+
+@pytest.mark.parametrize("name", ["empty.jsonl", "empty.csv", "empty.parquet", "empty.json"])
+def test_an_empty_file_is_named_and_said_to_be_empty(tmp_path, name):
+    (tmp_path / name).write_text("")
+    with pytest.raises(DataError, match=rf"{name}: the file is empty"):
+        load_rows([str(tmp_path / name)])
+
+
+def test_a_file_of_blank_lines_holds_no_rows(tmp_path):
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "list.json").write_text("[]")
+    for name in ("blank.jsonl", "list.json"):
+        with pytest.raises(DataError, match=rf"{name}: the file is empty: it holds no rows"):
+            load_rows([str(tmp_path / name)])

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
 from prefalign.errors import ConfigError
-from prefalign.rewards import WeightedRewards, describe_failures, register_reward_function
+from prefalign.rewards import (
+    WeightedRewards,
+    describe_failures,
+    get_reward_function,
+    register_reward_function,
+)
 from prefalign.rewards.functions import REWARD_FUNCTIONS
 
 
@@ -166,3 +172,74 @@ def test_a_failure_of_one_same_named_scorer_is_its_own():
 def test_non_finite_weight_is_a_config_error(weight):
     with pytest.raises(ConfigError, match="reward_weights"):
         WeightedRewards([length_reward], [weight])
+
+
+# ------------------------------------------------------------------------ reward functions as users have them
+
+
+def test_module_function_is_imported_from_the_current_folder(tmp_path, monkeypatch):
+    # `prefalign grpo --reward_functions my_rewards:fn` run in the folder that holds my_rewards.py
+    (tmp_path / "prefalign_test_my_rewards.py").write_text(
+        "def fn(prompts, completions, **_):\n    return [2.0 for _ in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "prefalign_test_my_rewards", raising=False)
+    function = get_reward_function("prefalign_test_my_rewards:fn")
+    assert function(["p"], ["c"]) == [2.0]
+    assert str(tmp_path) not in sys.path  # looked there for this import only, as `python -m` does
+    sys.modules.pop("prefalign_test_my_rewards", None)
+
+
+def test_a_module_not_found_names_the_paths_tried(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no module 'no_such_rewards_module'") as error:
+        get_reward_function("no_such_rewards_module:fn")
+    assert str(tmp_path) in str(error.value) and "sys.path" in str(error.value)
+    with pytest.raises(ConfigError, match="has no 'missing'"):
+        get_reward_function("prefalign.rewards.math:missing")
+
+
+def test_trl_arguments_are_passed_trainer_state_included():
+    seen = []
+
+    def shaped(prompts, completions, completion_ids, trainer_state, **kwargs):
+        seen.append((trainer_state.global_step, completion_ids, "trainer_state" in kwargs))
+        return [float(trainer_state.global_step)] * len(completions)
+
+    rewards = WeightedRewards([shaped])
+    rewards.trainer_state.global_step = 3
+    total, _, failures = rewards(["p"], ["c"], completion_ids=[[5, 6]])
+    assert total == [3.0] and failures == [] and seen == [(3, [[5, 6]], False)]
+
+
+def test_a_required_argument_nobody_passes_is_named():
+    def needs_solution(prompts, completions, solution):
+        return [1.0] * len(completions)
+
+    with pytest.raises(ConfigError, match="requires argument.*'solution'.*not passed"):
+        WeightedRewards([needs_solution])(["p"], ["c"], answer=["1"])
+
+
+def test_a_function_that_scores_nothing_is_named_in_a_warning(caplog):
+    def never(prompts, completions, **_):
+        return [None] * len(completions)
+
+    rewards = WeightedRewards([length_reward, never])
+    with caplog.at_level("WARNING", logger="prefalign"):
+        total, per_function, _ = rewards(["p", "q"], ["ab", "c"])
+    assert total == [2.0, 1.0] and per_function["never"] == [None, None]
+    assert "'never' returned None" in caplog.text and "for all 2 samples" in caplog.text
+
+
+def test_metric_names_are_short_and_unique():
+    def reward_model(prompts, completions, **_):
+        return [0.0] * len(completions)
+
+    reward_model.name = "reward_model:runs/rm/final"
+    other = lambda prompts, completions, **_: [0.0] * len(completions)  # noqa: E731
+    other.name = "reward_model:runs/rm2/final"
+    rewards = WeightedRewards([reward_model, other, "prefalign.rewards.math:format_reward", "format"])
+    assert rewards.names == ["reward_model", "reward_model_2", "format_reward", "format"]
+    assert rewards.labels[0] == "reward_model:runs/rm/final"  # messages still name the folder
+    assert not any("/" in name or ":" in name for name in rewards.names)

@@ -249,3 +249,46 @@ def test_answer_on_the_line_after_the_marker(completion):
     # "The answer is:" then a line break: the colon alone was taken as the answer (no number: reward 0),
     # while "Answer:\n42" already read the 42.
     assert math_reward(completion, "42") == 1.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        # the result of a stated computation, not its first operand
+        ("The answer is 3 + 4 = 7", "7"),
+        ("The answer is 6 * 7 = 42 apples.", "42"),
+        ("So 6 times 7 equals 42.", "42"),
+        ("\\boxed{x = 5}", "5"),
+        ("Answer: x = -3", "-3"),
+        # the last answer stated counts when the model restates or corrects itself
+        ("The answer is 5. Wait, let me recheck. Actually the answer should be 6.", "6"),
+        ("\\boxed{5}\nHmm, I made a mistake there. The correct answer is 6.", "6"),
+        ("The answer is 12.\nCheck: 3 * 4 = 12. So the final answer is 12.", "12"),
+        ("<answer>4</answer> no, wait: <answer>5</answer>", "5"),
+        ("A: 18\nOn reflection the answer is 20.", "20"),
+        ("Answer: 7\nThe answer is correct.", "7"),  # a later marker without a number does not erase one
+        # thousands separators, currency and units, fractions and decimals
+        ("Final answer: \\boxed{1,234}", "1234"),
+        ("The answer is 1 234 567", "1234567"),
+        ("Answer: $1,234.50", "1234.5"),
+        ("The answer is \u20ac20.", "20"),
+        ("The answer is 15 km.", "15"),
+        ("I think the answer is 10 dollars, or $10.00", "10"),
+        ("The answer is 3/4 of the pizza", "0.75"),
+        ("The answer is 0.750", "3/4"),
+    ],
+)
+def test_math_answer_reads_the_answer_as_a_grader_would(completion, answer):
+    assert math_reward(completion, answer) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        ("The answer is 5. Wait, actually the answer should be 6.", "5"),  # corrected away
+        ("\\boxed{5}\nNo: the correct answer is 6.", "5"),
+        ("The answer is 3 + 4 = 7", "3"),
+    ],
+)
+def test_math_answer_does_not_take_an_answer_the_model_replaced(completion, answer):
+    assert math_reward(completion, answer) == 0.0

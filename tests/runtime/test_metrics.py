@@ -42,3 +42,14 @@ def test_metrics_reach_an_accelerate_tracker(tmp_path):
     assert recorder.finished
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["loss"] for line in lines] == [0.5, 0.25]
+
+
+def test_a_non_finite_metric_is_left_out_never_written_as_nan(tmp_path, caplog):
+    logger = metrics.MetricsLogger(tmp_path, 1, TrainConfig(progress=False))
+    with caplog.at_level("WARNING", logger="prefalign"):
+        logger.log(1, {"loss": 0.5, "rewards/never/mean": float("nan"), "kl": torch.tensor(float("inf"))})
+    logger.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"step": 1, "loss": 0.5}
+    assert "rewards/never/mean, kl" in caplog.text

@@ -55,17 +55,18 @@ def reward_metrics(scores: torch.Tensor) -> dict[str, float]:
     """Mean reward, mean within-group std and the share of all-equal groups, over the scored samples."""
     groups = [group[~torch.isnan(group)] for group in scores]  # each group's scored samples
     groups = [group for group in groups if group.numel()]
-    if not groups:
-        return {"reward": math.nan, "reward_std": math.nan, "frac_reward_zero_std": math.nan}
+    if not groups:  # nothing scored: no statistic (metrics.jsonl never holds NaN)
+        return {}
     if scores.shape[1] < 2:  # one completion per prompt (PPO): no groups to describe
         return {"reward": torch.cat(groups).mean().item()}
-    stds = [group.std().item() for group in groups if group.numel() > 1]
-    equal = [bool(losses.zero_std_groups(group.unsqueeze(0), group.numel())) for group in groups]
-    return {
-        "reward": torch.cat(groups).mean().item(),
-        "reward_std": sum(stds) / len(stds) if stds else math.nan,
-        "frac_reward_zero_std": sum(equal) / len(equal),
-    }
+    # a group with one scored sample has no spread to describe (and is no group for zero_std_groups)
+    spread = [group for group in groups if group.numel() > 1]
+    metrics = {"reward": torch.cat(groups).mean().item()}
+    if spread:
+        equal = [bool(losses.zero_std_groups(group.unsqueeze(0), group.numel())) for group in spread]
+        metrics["reward_std"] = sum(group.std().item() for group in spread) / len(spread)
+        metrics["frac_reward_zero_std"] = sum(equal) / len(equal)
+    return metrics
 
 
 def completion_metrics(samples: list[Sample]) -> dict[str, float]:
@@ -79,9 +80,11 @@ def completion_metrics(samples: list[Sample]) -> dict[str, float]:
 
 
 def function_means(per_function: dict[str, list[list[float | None]]]) -> dict[str, float]:
-    """Each reward function's mean over the samples it scored (None left out)."""
+    """Each reward function's mean over the samples it scored (None left out); a function that scored no
+    sample has no mean and its metric is left out (WeightedRewards warns, naming it), never NaN."""
     means = {}
     for name, groups in per_function.items():
         values = [value for group in groups for value in group if value is not None]
-        means[f"rewards/{name}/mean"] = sum(values) / len(values) if values else math.nan
+        if values:
+            means[f"rewards/{name}/mean"] = sum(values) / len(values)
     return means
