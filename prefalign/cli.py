@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 import traceback
 from dataclasses import dataclass
 
-from prefalign.config import help_text, load_config
+from prefalign.config import help_text, is_config, load_config
 from prefalign.errors import PrefalignError
 
 
@@ -80,6 +81,9 @@ COMMANDS: dict[str, Command] = {
     "env": Command("prefalign.commands.env", "env", "EnvConfig", "versions and hardware, for bug reports"),
 }
 
+# Commands that train a model and end with a summary (prefalign.commands.summary).
+TRAINING_COMMANDS = ("sft", "dpo", "reward", "grpo", "ppo")
+
 USAGE = (
     "usage: prefalign <command> [--config FILE.yaml] [--key value ...]   (prefalign <command> "
     "--help lists every key)"
@@ -87,7 +91,8 @@ USAGE = (
 
 
 def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], bool]:
-    """--config path, {key: raw string}, and whether --help was asked. A bare --flag means true."""
+    """--config path, {key: raw string}, and whether --help was asked. A bare --flag (last, or followed by
+    another option or -h) means true: `prefalign dpo --gradient_checkpointing` turns checkpointing on."""
     config_path, overrides, wants_help = None, {}, False
     index = 0
     while index < len(arguments):
@@ -100,7 +105,8 @@ def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], b
             raise PrefalignError(f"unexpected argument {argument!r}: options look like --key value. {USAGE}")
         key, has_value, value = argument[2:].partition("=")
         if not has_value:
-            if index + 1 < len(arguments) and not arguments[index + 1].startswith("--"):
+            following = arguments[index + 1] if index + 1 < len(arguments) else None
+            if following is not None and not following.startswith("--") and following != "-h":
                 value = arguments[index + 1]
                 index += 1
             else:
@@ -113,15 +119,64 @@ def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], b
     return config_path, overrides, wants_help
 
 
+# transformers' messages that say nothing a prefalign user can act on (each: why it is noise here). Every
+# other warning of transformers is shown: it may be the only sign that a user's model loaded wrong.
+KNOWN_NOISE: dict[str, str] = {
+    # A reward model or critic gets a fresh score head on purpose (prefalign reward says so itself).
+    "were not initialized from the model checkpoint": "the score head a reward model is given on purpose",
+    "You should probably TRAIN this model": "the same message's second half",
+    # Gradient checkpointing turns the KV cache off itself (models.loading.prepare_model).
+    "is incompatible with gradient checkpointing": "prefalign sets use_cache=False with checkpointing",
+    # Generation is prefalign's own engine; transformers' generate defaults do not apply.
+    "Setting `pad_token_id` to `eos_token_id`": "padding is masked; prefalign's engine does not use generate",
+}
+
+# Python warnings (warnings.warn) known to be noise: deprecations inside the libraries' own calls to each
+# other (peft asks transformers for `is_gradient_checkpointing`), which a user cannot act on.
+KNOWN_WARNINGS: dict[str, str] = {
+    "`is_gradient_checkpointing` is deprecated": "peft's call into transformers, not the user's",
+    "`gradient_checkpointing_enable` is deprecated": "the name transformers 5 still supports; renamed in v6",
+}
+
+
+class KnownNoise(logging.Filter):
+    """Drops the transformers messages listed in KNOWN_NOISE."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(pattern in message for pattern in KNOWN_NOISE)
+
+
 def _quiet_libraries() -> None:
-    """Our own progress bar and log lines are enough; silence per-file loading bars of the libraries."""
+    """Our own progress bar and log lines are enough: silence the libraries' per-file loading bars and the
+    transformers messages known to be noise (KNOWN_NOISE); its other warnings are shown."""
     import os
+    import warnings
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(pattern)}")
+    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging
 
+    disable_progress_bars()
     transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_warning()
+    library_logger = transformers_logging.get_logger("transformers")
+    for target in (library_logger, *library_logger.handlers):
+        if not any(isinstance(existing, KnownNoise) for existing in target.filters):
+            target.addFilter(KnownNoise())
+
+
+def section_notes(config_class: type) -> str:
+    """Each section's own help (model, data, train, ...): where its defaults come from, for --help."""
+    import dataclasses
+
+    defaults = config_class()
+    return "\n".join(
+        f"  {field.name}: {field.metadata['help']}" for field in dataclasses.fields(config_class)
+        if field.metadata.get("help") and is_config(getattr(defaults, field.name))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         function, config_class = COMMANDS[name].load()
         config_path, overrides, wants_help = parse_overrides(rest)
         if wants_help:
-            print(f"prefalign {name}: {COMMANDS[name].summary}\n\noptions:\n{help_text(config_class)}")
+            print(
+                f"prefalign {name}: {COMMANDS[name].summary}\n\nsections:\n{section_notes(config_class)}\n\n"
+                f"options:\n{help_text(config_class)}"
+            )
             return 0
         config = load_config(config_class, config_path, overrides, from_string=True)
-        function(config)
+        result = function(config)
+        if name in TRAINING_COMMANDS and hasattr(result, "run_dir") and hasattr(result, "metrics"):
+            from prefalign.commands.summary import training_summary
+
+            print(training_summary(name, result), flush=True)
     except PrefalignError as error:
         print(f"prefalign {name}: error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ class GRPOConfig:
         factory=lambda: DataConfig(max_length=1024),
     )
     train: TrainConfig = option(
-        help="Optimisation and run folder; batch sizes count completions.",
+        help="Optimisation and run folder; batch sizes count completions. lr 1e-6 as TRL's GRPOConfig and "
+             "DeepSeekMath (constant schedule there); one epoch over the prompts unless max_steps is set.",
         factory=lambda: TrainConfig(learning_rate=1e-6, batch_size=64, schedule="constant"),
     )
     reward_functions: list[str | Callable] = option(

@@ -18,7 +18,8 @@ class PPOConfig:
         factory=lambda: DataConfig(max_length=1024),
     )
     train: TrainConfig = option(
-        help="Optimisation and run folder; batch sizes count completions. lr 3e-6 as TRL's PPOConfig.",
+        help="Optimisation and run folder; batch sizes count completions. lr 3e-6 as TRL's PPOConfig; one "
+             "epoch over the prompts unless max_steps is set.",
         factory=lambda: TrainConfig(learning_rate=3e-6, batch_size=64, schedule="constant"),
     )
     reward_functions: list[str] = option(

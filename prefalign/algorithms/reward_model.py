@@ -30,7 +30,7 @@ from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.pairs import evaluate_pairs
 from prefalign.losses import bradley_terry_loss
 from prefalign.models.forward import count_tokens, mixed_precision, use_bf16_autocast
-from prefalign.models.loading import disable_dropout, is_peft_model, model_device
+from prefalign.models.loading import disable_dropout, fit_max_length, is_peft_model, model_device
 from prefalign.models.saving import model_card, save_model
 from prefalign.rewards.encoding import (
     SETTINGS_FILE,
@@ -60,7 +60,10 @@ class RewardConfig:
         factory=lambda: DataConfig(max_length=512),
     )
     train: TrainConfig = option(
-        help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5),
+        help="Optimisation and run folder. lr 2e-5 for a full fine-tune of the backbone (InstructGPT's 6B "
+             "reward model used 9e-6), one epoch unless max_steps is set (reward models overfit after one "
+             "epoch, Ouyang et al. 2022). The built-in task's recipe is examples/reward.yaml.",
+        factory=lambda: TrainConfig(learning_rate=2e-5),
     )
     rendering: Literal["auto", "chat_template", "plain"] = option(
         "auto",
@@ -170,6 +173,7 @@ def train_reward_model(
     if (finished := finished_run(config, "reward")) is not None:
         return finished_reward_run(finished)
     run_dir, model, tokenizer = start_run(config, "reward", model, tokenizer, load=load_reward_backbone)
+    config = dataclasses.replace(config, data=fit_max_length(config.data, model, "reward"))
     settings = RewardSettings(
         rendering=resolve_rendering(config.rendering, tokenizer), max_length=config.data.max_length,
     )

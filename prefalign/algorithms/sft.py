@@ -6,6 +6,7 @@ stand on it. Loss: summed completion-token NLL / completion tokens in the optimi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from prefalign.config import DataConfig, ModelConfig, TrainConfig, option, valid
 from prefalign.data import collate_sft, tokenize_sft
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.models.forward import completion_logps, count_tokens
-from prefalign.models.loading import model_device
+from prefalign.models.loading import fit_max_length, model_device
 from prefalign.models.saving import model_card, save_model
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
 from prefalign.runtime.setup import start_run, to_device, write_run_file
@@ -27,7 +28,9 @@ class SFTConfig:
     model: ModelConfig = option(help="The model to fine-tune.", factory=ModelConfig)
     data: DataConfig = option(help="prompt/completion or messages rows.", factory=DataConfig)
     train: TrainConfig = option(
-        help="Optimisation and run folder.", factory=lambda: TrainConfig(learning_rate=2e-5),
+        help="Optimisation and run folder. lr 2e-5 as TRL's SFTConfig (full fine-tuning; LoRA usually wants "
+             "about 10x), one epoch unless max_steps is set.",
+        factory=lambda: TrainConfig(learning_rate=2e-5),
     )
 
 
@@ -69,6 +72,7 @@ def sft(
     if (finished := finished_run(config, "sft")) is not None:
         return finished
     run_dir, model, tokenizer = start_run(config, "sft", model, tokenizer)
+    config = dataclasses.replace(config, data=fit_max_length(config.data, model, "sft"))
     train_rows, eval_rows = resolve_rows(config.data, dataset=dataset, eval_dataset=eval_dataset)
     train_data, stats = tokenize_sft(train_rows, tokenizer, config.data)
     data_stats = {"train": log_stats("train", stats)}

@@ -8,6 +8,7 @@ for each model field set to `builtin`, and loads the task's rows when `data.path
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,8 @@ from prefalign.config import is_config
 from prefalign.models.loading import BUILTIN
 from prefalign.recipes.base_model import ensure_base_model
 from prefalign.tasks.arithmetic import preference_dataset, prompt_dataset, sft_dataset
+
+logger = logging.getLogger("prefalign")
 
 # Which rows each kind of command trains on; split is "train" or "held_out".
 BUILTIN_ROWS: dict[str, Callable[[str], datasets.Dataset]] = {
@@ -70,6 +73,20 @@ def builtin_data(
     return dataset, eval_dataset
 
 
+def announce_data(data_config: Any, kind: str, dataset: datasets.Dataset | None = None) -> None:
+    """One log line naming the data a command is about to use (before any model is built or loaded)."""
+    if dataset is not None:
+        logger.info("data: the dataset passed in (%d rows, %s rows expected)", len(dataset), kind)
+    elif list(data_config.path) == [BUILTIN]:
+        logger.warning(
+            "no data.path given: this run uses the BUILT-IN arithmetic task (%s rows), not your data; pass "
+            "--data.path FILE (JSONL, JSON, Parquet, CSV, a save_to_disk folder or a hub name) to use yours",
+            kind.replace("_", " "),
+        )
+    else:
+        logger.info("data: %s", ", ".join(map(str, data_config.path)))
+
+
 def resolve_builtin(
     config: Any,
     kind: str,
@@ -80,6 +97,8 @@ def resolve_builtin(
     train_split: str = "train",
 ) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
     """Both at once for a training command: models resolved in `config` (the policy only when no `model`
-    object is given), the rows returned."""
+    object is given), the rows returned. Says first which data the run uses: a WARNING when it is the
+    built-in task (a user who forgot data.path must not train a real model on arithmetic in silence)."""
+    announce_data(config.data, kind, dataset)
     resolve_builtin_models(config, skip=("model.name_or_path",) if model is not None else ())
     return builtin_data(config.data, kind, dataset, eval_dataset, train_split=train_split)

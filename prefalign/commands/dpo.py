@@ -21,7 +21,8 @@ class DPOCommandConfig(IterativeDPOConfig):
     rounds: int = option(
         1,
         "Iterative (on-policy) DPO: rounds of sample -> pairs -> DPO with the current policy "
-        "(train.max_steps per round); 1 = offline DPO on data.path's pairs.",
+        "(train.max_steps per round, else train.epochs over its pairs); 1 = offline DPO on data.path's "
+        "pairs.",
         low=1,
     )
 

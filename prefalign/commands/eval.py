@@ -12,7 +12,7 @@ from prefalign.config import DataConfig, ModelConfig, check_model_location, opti
 from prefalign.data import tokenize_prompts
 from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.policy import evaluate_policy, format_table
-from prefalign.models.loading import load_causal_lm
+from prefalign.models.loading import fit_max_length, load_causal_lm
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import check_rewards
 from prefalign.runtime.setup import seed_everything, set_threads
@@ -70,7 +70,9 @@ def evaluate(
     rows, _ = resolve_rows(config.data, dataset=dataset)
     if config.num_prompts:
         rows = rows.select(range(min(len(rows), config.num_prompts)))
-    prompts, _ = tokenize_prompts(rows, tokenizer, config.data)
+    # Prompts leave max_new_tokens of the model's positions free for the completion.
+    data = fit_max_length(config.data, model, "eval", room=config.max_new_tokens)
+    prompts, _ = tokenize_prompts(rows, tokenizer, data)
     metrics = evaluate_policy(
         model, tokenizer, prompts, WeightedRewards(config.reward_functions, list(config.reward_weights)),
         k=config.k, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from prefalign.config import ModelConfig
+from prefalign.config import DataConfig, ModelConfig
 from prefalign.errors import ModelError
+
+logger = logging.getLogger("prefalign")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -70,20 +75,91 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+# Set on a policy whose LoRA adapters were loaded from a saved adapter folder (not created in this run): its
+# reference is the base plus that adapter as saved, so "adapters off" (the bare base) is not its reference.
+LOADED_ADAPTER = "prefalign_loaded_adapter"
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model a saved LoRA adapter folder (adapter_config.json, no config.json) was trained on, or
+    None when `path` is not such a folder."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").exists():
+        return None
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise ModelError(f"adapter folder {path!r}: adapter_config.json cannot be read ({error})") from error
+    if not base:
+        raise ModelError(
+            f"adapter folder {path!r}: adapter_config.json names no base_model_name_or_path, so the model "
+            "the adapter belongs to is unknown; set it there to the base model's folder or hub name"
+        )
+    if not Path(base).is_absolute() and (folder / base).exists() and not Path(base).exists():
+        base = str(folder / base)
+    return base
+
+
 def load_causal_lm(config: ModelConfig, *, trainable: bool = True):
-    """(model, tokenizer) on the configured device and dtype, with LoRA adapters when asked."""
+    """(model, tokenizer) on the configured device and dtype, with LoRA adapters when asked.
+
+    A saved LoRA adapter folder (what `save_model` writes for a LoRA policy) loads as its base model
+    (adapter_config.json's base_model_name_or_path) carrying that adapter, trainable when `trainable`:
+    training continues the adapter (model.lora's rank and targets are the saved ones), and the policy is
+    marked (LOADED_ADAPTER) so that its reference is the adapter as saved, not the bare base."""
     path = resolve_model_path(config.name_or_path)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    base = adapter_base(path)
+    has_tokenizer = base is None or (Path(path) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(path if has_tokenizer else base, trust_remote_code=config.trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": config.trust_remote_code}
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base or path, **kwargs)
     except Exception as error:  # noqa: BLE001
-        raise _explain_load_failure("causal language model", path, error) from error
+        raise _explain_load_failure("causal language model", base or path, error) from error
+    check_causal(model, base or path)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        setattr(model, LOADED_ADAPTER, path)
+        logger.info("model: LoRA adapter %s on its base %s (the adapter trains)", path, base)
     return prepare_model(model, config, device, trainable=trainable), tokenizer
+
+
+@torch.no_grad()
+def check_causal(model, path: str) -> None:
+    """Refuse a model whose output at a position depends on later tokens (a bidirectional encoder such as
+    BERT loaded with is_decoder false): as a policy it would see the answer it is asked to predict. Tested
+    on the model itself (a 4-token sequence and the same with its last token changed), since configs do not
+    say it reliably (GPT-2's is_decoder is false too)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < 8:
+        return
+    first = torch.tensor([[vocab // 2, vocab // 3, vocab // 4, vocab // 5]])
+    second = first.clone()
+    second[0, -1] = vocab // 6
+    was_training = model.training
+    model.eval()
+    try:
+        device = model_device(model)
+        logits = [model(input_ids=ids.to(device)).logits[0].float() for ids in (first, second)]
+    finally:
+        model.train(was_training)
+    # Earlier positions of a causal model do not move at all (same computation); a freshly initialised
+    # encoder's move little in absolute terms, so the change is measured against the last position's.
+    earlier = (logits[0][:-1] - logits[1][:-1]).abs().max().item()
+    last = (logits[0][-1] - logits[1][-1]).abs().max().item()
+    if earlier > 1e-4 * max(last, 1e-6):
+        raise ModelError(
+            f"model {path!r} ({type(model).__name__}) is not a causal language model: its predictions at a "
+            "position change with the tokens after it (a bidirectional encoder such as BERT, config "
+            "is_decoder: false). sft, dpo, grpo, ppo, sample and eval need a decoder that predicts each "
+            "token from the ones before it; an encoder can still be a reward model (prefalign reward)."
+        )
 
 
 def load_sequence_classifier(config: ModelConfig, *, num_labels: int = 1, trainable: bool = True):
@@ -120,7 +196,12 @@ def prepare_model(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if config.lora:
+    if is_peft_model(model) and getattr(model, LOADED_ADAPTER, None):
+        if config.lora:
+            logger.info("model.lora: continuing the loaded adapter (its own rank and targets), no new one")
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()
+    elif config.lora:
         model = apply_lora(model, config, task_type=task_type)
     model.train()
     return model
@@ -158,6 +239,52 @@ def disable_dropout(model) -> None:
         for name in ("attention_dropout", "dropout"):  # rates kept as floats (Llama-style attention)
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
+
+
+# Config attributes that hold a model's number of positions, by family (Llama/Qwen/GPT-2 via attribute_map,
+# GPT-2's own name, Falcon/ChatGLM-style names).
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_length(model) -> int | None:
+    """The most tokens the model takes in one sequence (its position limit), or None when its config does
+    not say."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def fit_max_length(data: DataConfig, model, command: str, *, room: int = 0) -> DataConfig:
+    """data.max_length (and max_prompt_length) clamped to the model's context (less `room`, tokens kept free
+    for generation), with a WARNING giving both numbers; `data` itself when it already fits.
+
+    Clamped rather than refused: max_length is a cap (512 by default, not a user's measurement), rows that
+    fit are unchanged, and rows longer than the context can never be trained on whole anyway: they are cut
+    as max_length says (counted and reported), instead of reaching the model and dying with an IndexError
+    in its position embeddings."""
+    context = context_length(model)
+    if context is None:
+        return data
+    limit = max(context - room, 2)
+    prompt_limit = limit - 1
+    too_long_prompt = data.max_prompt_length is not None and data.max_prompt_length > prompt_limit
+    if data.max_length <= limit and not too_long_prompt:
+        return data
+    changes = {}
+    if data.max_length > limit:
+        changes["max_length"] = limit
+    if too_long_prompt:
+        changes["max_prompt_length"] = prompt_limit
+    logger.warning(
+        "%s: the model takes at most %d positions%s; %s (rows longer than that are cut as data.max_length "
+        "says, and counted)", command, context,
+        f" ({room} kept for generation)" if room else "",
+        ", ".join(f"data.{key} {getattr(data, key)} -> {value}" for key, value in changes.items()),
+    )  # fmt: skip
+    return dataclasses.replace(data, **changes)
 
 
 def model_device(model) -> torch.device:

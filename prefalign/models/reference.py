@@ -11,6 +11,7 @@ import torch
 
 from prefalign.errors import ModelError
 from prefalign.models.loading import (
+    LOADED_ADAPTER,
     is_peft_model,
 )
 
@@ -85,7 +86,12 @@ class Reference:
     """The network that plays π_ref, chosen in one place (DPO, GRPO, PPO, iterative DPO):
 
     - `reference` given: that model, frozen (it must share the policy's tokenizer);
-    - a LoRA policy: the same network with its adapters switched off (no second copy of the weights);
+    - a LoRA policy whose adapters this run created: the same network with its adapters switched off (no
+      second copy of the weights);
+    - a LoRA policy loaded from a saved adapter folder (continued training): its reference is that adapter as
+      saved, not the bare base, so it is treated as a full policy: a frozen merged copy with `snapshot` (one
+      copy of the weights, as full fine-tuning needs), else the policy itself before its first update (DPO's
+      precomputed log-probs);
     - otherwise, with `snapshot`: a frozen copy of the policy as it is now (merged, for a LoRA policy when
       `adapters_off` is False: iterative DPO's "previous" reference); without: the policy itself, valid only
       before its first update (DPO computes its reference log-probs once, before training, so full
@@ -93,7 +99,8 @@ class Reference:
     """
 
     def __init__(self, policy, reference=None, *, snapshot: bool = True, adapters_off: bool = True):
-        self.adapters_off = adapters_off and reference is None and is_peft_model(policy)
+        created_here = is_peft_model(policy) and not getattr(policy, LOADED_ADAPTER, None)
+        self.adapters_off = adapters_off and reference is None and created_here
         if reference is not None:
             self.model = reference.eval().requires_grad_(False)
         elif self.adapters_off or not snapshot:

@@ -64,7 +64,8 @@ class IterativeDPOConfig(DPOConfig):
 
     rounds: int = option(
         2,
-        "Rounds of sample -> pairs -> DPO with the current policy (train.max_steps per round), at least 2.",
+        "Rounds of sample -> pairs -> DPO with the current policy (train.max_steps per round, else "
+        "train.epochs over its pairs), at least 2.",
         low=2,
     )
     round_reference: Literal["original", "previous"] = option(
