@@ -76,7 +76,8 @@ def builtin_data(
 def announce_data(data_config: Any, kind: str, dataset: datasets.Dataset | None = None) -> None:
     """One log line naming the data a command is about to use (before any model is built or loaded)."""
     if dataset is not None:
-        logger.info("data: the dataset passed in (%d rows, %s rows expected)", len(dataset), kind)
+        rows = sum(map(len, dataset.values())) if isinstance(dataset, datasets.DatasetDict) else len(dataset)
+        logger.info("data: the dataset passed in (%d rows, %s rows expected)", rows, kind)
     elif list(data_config.path) == [BUILTIN]:
         logger.warning(
             "no data.path given: this run uses the BUILT-IN arithmetic task (%s rows), not your data; pass "

@@ -40,7 +40,7 @@ from prefalign.algorithms.rejection_sampling_config import (
     RoundSamplingConfig,
     check_settings,
 )
-from prefalign.config import DataConfig, option, validate
+from prefalign.config import DataConfig, option, to_dict, validate
 from prefalign.data import load_rows, tokenize_prompts
 from prefalign.data.sources import HIDDEN_COLUMNS
 from prefalign.data.splits import resolve_rows
@@ -325,12 +325,13 @@ def report(config, history: list[dict[str, Any]]) -> str:
         value = record.get(key)
         return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
+    scorers = to_dict(config.sampling)["reward_functions"]  # callables by their qualified names
     lines = [
         f"# Iterative DPO: {config.rounds} rounds",
         "",
         f"Reference: {config.round_reference}; sampling: n={config.sampling.n}, "
         f"temperature={config.sampling.temperature}, "
-        f"strategy={config.sampling.strategy}, scorers={', '.join(config.sampling.reward_functions) or '-'}"
+        f"strategy={config.sampling.strategy}, scorers={', '.join(scorers) or '-'}"
         f"{', reward model ' + config.sampling.reward_model if config.sampling.reward_model else ''}; "
         f"DPO: {', '.join(config.loss_type) if isinstance(config.loss_type, list) else config.loss_type}, "
         f"beta={config.beta}, "

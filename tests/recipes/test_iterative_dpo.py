@@ -171,3 +171,11 @@ def test_report_names_the_per_round_budget(tmp_path):
         iterative.iterative_dpo(config, dataset=_rows(12), model=model, tokenizer=tokenizer, save=False)
         text = (tmp_path / name / "run" / "report.md").read_text()
         assert f"beta=0.1, {budget}" in text and "Reference: original" in text
+
+
+def test_report_names_a_callable_scorer_by_its_qualified_name():
+    from prefalign.recipes.iterative_dpo import report
+
+    config = IterativeDPOConfig()
+    config.sampling.reward_functions = [digit_count]
+    assert "scorers=tests.recipes.test_iterative_dpo:digit_count" in report(config, [])
