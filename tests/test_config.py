@@ -13,18 +13,9 @@ import pytest
 from prefalign.algorithms.dpo import DPOConfig
 from prefalign.algorithms.grpo_config import GRPOConfig
 from prefalign.algorithms.sft import SFTConfig
-from prefalign.config import (
-    Range,
-    check_device,
-    check_model_location,
-    help_text,
-    load_config,
-    option,
-    save_config,
-    to_dict,
-    validate,
-)
+from prefalign.config import help_text, load_config, save_config, to_dict, validate
 from prefalign.errors import ConfigError
+from prefalign.options import Range, check_device, check_model_location, option
 
 
 def test_yaml_then_overrides_later_wins(tmp_path):

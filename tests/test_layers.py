@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "prefalign"
 
 # Lowest first. A module belongs to the longest prefix listed; every module must have one.
 LAYERS: dict[str, int] = {
-    "prefalign.errors": 0, "prefalign.config": 0, "prefalign.version": 0, "prefalign.files": 0,
+    "prefalign.errors": 0, "prefalign.config": 0, "prefalign.options": 0, "prefalign.version": 0,
+    "prefalign.files": 0,
     "prefalign.losses": 1, "prefalign.data": 1, "prefalign.tasks": 1,
     "prefalign.models": 2, "prefalign.rollout": 2,
     "prefalign.rewards": 3, "prefalign.runtime": 3,

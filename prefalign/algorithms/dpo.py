@@ -39,7 +39,7 @@ from prefalign.algorithms.dpo_pairs import (
     precompute_reference,
     tokenized_pairs,
 )
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, check_model_location, option, validate
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, validate
 from prefalign.data.splits import resolve_rows
 from prefalign.errors import ConfigError
 from prefalign.losses import DPO_LOSSES, dpo_loss, sft_term
@@ -57,6 +57,7 @@ from prefalign.models.loading import (
 )
 from prefalign.models.reference import Reference, check_reference_model, check_same_tokenizer
 from prefalign.models.saving import model_card, save_model
+from prefalign.options import check_model_location, option
 from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
 from prefalign.runtime.setup import start_run, write_run_file

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prefalign.algorithms.rl.prompts import DEFAULT_MAX_NEW_TOKENS
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, check_model_location, option
+from prefalign.config import DataConfig, ModelConfig, TrainConfig
 from prefalign.errors import ConfigError
+from prefalign.options import check_model_location, option
 from prefalign.rewards.functions import check_rewards
 
 

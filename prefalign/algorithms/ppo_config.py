@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefalign.algorithms.rl.prompts import DEFAULT_MAX_NEW_TOKENS
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, check_model_location, option
+from prefalign.config import DataConfig, ModelConfig, TrainConfig
+from prefalign.options import check_model_location, option
 from prefalign.rewards.functions import check_rewards
 
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from prefalign.config import DataConfig, ModelConfig, check_model_location, option
+from prefalign.config import DataConfig, ModelConfig
 from prefalign.errors import ConfigError
+from prefalign.options import check_model_location, option
 from prefalign.rewards.functions import check_rewards
 
 PAIR_STRATEGIES = ("best_vs_worst", "best_vs_random", "all_pairs")

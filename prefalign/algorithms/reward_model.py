@@ -25,13 +25,14 @@ from typing import Any, Literal
 
 import torch
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option, validate
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, validate
 from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.pairs import evaluate_pairs
 from prefalign.losses import bradley_terry_loss
 from prefalign.models.forward import count_tokens, mixed_precision, use_bf16_autocast
 from prefalign.models.loading import disable_dropout, fit_max_length, is_peft_model, model_device
 from prefalign.models.saving import model_card, save_model
+from prefalign.options import option
 from prefalign.rewards.encoding import (
     SETTINGS_FILE,
     PairStats,

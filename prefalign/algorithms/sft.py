@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option, validate
+from prefalign.config import DataConfig, ModelConfig, TrainConfig, validate
 from prefalign.data import collate_sft, tokenize_sft
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.models.forward import completion_logps, count_tokens
 from prefalign.models.loading import fit_max_length, model_device
 from prefalign.models.saving import model_card, save_model
+from prefalign.options import option
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
 from prefalign.runtime.setup import start_run, to_device, write_run_file
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.commands.demo_stages import STAGES, DemoContext
-from prefalign.config import option, validate
+from prefalign.config import validate
 from prefalign.errors import ConfigError
+from prefalign.options import option
 from prefalign.runtime.setup import seed_everything, set_threads
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from prefalign.algorithms import dpo as algorithm
 from prefalign.algorithms.dpo import DPOConfig
 from prefalign.commands.builtin import resolve_builtin
-from prefalign.config import option, validate
+from prefalign.config import validate
+from prefalign.options import option
 from prefalign.recipes.iterative_dpo import IterativeDPOConfig, iterative_dpo, plain_dpo_config
 from prefalign.runtime.loop import TrainResult
 

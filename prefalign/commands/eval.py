@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefalign.commands.builtin import builtin_data, resolve_builtin_models
-from prefalign.config import DataConfig, ModelConfig, check_model_location, option, validate
+from prefalign.config import DataConfig, ModelConfig, validate
 from prefalign.data import tokenize_prompts
 from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.policy import evaluate_policy, format_table
 from prefalign.models.loading import fit_max_length, load_causal_lm
+from prefalign.options import check_model_location, option
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import check_rewards
 from prefalign.runtime.setup import seed_everything, set_threads

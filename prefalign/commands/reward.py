@@ -11,9 +11,10 @@ from typing import Any
 
 from prefalign.algorithms.reward_model import RewardConfig, train_reward_model
 from prefalign.commands.builtin import builtin_data, resolve_builtin, resolve_builtin_models
-from prefalign.config import DataConfig, check_device, check_model_location, option, validate
+from prefalign.config import DataConfig, validate
 from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.pairs import evaluate_pairs, format_pair_metrics
+from prefalign.options import check_device, check_model_location, option
 from prefalign.rewards.encoding import encode_pairs
 from prefalign.rewards.scorer import RewardModelScorer
 from prefalign.runtime.setup import set_threads

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefalign.config import check_device, option, validate
+from prefalign.config import validate
 from prefalign.errors import ConfigError
 from prefalign.files import atomic_file, writing
+from prefalign.options import check_device, option
 from prefalign.rewards.scorer import RewardModelScorer
 
 

@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, option
+from prefalign.config import DataConfig, ModelConfig, TrainConfig
 from prefalign.errors import ConfigError
 from prefalign.files import atomic_folder
 from prefalign.models.loading import count_parameters
 from prefalign.models.saving import model_card, save_model
+from prefalign.options import option
 from prefalign.tasks.model import new_model  # BaseConfig carries its fields
 from prefalign.version import __version__
 

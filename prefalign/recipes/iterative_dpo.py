@@ -40,7 +40,7 @@ from prefalign.algorithms.rejection_sampling_config import (
     RoundSamplingConfig,
     check_settings,
 )
-from prefalign.config import DataConfig, option, to_dict, validate
+from prefalign.config import DataConfig, to_dict, validate
 from prefalign.data import load_rows, tokenize_prompts
 from prefalign.data.sources import HIDDEN_COLUMNS
 from prefalign.data.splits import resolve_rows
@@ -49,6 +49,7 @@ from prefalign.evaluation.policy import evaluate_policy
 from prefalign.models.loading import is_peft_model
 from prefalign.models.reference import Reference
 from prefalign.models.saving import model_card, save_model
+from prefalign.options import option
 from prefalign.runtime.loop import TrainResult
 from prefalign.runtime.setup import start_run
 
