@@ -16,7 +16,6 @@ train.batch_size × train.grad_accum per optimizer step, a multiple of num_gener
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from typing import Any
@@ -28,17 +27,16 @@ from prefalign.algorithms.grpo_config import GRPOConfig
 from prefalign.algorithms.grpo_rollout import collect_rollout
 from prefalign.algorithms.rl.experience import CompletionScorer, aligned, step_totals
 from prefalign.algorithms.rl.prompts import load_prompts
-from prefalign.algorithms.rl.source import ExperienceSource
+from prefalign.algorithms.rl.source import ExperienceSource, completions_writer
 from prefalign.config import to_dict, validate
 from prefalign.evaluation.policy import evaluate_policy
-from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, model_device
 from prefalign.models.reference import Reference
 from prefalign.models.saving import model_card, save_model
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import build_scorers
 from prefalign.rollout.engine import LocalEngine
-from prefalign.runtime.loop import LossOutput, Phase, TrainResult, finished_run, train
+from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train
 from prefalign.runtime.setup import start_run
 
 logger = logging.getLogger("prefalign")
@@ -161,19 +159,11 @@ def grpo(
             max_new_tokens=config.max_new_tokens, seed=config.train.seed,
         )  # fmt: skip
 
-    def write_completions(phase: Phase, first_step: int, last_step: int) -> None:
-        every = config.log_completions_every
-        if every and any(step % every == 0 for step in range(first_step, last_step)):
-            path = run_dir / "completions.jsonl"
-            with writing(path, "set train.output_dir to another folder"), path.open("a") as handle:
-                for record in phase.logged:
-                    handle.write(json.dumps({"step": first_step + 1, **record}, default=str) + "\n")
-
     result = train(
         model=model, source=source, loss_fn=make_loss(config, score), units_of=None, config=config.train,
         run_dir=run_dir, total_steps=total_steps, evaluate=evaluate if eval_prompts is not None else None,
-        description="grpo", prepare_step=step_totals, after_phase=write_completions,
-        max_seconds=config.max_time,
+        description="grpo", prepare_step=step_totals, max_seconds=config.max_time,
+        after_phase=completions_writer(run_dir, config.log_completions_every),
     )  # fmt: skip
     if save:
         card = model_card("GRPO policy", card_lines(config, result))

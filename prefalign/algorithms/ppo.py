@@ -18,7 +18,6 @@ final/critic.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from typing import Any
@@ -36,10 +35,9 @@ from prefalign.algorithms.rl.rollout import (
     reward_metrics,
     sample_and_score,
 )
-from prefalign.algorithms.rl.source import ExperienceSource, Progress, RolloutBatch
+from prefalign.algorithms.rl.source import ExperienceSource, Progress, RolloutBatch, completions_writer
 from prefalign.config import ModelConfig, to_dict, validate
 from prefalign.evaluation.policy import evaluate_policy
-from prefalign.files import writing
 from prefalign.models.loading import disable_dropout, is_peft_model, load_sequence_classifier, model_device
 from prefalign.models.reference import Reference, check_same_tokenizer
 from prefalign.models.saving import model_card, save_model
@@ -49,7 +47,7 @@ from prefalign.rewards.functions import as_completion, build_scorers
 from prefalign.rollout.engine import LocalEngine
 from prefalign.rollout.types import FINISH_EOS, SamplingParams
 from prefalign.runtime import distributed
-from prefalign.runtime.loop import LossOutput, Phase, TrainResult, finished_run, train
+from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train
 from prefalign.runtime.setup import start_run, to_device
 
 logger = logging.getLogger("prefalign")
@@ -340,19 +338,11 @@ def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, token
                                temperature=config.temperature, max_new_tokens=config.max_new_tokens,
                                seed=config.train.seed)  # fmt: skip
 
-    def write_completions(phase: Phase, first_step: int, last_step: int) -> None:
-        every = config.log_completions_every
-        if every and any(step % every == 0 for step in range(first_step, last_step)):
-            path = run_dir / "completions.jsonl"
-            with writing(path, "set train.output_dir to another folder"), path.open("a") as handle:
-                for record in phase.logged:
-                    handle.write(json.dumps({"step": first_step + 1, **record}, default=str) + "\n")
-
     result = train(
         model=module, source=source, loss_fn=make_loss(config, score), units_of=None, config=config.train,
         run_dir=run_dir, total_steps=total_steps, evaluate=evaluate if eval_prompts is not None else None,
-        description="ppo", prepare_step=step_totals, after_phase=write_completions,
-        max_seconds=config.max_time,
+        description="ppo", prepare_step=step_totals, max_seconds=config.max_time,
+        after_phase=completions_writer(run_dir, config.log_completions_every),
         learning_rates={"critic.": config.critic_learning_rate} if config.critic_learning_rate else None,
     )  # fmt: skip
     if save:

@@ -12,13 +12,16 @@ batch, π_old = π detached in the loss (ratio 1 in value), and the loss logs th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from prefalign.algorithms.rl.experience import add_token_logps, collate_experience, logprob_difference
+from prefalign.files import writing
 from prefalign.models.reference import Reference
 from prefalign.runtime.loop import Phase, example_stream
 
@@ -117,3 +120,17 @@ class ExperienceSource:
                     ]
                 )
         return Phase(steps=steps[:steps_left], metrics=metrics, generation=True, logged=batch.logged)
+
+
+def completions_writer(run_dir: Path, every: int) -> Callable[[Phase, int, int], None]:
+    """after_phase for the training loop: append the phase's sampled completions to completions.jsonl when
+    one of its steps is a multiple of `every` (0 = never), tagged with the phase's first step."""
+
+    def write(phase: Phase, first_step: int, last_step: int) -> None:
+        if every and any(step % every == 0 for step in range(first_step, last_step)):
+            path = run_dir / "completions.jsonl"
+            with writing(path, "set train.output_dir to another folder"), path.open("a") as handle:
+                for record in phase.logged:
+                    handle.write(json.dumps({"step": first_step + 1, **record}, default=str) + "\n")
+
+    return write
