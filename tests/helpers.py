@@ -71,3 +71,15 @@ def saved_classifier(folder: Path, *, pad_is_eos: bool = False, num_labels: int 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def addition_pairs(count: int):
+    """Conversational preference rows: `a+b` answered right (chosen) and off by one (rejected)."""
+    import datasets
+
+    rows = []
+    for index in range(count):
+        a, b = index % 10, (3 * index) % 10
+        chosen, rejected = [assistant(str(a + b))], [assistant(str(a + b + 1))]
+        rows.append({"prompt": [user(f"{a}+{b}")], "chosen": chosen, "rejected": rejected})
+    return datasets.Dataset.from_list(rows)

@@ -252,15 +252,10 @@ def train(
                     raise stop_error(error, step, run_dir) from None
                 step += 1
                 record = step_record(phase, metrics, time.perf_counter() - step_started, scheduler)
-                if (
-                    evaluate is not None
-                    and config.eval_every > 0
-                    and step % config.eval_every == 0
-                    and step < total_steps
-                ):
+                if evaluate is not None and due(config.eval_every, step) and step < total_steps:
                     record.update({f"eval/{key}": value for key, value in evaluate(model).items()})
                     model.train()
-                if step % config.log_every == 0 or step == total_steps:
+                if due(config.log_every, step) or step == total_steps:
                     metrics_logger.log(step, record)
                 history.append({"step": step, **record})
                 metrics_logger.advance()
@@ -274,13 +269,8 @@ def train(
                         keep=config.keep_checkpoints,
                     )
         if step < total_steps:
-            logger.warning(
-                "%s: max_time of %.0f s reached after %d of %d steps",
-                description,
-                max_seconds,
-                step,
-                total_steps,
-            )
+            reached = (description, max_seconds, step, total_steps)
+            logger.warning("%s: max_time of %.0f s reached after %d of %d steps", *reached)
         if evaluate is not None:
             final_eval = {f"eval/{key}": value for key, value in evaluate(model).items()}
             metrics_logger.log(step, final_eval)
@@ -288,6 +278,11 @@ def train(
     finally:
         metrics_logger.close()
     return TrainResult(step=step, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started)
+
+
+def due(every: int, step: int) -> bool:
+    """Whether a cadence (eval_every, log_every; 0 = never) falls on this step."""
+    return every > 0 and step % every == 0
 
 
 def resume(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, source: Source) -> int:

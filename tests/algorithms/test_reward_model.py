@@ -9,7 +9,6 @@ import random
 import shutil
 from types import SimpleNamespace
 
-import datasets
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -26,7 +25,7 @@ from prefalign.rewards import RewardModelScorer
 from prefalign.rewards.encoding import collate_pairs, encode_pairs
 from prefalign.rewards.scorer import load_reward_backbone
 from prefalign.tasks.tokenizer import build_char_tokenizer
-from tests.helpers import assistant, save_tiny_model, user
+from tests.helpers import addition_pairs, save_tiny_model
 
 # ----------------------------------------------------------------------------- loss wiring and metrics
 
@@ -72,15 +71,6 @@ def test_reward_loss_sums_over_pairs_with_margin_and_metrics():
 # ----------------------------------------------------------------------------- training, saving, reloading
 
 
-def _pairs(count: int) -> datasets.Dataset:
-    rows = []
-    for index in range(count):
-        a, b = index % 10, (3 * index) % 10
-        chosen, rejected = [assistant(str(a + b))], [assistant(str(a + b + 1))]
-        rows.append({"prompt": [user(f"{a}+{b}")], "chosen": chosen, "rejected": rejected})
-    return datasets.Dataset.from_list(rows)
-
-
 def _config(tmp_path, backbone, **train) -> RewardConfig:
     config = RewardConfig()
     config.model.name_or_path = str(backbone)
@@ -101,7 +91,7 @@ def test_train_save_and_reload_with_plain_transformers_same_scores(tmp_path, lor
     config.model.lora = lora
     config.model.lora_r = 4
     config.group_by_length = not lora  # both batching paths
-    result = train_reward_model(config, dataset=_pairs(24), eval_dataset=_pairs(8))
+    result = train_reward_model(config, dataset=addition_pairs(24), eval_dataset=addition_pairs(8))
     assert result.step == 6 and result.model_dir == tmp_path / "run" / "final"
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = {"loss", "accuracy", "margin", "mean_reward", "std_reward", "min_reward", "max_reward"}
@@ -113,7 +103,7 @@ def test_train_save_and_reload_with_plain_transformers_same_scores(tmp_path, lor
     assert saved["reward_std"] > 0 and saved["reward_mean"] == pytest.approx(result.settings.reward_mean)
 
     tokenizer = build_char_tokenizer()
-    examples, _ = encode_pairs(_pairs(8), tokenizer, result.settings)
+    examples, _ = encode_pairs(addition_pairs(8), tokenizer, result.settings)
     sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     plain = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
     assert plain.config.num_labels == 1 and plain.config.pad_token_id == tokenizer.pad_token_id
@@ -137,7 +127,7 @@ def test_train_save_and_reload_with_plain_transformers_same_scores(tmp_path, lor
 def test_backbone_errors(tmp_path):
     config = _config(tmp_path, tmp_path / "nothing-here")
     with pytest.raises(ModelError, match="could not read a model config from .*nothing-here"):
-        train_reward_model(config, dataset=_pairs(4))
+        train_reward_model(config, dataset=addition_pairs(4))
     two_labels = tmp_path / "two"
     model = AutoModelForSequenceClassification.from_pretrained(save_tiny_model(tmp_path / "lm"), num_labels=2)
     model.save_pretrained(two_labels)
@@ -145,7 +135,7 @@ def test_backbone_errors(tmp_path):
     config = _config(tmp_path, two_labels)
     config.train.output_dir = str(tmp_path / "run2")
     with pytest.raises(ModelError, match="2 labels"):
-        train_reward_model(config, dataset=_pairs(4))
+        train_reward_model(config, dataset=addition_pairs(4))
 
 
 def test_length_grouped_batches_cover_every_pair_once_with_similar_lengths():
@@ -199,7 +189,7 @@ def test_grouped_training_resumes_exactly(tmp_path):
         config.train.resume, config.train.save_every = resume, save_every
         config.train.log_every, config.normalization_pairs = 1, 4
         assert config.group_by_length
-        return train_reward_model(config, dataset=_pairs(24), save=False)
+        return train_reward_model(config, dataset=addition_pairs(24), save=False)
 
     full = run("full")
     run("cut", save_every=3)
@@ -219,7 +209,7 @@ def test_dropout_is_off_while_training_unless_asked(tmp_path, disable):
     model.model.layers[0].mlp.add_module("extra_dropout", torch.nn.Dropout(0.3))  # Llama has none of its own
     config = _config(tmp_path, tmp_path / "backbone", max_steps=1)
     config.disable_dropout, config.normalization_pairs = disable, 4
-    train_reward_model(config, dataset=_pairs(8), model=model, tokenizer=tokenizer, save=False)
+    train_reward_model(config, dataset=addition_pairs(8), model=model, tokenizer=tokenizer, save=False)
     assert model.model.layers[0].mlp.extra_dropout.p == (0.0 if disable else 0.3)
 
 
@@ -228,5 +218,5 @@ def test_negative_or_nan_centering_is_refused_before_training(tmp_path):
         config = _config(tmp_path, str(tmp_path / "never-loaded"))
         config.center_rewards_coefficient = bad
         with pytest.raises(ConfigError, match="center_rewards_coefficient must be >= 0"):
-            train_reward_model(config, dataset=_pairs(4))
+            train_reward_model(config, dataset=addition_pairs(4))
     assert not (tmp_path / "run").exists()  # refused before the run folder was made

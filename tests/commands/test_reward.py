@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import datasets
 import pytest
 
 from prefalign import reward
@@ -13,16 +12,7 @@ from prefalign.algorithms.reward_model import RewardConfig, train_reward_model
 from prefalign.cli import main
 from prefalign.commands.demo_recipes import REWARD
 from prefalign.config import apply_overrides
-from tests.helpers import assistant, save_tiny_model, user, write_jsonl
-
-
-def preference_rows(count: int) -> datasets.Dataset:
-    rows = []
-    for index in range(count):
-        a, b = index % 10, (3 * index) % 10
-        chosen, rejected = [assistant(str(a + b))], [assistant(str(a + b + 1))]
-        rows.append({"prompt": [user(f"{a}+{b}")], "chosen": chosen, "rejected": rejected})
-    return datasets.Dataset.from_list(rows)
+from tests.helpers import addition_pairs, save_tiny_model, write_jsonl
 
 
 def test_eval_reward_command_and_eval_only(tmp_path, capsys):
@@ -31,8 +21,8 @@ def test_eval_reward_command_and_eval_only(tmp_path, capsys):
     config.train.output_dir, config.train.progress = str(tmp_path / "run"), False
     config.train.learning_rate, config.train.batch_size, config.train.max_steps = 3e-3, 4, 2
     config.data.max_length = 32
-    result = train_reward_model(config, dataset=preference_rows(8))
-    held_out = write_jsonl(tmp_path / "held_out.jsonl", preference_rows(10).to_list())
+    result = train_reward_model(config, dataset=addition_pairs(8))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", addition_pairs(10).to_list())
     out = tmp_path / "eval"
     arguments = ["--model", str(result.model_dir), "--data.path", held_out, "--output_dir", str(out)]
     assert main(["eval-reward", *arguments, "--device", "cpu"]) == 0
