@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from prefalign.config import TrainConfig
+from prefalign.config import TrainConfig, validate
 from prefalign.errors import ConfigError, TrainingError
 from prefalign.files import writing
 from prefalign.models.loading import model_device
@@ -225,8 +225,7 @@ def train(
     """Optimise `loss_fn` over the steps `source` hands out until `total_steps` (or `max_seconds`, checked at
     phase boundaries). `prepare_step` sees each step's micro-batches before the first forward pass (step-wide
     totals a loss needs); `after_phase(phase, first_step, last_step)` runs after each phase's steps."""
-    if config.batch_size < 1 or config.grad_accum < 1:
-        raise ConfigError("train.batch_size and train.grad_accum must be at least 1")
+    validate(config)  # the train section's ranges, for callers that did not validate their whole config
     optimizer = build_optimizer(model, config, learning_rates)
     scheduler = build_scheduler(optimizer, config, total_steps)
     step = resume(config, run_dir, model, optimizer, scheduler, source)
