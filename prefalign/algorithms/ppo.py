@@ -34,6 +34,7 @@ from prefalign.algorithms.rl.rollout import (
     function_means,
     reward_metrics,
     sample_and_score,
+    score_samples,
 )
 from prefalign.algorithms.rl.source import ExperienceSource, Progress, RolloutBatch, completions_writer
 from prefalign.config import ModelConfig, to_dict, validate
@@ -43,7 +44,7 @@ from prefalign.models.reference import Reference, check_same_tokenizer
 from prefalign.models.saving import model_card, save_model
 from prefalign.models.value_head import laid_out, token_values, value_head
 from prefalign.rewards import WeightedRewards
-from prefalign.rewards.functions import as_completion, build_scorers
+from prefalign.rewards.functions import build_scorers
 from prefalign.rollout.engine import LocalEngine
 from prefalign.rollout.types import FINISH_EOS, SamplingParams
 from prefalign.runtime import distributed
@@ -126,7 +127,7 @@ def collect_rollout(
         batch.metrics.update(function_means(scored.per_function))
         batch.metrics["rewards/failed_samples"] = len(scored.failures)
         if monitors is not None:
-            gold = sample_and_score_again(monitors, scored)
+            gold = function_means(score_samples(monitors, scored.rows, scored.samples).per_function)
             batch.metrics.update({key.replace("rewards/", "monitor/"): v for key, v in gold.items()})
         for row, sample, score in zip(scored.rows, samples, scored.scores[:, 0].tolist(), strict=True):
             ended = sample.finish_reason == FINISH_EOS
@@ -146,21 +147,6 @@ def collect_rollout(
         return batch
 
     return collect
-
-
-def sample_and_score_again(monitors: WeightedRewards, scored) -> dict[str, float]:
-    """The gold monitor's per-function means over the same completions (never optimised)."""
-    prompts = [row["prompt"] for row in scored.rows]
-    completions = [
-        [as_completion(p, s.text) for s in group] for p, group in zip(prompts, scored.samples, strict=True)
-    ]
-    columns = {
-        name: [row[name] for row in scored.rows]
-        for name in scored.rows[0]
-        if name not in ("prompt", "prompt_ids")
-    }
-    token_ids = {"completion_ids": [[s.token_ids for s in group] for group in scored.samples]}
-    return function_means(monitors.score_groups(prompts, completions, columns, token_ids).per_function)
 
 
 def completion_score(score: float, ended: bool, missing_eos_penalty: float | None) -> float:

@@ -32,23 +32,27 @@ def sample_and_score(
 ) -> ScoredGroups:
     """Generate params.n completions of each tokenized prompt row and score them (failures name the row)."""
     samples = engine.generate([row["prompt_ids"] for row in rows], params)
+    scored = score_samples(rewards, rows, samples)
+    for failure in scored.failures:  # the group's position -> the training row, so the message points at it
+        failure.prompt_index = row_ids[failure.prompt_index]
+    scores = torch.tensor(
+        [[math.nan if value is None else value for value in group] for group in scored.scores]
+    )
+    return ScoredGroups(rows, samples, scores.view(len(rows), params.n), scored.per_function, scored.failures)
+
+
+def score_samples(rewards: WeightedRewards, rows: list[dict[str, Any]], samples: list[list[Sample]]):
+    """Score each row's samples in one score_groups call (GroupScores): the prompt, the completion (an
+    assistant message for a conversational prompt, TRL's convention), its token ids and the row's extra
+    columns, by name."""
     prompts = [row["prompt"] for row in rows]
-    # TRL's convention: conversational prompts get their completion as an assistant message.
     completions = [
         [as_completion(row["prompt"], s.text) for s in group]
         for row, group in zip(rows, samples, strict=True)
     ]
     columns = {name: [row[name] for row in rows] for name in rows[0] if name not in ("prompt", "prompt_ids")}
     token_ids = {"completion_ids": [[s.token_ids for s in group] for group in samples]}
-    scored = rewards.score_groups(prompts, completions, columns, token_ids)
-    for (
-        failure
-    ) in scored.failures:  # the group's position -> the training row, so the message points at the data
-        failure.prompt_index = row_ids[failure.prompt_index]
-    scores = torch.tensor(
-        [[math.nan if value is None else value for value in group] for group in scored.scores]
-    )
-    return ScoredGroups(rows, samples, scores.view(len(rows), params.n), scored.per_function, scored.failures)
+    return rewards.score_groups(prompts, completions, columns, token_ids)
 
 
 def reward_metrics(scores: torch.Tensor) -> dict[str, float]:
