@@ -19,6 +19,7 @@ from prefalign.algorithms.rl.rollout import (
     ScoredGroups,
     completion_metrics,
     function_means,
+    monitor_metrics,
     reward_metrics,
     sample_and_score,
 )
@@ -50,9 +51,12 @@ def usable_groups(scores: torch.Tensor, config: GRPOConfig) -> list[bool]:
     return usable
 
 
-def collect_rollout(engine, prompts, rewards: WeightedRewards, config: GRPOConfig):
+def collect_rollout(
+    engine, prompts, rewards: WeightedRewards, config: GRPOConfig, monitors: WeightedRewards | None = None
+):
     """collect(progress, next_prompt) for the ExperienceSource: sample and score groups until the rollout
-    batch is full (one generation call without dynamic sampling)."""
+    batch is full (one generation call without dynamic sampling); the gold monitor, if any, scores every
+    sampled completion for the metrics only."""
 
     def collect(progress: Progress, next_prompt) -> RolloutBatch:
         rewards.trainer_state.global_step = progress.step  # what TRL's reward functions read as trainer_state
@@ -96,7 +100,7 @@ def collect_rollout(engine, prompts, rewards: WeightedRewards, config: GRPOConfi
             )  # fmt: skip
         kept = kept[:wanted]
         batch = RolloutBatch(rows=[], group_size=config.num_generations)
-        batch.metrics = rollout_metrics(rounds, failures, config)
+        batch.metrics = {**rollout_metrics(rounds, failures, config), **monitor_metrics(monitors, rounds)}
         batch.metrics["groups_trained"] = len(kept)
         if config.dynamic_sampling:
             batch.metrics["dynamic_sampling/rounds"] = len(rounds)

@@ -30,11 +30,12 @@ from prefalign.algorithms.ppo_config import PPOConfig
 from prefalign.algorithms.rl.experience import CompletionScorer, aligned, collate_experience, step_totals
 from prefalign.algorithms.rl.prompts import load_prompts
 from prefalign.algorithms.rl.rollout import (
+    build_monitors,
     completion_metrics,
     function_means,
+    monitor_metrics,
     reward_metrics,
     sample_and_score,
-    score_samples,
 )
 from prefalign.algorithms.rl.source import ExperienceSource, Progress, RolloutBatch, completions_writer
 from prefalign.config import ModelConfig, to_dict, validate
@@ -126,9 +127,7 @@ def collect_rollout(
         batch.metrics = {**reward_metrics(scored.scores), **completion_metrics(samples)}
         batch.metrics.update(function_means(scored.per_function))
         batch.metrics["rewards/failed_samples"] = len(scored.failures)
-        if monitors is not None:
-            gold = function_means(score_samples(monitors, scored.rows, scored.samples).per_function)
-            batch.metrics.update({key.replace("rewards/", "monitor/"): v for key, v in gold.items()})
+        batch.metrics.update(monitor_metrics(monitors, [scored]))
         for row, sample, score in zip(scored.rows, samples, scored.scores[:, 0].tolist(), strict=True):
             ended = sample.finish_reason == FINISH_EOS
             score = completion_score(score, ended, config.missing_eos_penalty)
@@ -294,7 +293,7 @@ def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, token
         config.reward_functions, config.reward_weights, reward_model=config.reward_model,
         reward_model_weight=config.reward_model_weight, device=config.model.device, needed_by="PPO",
     )  # fmt: skip
-    monitors = WeightedRewards(list(config.monitor_functions)) if config.monitor_functions else None
+    monitors = build_monitors(config.monitor_functions)
     prompts, eval_prompts = load_prompts(
         config, tokenizer, model, dataset, eval_dataset, run_dir, command="ppo"
     )
@@ -322,7 +321,7 @@ def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, token
     def evaluate(_module) -> dict[str, float]:
         return evaluate_policy(model, tokenizer, eval_prompts, rewards, k=config.eval_k,
                                temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                               seed=config.train.seed)  # fmt: skip
+                               seed=config.train.seed, reference=frozen)  # fmt: skip
 
     result = train(
         model=module, source=source, loss_fn=make_loss(config, score), units_of=None, config=config.train,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefalign.algorithms.rl.prompts import DEFAULT_MAX_NEW_TOKENS
+from prefalign.algorithms.rl.rollout import check_monitors, monitor_functions_option
 from prefalign.config import DataConfig, ModelConfig, TrainConfig
 from prefalign.options import check_model_location, option
 from prefalign.rewards.functions import check_rewards
@@ -34,11 +35,7 @@ class PPOConfig:
         check=check_model_location,
     )
     reward_model_weight: float = option(1.0, "Weight of the reward model's score.")
-    monitor_functions: list[str] = option(
-        help="Gold monitor: reward functions that score the same completions without being optimised, logged "
-        "as monitor/<name>/mean (reward hacking shows as the proxy rising while the gold falls).",
-        factory=list,
-    )
+    monitor_functions: list[str] = monitor_functions_option()
     critic_model: str | None = option(
         None,
         "Folder to initialise the critic from; None = the reward model when it is a causal decoder sharing "
@@ -104,3 +101,4 @@ class PPOConfig:
     def check(self, prefix: str = "") -> None:
         """The rules between fields (each field's own range is declared with it)."""
         check_rewards(self.reward_functions, self.reward_weights, self.reward_model, "PPO")
+        check_monitors(self.monitor_functions, prefix)

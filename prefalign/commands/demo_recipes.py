@@ -320,6 +320,7 @@ GRPO = {
     "reward_weights": [],
     "reward_model": None,
     "reward_model_weight": 1.0,
+    "monitor_functions": [],
     "num_generations": 8,
     "max_new_tokens": 8,
     "temperature": 1.0,

@@ -64,8 +64,15 @@ def char_codes_unless_three(prompts, completions, answer, **_columns):
     return [1.0 if int(a) % 3 == 0 else sum(map(ord, text)) / 1000 for text, a in pairs]
 
 
+def text_length(prompts, completions, **_columns):
+    """A tenth of the completion's length in characters (the gold monitor's test function)."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [len(text) / 10 for text in texts]
+
+
 for _name, _function in {
     "test_digit_share": digit_share,
+    "test_text_length": text_length,
     "test_interrupting": interrupting_digit_share,
     "test_some_constant": some_groups_constant,
     "test_fails_three": fails_on_multiples_of_three,

@@ -1,6 +1,6 @@
 """Rollout collection: G completions per prompt from the rollout engine, scored through
-`WeightedRewards.score_groups` (the one place that flattens groups and counts failures), and the statistics
-RL logs about them (TRL's names)."""
+`WeightedRewards.score_groups` (the one place that flattens groups and counts failures), the statistics
+RL logs about them (TRL's names), and the gold monitor that GRPO and PPO share."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from prefalign import losses
+from prefalign.errors import ConfigError
+from prefalign.options import option
 from prefalign.rewards import WeightedRewards
-from prefalign.rewards.functions import RewardFailure, as_completion
+from prefalign.rewards.functions import RewardFailure, as_completion, get_reward_function
 from prefalign.rollout.types import FINISH_LENGTH, Sample, SamplingParams
 
 
@@ -92,3 +94,41 @@ def function_means(per_function: dict[str, list[list[float | None]]]) -> dict[st
         if values:
             means[f"rewards/{name}/mean"] = sum(values) / len(values)
     return means
+
+
+def monitor_functions_option():
+    """The `monitor_functions` field of GRPO's and PPO's configs (one help text for both)."""
+    return option(
+        help="Gold monitor: reward functions that score the same completions without being optimised, logged "
+        "as monitor/<name>/mean (reward hacking shows as the proxy rising while the gold falls).",
+        factory=list,
+    )
+
+
+def check_monitors(names: list[str], prefix: str = "") -> None:
+    """An unknown monitor function is a config error naming the key, said before anything loads (GRPO's and
+    PPO's check(); a reward_model:<folder> monitor loads only when the run builds its monitors)."""
+    for name in names:
+        if isinstance(name, str) and not name.startswith("reward_model:"):
+            try:
+                get_reward_function(name)
+            except ConfigError as error:
+                raise ConfigError(f"{prefix}monitor_functions: {error}") from None
+
+
+def build_monitors(names: list[str]) -> WeightedRewards | None:
+    """The gold monitor's scorers, or None when no monitor function is configured."""
+    return WeightedRewards(list(names)) if names else None
+
+
+def monitor_metrics(monitors: WeightedRewards | None, rounds: list[ScoredGroups]) -> dict[str, float]:
+    """The gold monitor: each monitor function's mean over every completion the rollout sampled, as
+    monitor/<name>/mean. Only logged: its scores never reach the advantages or the loss."""
+    if monitors is None:
+        return {}
+    per_function: dict[str, list] = {}
+    for scored in rounds:
+        for name, groups in score_samples(monitors, scored.rows, scored.samples).per_function.items():
+            per_function.setdefault(name, []).extend(groups)
+    means = function_means(per_function)
+    return {key.replace("rewards/", "monitor/", 1): value for key, value in means.items()}
