@@ -7,8 +7,8 @@ prefalign.algorithms.rl, and the one training loop). With μ = 1 and one step pe
 detached, so ρ = 1 in value (not in gradient); otherwise π_old is a no-grad forward of the policy before the
 first update. Variants by name: loss_type grpo / dapo / dr_grpo (token aggregation),
 importance_sampling_level sequence (GSPO), scale_rewards group / batch / none (Dr. GRPO), clip-higher
-(epsilon_high), KL to the reference (beta, k1/k2/k3; beta = 0 loads no reference), DAPO's dynamic sampling,
-truncated-completion masking and soft overlong penalty.
+(epsilon_high), KL to the reference (beta, k1/k2/k3; beta = 0 loads no reference unless evaluations need one
+for their eval/kl), DAPO's dynamic sampling, truncated-completion masking and soft overlong penalty.
 
 Batch sizes count completions, as in TRL: train.batch_size completions per forward/backward, and
 train.batch_size × train.grad_accum per optimizer step, a multiple of num_generations.
@@ -27,6 +27,7 @@ from prefalign.algorithms.grpo_config import GRPOConfig
 from prefalign.algorithms.grpo_rollout import collect_rollout
 from prefalign.algorithms.rl.experience import CompletionScorer, aligned, step_totals
 from prefalign.algorithms.rl.prompts import load_prompts
+from prefalign.algorithms.rl.rollout import build_monitors
 from prefalign.algorithms.rl.source import ExperienceSource, completions_writer
 from prefalign.config import to_dict, validate
 from prefalign.evaluation.policy import evaluate_policy
@@ -131,11 +132,13 @@ def grpo(
     run_dir, model, tokenizer = start_run(config, "grpo", model, tokenizer)
     # The engine samples in eval mode: π_old and π must be the same function at μ's first pass.
     disable_dropout(model)
-    frozen = Reference(model, reference) if config.beta else None  # beta = 0 loads no reference at all
     rewards = build_rewards(config)
     prompts, eval_prompts = load_prompts(
         config, tokenizer, model, dataset, eval_dataset, run_dir, command="grpo"
     )
+    # π_ref for the KL term, and for the KL to the starting policy that each evaluation logs (eval/kl) even
+    # at beta = 0; with neither, no reference is loaded at all.
+    frozen = Reference(model, reference) if config.beta or eval_prompts is not None else None
     prompts_per_step = config.train.batch_size * config.train.grad_accum // config.num_generations
     # An epoch is one pass over the prompts; each prompt's rollout is optimised μ times (as in TRL).
     total_steps = config.train.max_steps or max(
@@ -147,8 +150,9 @@ def grpo(
         config.temperature, config.share_prompt and not config.model.gradient_checkpointing
     )
     source = ExperienceSource(
-        collect_rollout(engine, prompts, rewards, config), num_prompts=len(prompts), seed=config.train.seed,
-        policy=model, score=score, reference=frozen, num_iterations=config.num_iterations,
+        collect_rollout(engine, prompts, rewards, config, build_monitors(config.monitor_functions)),
+        num_prompts=len(prompts), seed=config.train.seed, policy=model, score=score,
+        reference=frozen if config.beta else None, num_iterations=config.num_iterations,
         steps_per_generation=config.steps_per_generation, micro_batch_size=config.train.batch_size,
         pad_token_id=tokenizer.pad_token_id, device=model_device(model),
     )  # fmt: skip
@@ -156,7 +160,7 @@ def grpo(
     def evaluate(model) -> dict[str, float]:
         return evaluate_policy(
             model, tokenizer, eval_prompts, rewards, k=config.eval_k, temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens, seed=config.train.seed,
+            max_new_tokens=config.max_new_tokens, seed=config.train.seed, reference=frozen,
         )  # fmt: skip
 
     result = train(

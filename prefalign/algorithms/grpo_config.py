@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prefalign.algorithms.rl.prompts import DEFAULT_MAX_NEW_TOKENS
+from prefalign.algorithms.rl.rollout import check_monitors, monitor_functions_option
 from prefalign.config import DataConfig, ModelConfig, TrainConfig
 from prefalign.errors import ConfigError
 from prefalign.options import check_model_location, option
@@ -37,6 +38,7 @@ class GRPOConfig:
         check=check_model_location,
     )
     reward_model_weight: float = option(1.0, "Weight of the reward model's score.")
+    monitor_functions: list[str] = monitor_functions_option()
     num_generations: int = option(8, "G: completions sampled per prompt (at least 2).", low=2)
     max_new_tokens: int = option(
         0,
@@ -71,7 +73,9 @@ class GRPOConfig:
     )
     epsilon_low: float = option(0.2, "Lower clip range ε_low.", low=0, below=1)
     epsilon_high: float = option(0.2, "Upper clip range ε_high (DAPO's clip-higher: 0.28).", low=0)
-    beta: float = option(0.0, "KL weight β; 0 loads no reference model.", low=0)
+    beta: float = option(
+        0.0, "KL weight β; 0 loads no reference model, unless evaluations need it for eval/kl.", low=0
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = option("k3", "Per-token KL estimator used in the loss.")
     num_iterations: int = option(1, "μ: optimisation passes over each rollout batch.", low=1)
     steps_per_generation: int = option(1, "Optimizer steps each rollout batch is split into.", low=1)
@@ -119,3 +123,4 @@ class GRPOConfig:
                 f"{self.max_new_tokens})"
             )
         check_rewards(self.reward_functions, self.reward_weights, self.reward_model, "GRPO")
+        check_monitors(self.monitor_functions, prefix)

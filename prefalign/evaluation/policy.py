@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from prefalign.data import collate_sft
 from prefalign.models.forward import completion_logps
 from prefalign.models.loading import model_device
+from prefalign.models.reference import Reference
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import as_completion
 from prefalign.rollout.engine import LocalEngine
@@ -34,7 +36,9 @@ def evaluate_policy(
     """Metrics of `model` on tokenized prompt rows (`prompt_ids`, `prompt`, extra columns).
 
     accuracy: share of prompts whose greedy completion scores >= success_threshold; pass@k: share with at
-    least one of k samples doing so; kl: mean over samples of Σ_t (log π − log π_ref) (k1, per sequence).
+    least one of k samples doing so; kl (with a `reference`: a model, or a training run's `Reference`): mean
+    over samples of Σ_t (log π − log π_ref) (k1, per sequence), on the k samples, or on one sample per prompt
+    when k = 0.
     """
     engine = LocalEngine(model, tokenizer, batch_size=batch_size)
     prompt_ids = [list(ids) for ids in prompts["prompt_ids"]]
@@ -84,10 +88,15 @@ def evaluate_policy(
         metrics["sample_mean_reward"] = sum(r for r in sample_rewards if r is not None) / max(
             sum(r is not None for r in sample_rewards), 1,
         )
-        if reference is not None:
-            metrics["kl"] = sequence_kl(
-                reference, prompt_ids, sampled, tokenizer.pad_token_id, temperature, batch_size,
+    if reference is not None:
+        if k == 0:  # no pass@k samples to reuse: one sample per prompt for the KL
+            params = SamplingParams(
+                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
             )
+            sampled = engine.generate(prompt_ids, params)
+        metrics["kl"] = sequence_kl(
+            reference, prompt_ids, sampled, tokenizer.pad_token_id, temperature, batch_size,
+        )
     return metrics
 
 
@@ -95,7 +104,8 @@ def evaluate_policy(
 def sequence_kl(
     reference, prompt_ids, sampled, pad_token_id: int, temperature: float, batch_size: int,
 ) -> float:
-    """Mean over samples of Σ_t log π(y_t) − log π_ref(y_t): the k1 estimate of KL(π‖π_ref) per sequence."""
+    """Mean over samples of Σ_t log π(y_t) − log π_ref(y_t): the k1 estimate of KL(π‖π_ref) per sequence.
+    `reference` is a model or a `Reference` (a LoRA policy's adapters are off only for its forward)."""
     rows = [
         {"prompt_ids": prompt_ids[i], "completion_ids": sample.token_ids, "policy": sum(sample.logprobs)}
         for i, samples in enumerate(sampled)
@@ -103,14 +113,16 @@ def sequence_kl(
         if sample.token_ids
     ]
     total = 0.0
-    was_training = reference.training
-    reference.eval()
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        batch = to_device(collate_sft(chunk, pad_token_id), model_device(reference))
-        scored = completion_logps(reference, batch, temperature=temperature or 1.0)
-        total += sum(row["policy"] for row in chunk) - float(scored.sums.sum())
-    reference.train(was_training)
+    network = reference.network() if isinstance(reference, Reference) else contextlib.nullcontext(reference)
+    with network as reference_model:
+        was_training = reference_model.training
+        reference_model.eval()
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = to_device(collate_sft(chunk, pad_token_id), model_device(reference_model))
+            scored = completion_logps(reference_model, batch, temperature=temperature or 1.0)
+            total += sum(row["policy"] for row in chunk) - float(scored.sums.sum())
+        reference_model.train(was_training)
     return total / max(len(rows), 1)
 
 

@@ -17,8 +17,10 @@ from prefalign.algorithms.grpo_config import DEFAULT_MAX_NEW_TOKENS
 from prefalign.config import DataConfig, ModelConfig
 from prefalign.data import tokenize_prompts
 from prefalign.errors import ConfigError, DataError, TrainingError
+from prefalign.evaluation.policy import evaluate_policy
 from prefalign.models.loading import apply_lora
 from prefalign.recipes.base_model import BaseConfig
+from prefalign.rewards import WeightedRewards
 from prefalign.runtime.metrics import read_metrics
 from prefalign.tasks.arithmetic import prompt_dataset
 from prefalign.tasks.model import new_model
@@ -72,15 +74,68 @@ def test_config_errors(tmp_path, model_dir):
 
 def test_beta_zero_loads_no_reference(tmp_path, model_dir, tokenizer):
     """beta = 0: no frozen copy of the policy is made (or scores anything) and no KL is logged; beta > 0:
-    one copy is the reference."""
-    for beta, copies in ((0.0, 0), (0.1, 1)):
+    one copy is the reference; beta = 0 with eval prompts: one copy, for the evaluations' eval/kl only."""
+    for beta, evaluated, copies in ((0.0, False, 0), (0.1, False, 1), (0.0, True, 1)):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         watch = CopyWatch()
         model.register_forward_pre_hook(watch)
-        config = make_config(model_dir, tmp_path / f"beta-{beta}", beta=beta, train={"max_steps": 1})
-        metrics = grpo(config, dataset=prompts(), model=model, tokenizer=tokenizer, save=False).metrics[0]
+        config = make_config(
+            model_dir, tmp_path / f"beta-{beta}-{evaluated}", beta=beta, train={"max_steps": 1}
+        )
+        eval_dataset = prompt_dataset("held_out", limit=4) if evaluated else None
+        metrics = grpo(
+            config, dataset=prompts(), eval_dataset=eval_dataset, model=model, tokenizer=tokenizer, save=False
+        ).metrics
         assert watch.copies == copies, beta
-        assert ("kl" in metrics) == (beta > 0), beta
+        assert ("kl" in metrics[0]) == (beta > 0), beta
+        assert ("eval/kl" in metrics[-1]) == evaluated, beta
+
+
+def test_evaluations_log_the_kl_to_the_starting_policy_at_beta_zero(tmp_path, model_dir, tokenizer):
+    """eval/kl at each evaluation, β = 0: the final one equals evaluate_policy's KL of the saved policy to
+    the model the run started from, worked out apart from the run."""
+    eval_dataset = prompt_dataset("held_out", limit=8)
+    config = make_config(model_dir, tmp_path / "run", beta=0.0, eval_k=2, train={"eval_every": 2})
+    result = grpo(config, dataset=prompts(), eval_dataset=eval_dataset)
+    evaluations = [m for m in result.metrics if "eval/accuracy" in m]
+    assert [m["step"] for m in evaluations] == [2, 3] and all("eval/kl" in m for m in evaluations)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    start = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenized, _ = tokenize_prompts(eval_dataset, tokenizer, DataConfig(max_length=32))
+    expected = evaluate_policy(
+        final, tokenizer, tokenized, WeightedRewards(["test_digit_share"]), k=2, max_new_tokens=4,
+        seed=config.train.seed,
+        reference=start,
+    )  # fmt: skip
+    assert evaluations[-1]["eval/kl"] == pytest.approx(expected["kl"], rel=1e-5, abs=1e-6)
+    assert abs(expected["kl"]) > 1e-3  # the policy moved (lr 1e-2): a KL to itself would be ~0
+
+
+def test_the_gold_monitor_is_logged_and_leaves_training_alone(tmp_path, model_dir):
+    """monitor/<name>/mean is the monitor function's mean over the step's sampled completions (recomputed
+    from completions.jsonl, which holds all of them here), and the run's losses and rewards are the same as
+    without the monitor."""
+    runs = {}
+    for name, monitors in (("plain", []), ("monitored", ["test_text_length"])):
+        config = make_config(
+            model_dir, tmp_path / name, monitor_functions=monitors, num_completions_to_log=8,
+            train={"batch_size": 8},
+        )  # fmt: skip
+        runs[name] = grpo(config, dataset=prompts(), save=False).metrics
+    lines = (tmp_path / "monitored" / "completions.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    for record in runs["monitored"]:
+        step_texts = [entry["completion"] for entry in logged if entry["step"] == record["step"]]
+        assert len(step_texts) == 8
+        assert record["monitor/test_text_length/mean"] == pytest.approx(
+            sum(len(text) for text in step_texts) / 8 / 10
+        )
+    for plain, monitored in zip(runs["plain"], runs["monitored"], strict=True):
+        assert "monitor/test_text_length/mean" not in plain
+        for key in ("loss", "grad_norm", "reward", "rewards/test_digit_share/mean", "entropy"):
+            assert monitored[key] == plain[key], key
+    with pytest.raises(ConfigError, match="monitor_functions: unknown reward function 'no_such'"):
+        grpo(make_config(model_dir, tmp_path / "typo", monitor_functions=["no_such"]), dataset=prompts())
 
 
 # ----------------------------------------------------------------------------- a whole run

@@ -7,14 +7,15 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from prefalign import PPOConfig, ppo
 from prefalign.algorithms.ppo import completion_score, token_rewards
 from prefalign.config import DataConfig, ModelConfig, TrainConfig
-from prefalign.data import collate_sft
+from prefalign.data import collate_sft, tokenize_prompts
+from prefalign.evaluation.policy import evaluate_policy
 from prefalign.models.value_head import laid_out, token_values
-from prefalign.rewards import register_reward_function
+from prefalign.rewards import WeightedRewards, register_reward_function
 from prefalign.runtime.metrics import read_metrics
 from prefalign.tasks.arithmetic import prompt_dataset
 from tests.helpers import save_tiny_model
@@ -112,3 +113,23 @@ def test_accumulation_gives_the_update_of_one_batch(tmp_path):
     four = load_file(str(tmp_path / "four" / "final" / "model.safetensors"))
     for name, tensor in one.items():
         torch.testing.assert_close(four[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluations_log_the_kl_to_the_starting_policy(tmp_path):
+    """eval/kl (the name GRPO logs too) at each evaluation; the final one equals evaluate_policy's KL of the
+    saved policy to the model the run started from, worked out apart from the run."""
+    model_dir = str(save_tiny_model(tmp_path / "model"))
+    eval_dataset = prompt_dataset("held_out", limit=8)
+    config = make_config(model_dir, tmp_path / "run", train={"max_steps": 4, "eval_every": 2})
+    result = ppo(config, dataset=prompt_dataset("train", limit=64), eval_dataset=eval_dataset)
+    evaluations = [m for m in result.metrics if "eval/accuracy" in m]
+    assert [m["step"] for m in evaluations] == [2, 4] and all("eval/kl" in m for m in evaluations)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenized, _ = tokenize_prompts(eval_dataset, tokenizer, DataConfig(max_length=32))
+    expected = evaluate_policy(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final"), tokenizer, tokenized,
+        WeightedRewards(["test_ppo_digits"]), k=0, max_new_tokens=6, seed=config.train.seed,
+        reference=AutoModelForCausalLM.from_pretrained(model_dir),
+    )  # fmt: skip
+    assert evaluations[-1]["eval/kl"] == pytest.approx(expected["kl"], rel=1e-5, abs=1e-6)
+    assert abs(expected["kl"]) > 1e-3  # the policy moved: a KL to itself would be ~0
