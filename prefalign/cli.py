@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
 import sys
 import traceback
 from dataclasses import dataclass
 
-from prefalign.config import help_text, is_config, load_config
+from prefalign.config import help_text, is_config, load_config, validate
 from prefalign.errors import PrefalignError
 
 
@@ -83,6 +84,13 @@ COMMANDS: dict[str, Command] = {
 
 # Commands that train a model and end with a summary (prefalign.commands.summary).
 TRAINING_COMMANDS = ("sft", "dpo", "reward", "grpo", "ppo")
+
+# Commands that run in one process only, and why (under torchrun they refuse with this reason).
+SINGLE_PROCESS = {
+    "base": "it builds one small model on one device",
+    "demo": "its stages are sized for one CPU process",
+    "env": "it describes this machine",
+}
 
 USAGE = (
     "usage: prefalign <command> [--config FILE.yaml] [--key value ...]   (prefalign <command> "
@@ -208,14 +216,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"options:\n{help_text(config_class)}"
             )
             return 0
-        config = load_config(config_class, config_path, overrides, from_string=True)
+        config = validate(load_config(config_class, config_path, overrides, from_string=True))
+        from prefalign.runtime import distributed
+
+        if name in SINGLE_PROCESS:
+            distributed.refuse(name, SINGLE_PROCESS[name])
+        # Every rank has checked its config before the process group starts (a launcher's processes).
+        distributed.start()
         result = function(config)
-        if name in TRAINING_COMMANDS and hasattr(result, "run_dir") and hasattr(result, "metrics"):
+        if (
+            name in TRAINING_COMMANDS and hasattr(result, "run_dir") and hasattr(result, "metrics")
+            and distributed.is_main_process()
+        ):
             from prefalign.commands.summary import training_summary
 
             print(training_summary(name, result), flush=True)
     except PrefalignError as error:
-        print(f"prefalign {name}: error: {error}", file=sys.stderr)
+        if _speaks():
+            print(f"prefalign {name}: error{_rank_tag()}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"prefalign {name}: interrupted; checkpoints already written are whole", file=sys.stderr)
@@ -223,12 +241,35 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - not a user's mistake (those are PrefalignError): show everything
         traceback.print_exc()
         print(
-            f"prefalign {name}: internal error: this is a bug in prefalign, not in your command. Please "
-            "report it with the command line, the traceback above and the output of `prefalign env`.",
+            f"prefalign {name}: internal error{_rank_tag()}: this is a bug in prefalign, not in your "
+            "command. Please report it with the command line, the traceback above and the output of "
+            "`prefalign env`.",
             file=sys.stderr,
         )
         return 1
+    finally:
+        if "prefalign.runtime.distributed" in sys.modules:
+            sys.modules["prefalign.runtime.distributed"].stop()
     return 0
+
+
+def _speaks() -> bool:
+    """Whether this process prints an error: every process under a running process group (an error may be
+    one rank's own), only the launcher's rank 0 before it starts (every rank checks the same config)."""
+    return _process_group() is not None or os.environ.get("RANK", "0") == "0"
+
+
+def _rank_tag() -> str:
+    group = _process_group()
+    return f" (process {group[0]} of {group[1]})" if group else ""
+
+
+def _process_group() -> tuple[int, int] | None:
+    """(rank, world size) while a process group runs, else None (without importing torch for `--help`)."""
+    distributed = sys.modules.get("prefalign.runtime.distributed")
+    if distributed is None or distributed.world_size() == 1:
+        return None
+    return distributed.rank(), distributed.world_size()
 
 
 if __name__ == "__main__":

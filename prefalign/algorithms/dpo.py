@@ -298,7 +298,9 @@ def dpo(
     )
     if save:
         card = model_card("DPO model", _card_lines(config, result))
-        save_model(model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora)
+        distributed.on_main_process(
+            save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
+        )
     return result
 
 

@@ -28,6 +28,7 @@ from prefalign.models.loading import (
     model_device,
 )
 from prefalign.models.reference import Reference, weights_fingerprint
+from prefalign.runtime import distributed
 
 logger = logging.getLogger("prefalign")
 
@@ -173,13 +174,34 @@ def precompute_reference(
             logger.info("reference log-probs reused from %s", path)
             return cached
         results = {
-            name: sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward)
+            name: sharded_sequence_logps(network, pairs, forward.pad_token_id, batch_size, forward)
             for name, pairs in splits.items()
         }
     tensors = {f"{name}/{side}": values for name, sides in results.items() for side, values in sides.items()}
+    distributed.on_main_process(_write_reference_logps, path, tensors, prints)
+    return results
+
+
+def _write_reference_logps(path: Path, tensors: dict[str, torch.Tensor], prints: dict[str, str]) -> None:
     with writing(path, "set train.output_dir to another folder"), atomic_file(path) as staging:
         save_file(tensors, str(staging), metadata=prints)  # atomic: a torn file would block every resume
-    return results
+
+
+def sharded_sequence_logps(
+    network, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int, forward: PairForward,
+) -> dict[str, torch.Tensor]:
+    """sequence_logps of every pair, each process computing a contiguous 1/N (padded to equal shares, so
+    every rank runs the same forwards) and the shares gathered back in pair order."""
+    if distributed.world_size() == 1:
+        return sequence_logps(network, pairs, pad_token_id, batch_size, forward)
+    share, real = distributed.padded_shard(pairs)
+    values = sequence_logps(network, share, pad_token_id, batch_size, forward) if share else None
+    rows = list(zip(values["chosen"].tolist(), values["rejected"].tolist(), strict=True)) if values else []
+    gathered = distributed.gather_shards(rows, real)
+    return {
+        side: torch.tensor([row[column] for row in gathered], dtype=torch.float32)
+        for column, side in enumerate(("chosen", "rejected"))
+    }
 
 
 def _read_cached(

@@ -42,6 +42,7 @@ from prefalign.rewards.encoding import (
     resolve_rendering,
 )
 from prefalign.rewards.scorer import RewardModelScorer, load_reward_backbone, reward_scores
+from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
 from prefalign.runtime.setup import start_run, write_run_file
 
@@ -192,23 +193,20 @@ def train_reward_model(
     logger.info("reward model training in %s", "bf16 autocast" if autocast_bf16 else "the weights' dtype")
     if config.disable_dropout:
         disable_dropout(model)
-    items, collate, runtime_config = (
-        examples, lambda batch: collate_pairs(batch, tokenizer.pad_token_id), config.train,
-    )
+    items, collate = examples, lambda batch: collate_pairs(batch, tokenizer.pad_token_id)
     if config.group_by_length:
-        # The runtime then draws whole micro-batches: one "example" per micro-batch.
+        # The runtime then draws whole micro-batches (grouped): one "example" per micro-batch.
         items = length_grouped_batches(examples, config.train.batch_size, config.train.seed)
-        collate = lambda batches: collate_pairs(batches[0], tokenizer.pad_token_id)  # noqa: E731
-        runtime_config = dataclasses.replace(config.train, batch_size=1)
     result = train_on_examples(
         model=model,
         examples=items,
         collate=collate,
         loss_fn=make_reward_loss(config.center_rewards_coefficient, config.use_margin, autocast_bf16),
         units_of=count_pairs,
-        config=runtime_config,
+        config=config.train,
         run_dir=run_dir,
         evaluate=(lambda _model: _numeric(evaluate_pairs(scorer, eval_examples))) if eval_examples else None,
+        grouped=config.group_by_length,
         description="reward",
     )
     settings.reward_mean, settings.reward_std = _training_reward_statistics(scorer, examples, config)
@@ -217,8 +215,9 @@ def train_reward_model(
         write_run_file(run_dir / "eval_reward.json", json.dumps(evaluation, indent=2))
     model_dir = None
     if save:
-        model_dir = save_reward_model(
-            model, tokenizer, run_dir / "final", settings, _card_lines(config, result, evaluation),
+        model_dir = run_dir / "final"
+        distributed.on_main_process(
+            save_reward_model, model, tokenizer, model_dir, settings, _card_lines(config, result, evaluation),
         )
     return RewardTrainResult(
         step=result.step, metrics=result.metrics, run_dir=run_dir, wall_time=result.wall_time,

@@ -20,6 +20,7 @@ from prefalign.models.forward import completion_logps, count_tokens
 from prefalign.models.loading import fit_max_length, model_device
 from prefalign.models.saving import model_card, save_model
 from prefalign.options import option
+from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
 from prefalign.runtime.setup import start_run, to_device, write_run_file
 
@@ -97,7 +98,9 @@ def sft(
     )
     if save:
         card = model_card("SFT model", _card_lines(config, result))
-        save_model(model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora)
+        distributed.on_main_process(
+            save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
+        )
     return result
 
 

@@ -17,6 +17,7 @@ import datasets
 from prefalign.config import is_config
 from prefalign.models.loading import BUILTIN
 from prefalign.recipes.base_model import ensure_base_model
+from prefalign.runtime import distributed
 from prefalign.tasks.arithmetic import preference_dataset, prompt_dataset, sft_dataset
 
 logger = logging.getLogger("prefalign")
@@ -50,7 +51,9 @@ def resolve_builtin_models(config: Any, *, skip: tuple[str, ...] = ()) -> None:
             if is_config(value):
                 walk(value, f"{dotted}.")
             elif field.name in MODEL_FIELDS and value == BUILTIN and dotted not in skip:
-                setattr(section, field.name, str(ensure_base_model()))
+                # One process builds it (or finds it cached); the others then load the folder it wrote.
+                with distributed.main_process_first():
+                    setattr(section, field.name, str(ensure_base_model()))
 
     walk(config, "")
 

@@ -78,7 +78,10 @@ def preallocated_cache(config, capacity: int) -> DynamicCache:
 
 
 def forward_parameters(model) -> set[str]:
-    # A wrapper (PEFT, say) may hide the signature behind **kwargs: look at the model it wraps.
+    # A wrapper (PEFT, DistributedDataParallel) may hide the signature behind **kwargs: look at the model it
+    # wraps.
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
 

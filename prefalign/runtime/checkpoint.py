@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefalign.errors import TrainingError
-from prefalign.files import atomic_folder
+from prefalign.files import atomic_folder, writing
+from prefalign.runtime import distributed
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -42,10 +43,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2,
 ) -> Path:
-    """Write checkpoints/step-NNNNNN under a temporary name, then rename it into place."""
+    """Write checkpoints/step-NNNNNN under a temporary name, then rename it into place. Every process
+    calls it: the weights, optimizer state and source position are the same on every rank under DDP, so
+    rank 0 writes them while the others wait."""
+    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
+    if distributed.is_main_process():
+        with writing(run_dir / "checkpoints", "set train.output_dir to another folder"):
+            _write_checkpoint(run_dir, final, step, model, optimizer, scheduler, state, keep)
+    distributed.barrier()
+    return final
+
+
+def _write_checkpoint(
+    run_dir: Path, final: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int,
+) -> None:
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    final = checkpoints / f"{CHECKPOINT_PREFIX}{step:06d}"
     with atomic_folder(final) as staging:
         save_file(trainable_state(model), str(staging / "model.safetensors"))
         cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
@@ -59,7 +72,6 @@ def save_checkpoint(
         (staging / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **state}))
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

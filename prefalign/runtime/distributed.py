@@ -1,20 +1,112 @@
 """The distributed seam: the only module that talks to torch.distributed.
 
-Rank and world size, and every statistic that crosses examples: step normalisers (tokens, completions,
-pairs), batch-level reward statistics, whitening, logged means, dynamic-sampling decisions, gathers of
-per-example outputs. With one process (no process group) every function is the identity, so results do not
-depend on whether a process group exists; multi-process training fills this module in and nothing else.
+Launch: `torchrun` and `accelerate launch` start N processes with RANK / WORLD_SIZE / MASTER_ADDR in their
+environment; `start()` joins them into one process group (NCCL on GPU, gloo on CPU) with a timeout on every
+collective. Without those variables nothing is started and every function here is the identity, so one
+process behaves exactly as it would with no torch.distributed at all.
+
+Training: `wrap` puts the model in DistributedDataParallel with a comm hook that *sums* gradients (every loss
+is already divided by the step's global count, so DDP's default average would divide twice), and `no_sync`
+skips the all-reduce on every micro-batch but a step's last.
+
+Everything that crosses examples goes through here too: step normalisers (tokens, completions, pairs),
+batch-level reward statistics, whitening, logged means, gathers of per-example outputs, and a rank's share
+of a global list (`shard_bounds`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from prefalign.errors import ConfigError
+
+logger = logging.getLogger("prefalign")
+
+# Seconds any collective may wait for the other processes before the job fails (a rank that died or hangs
+# ends the job instead of blocking it forever). PREFALIGN_DIST_TIMEOUT overrides it.
+DEFAULT_TIMEOUT_S = 1800
+
+# What `accelerate launch` exports for settings prefalign would otherwise silently ignore.
+ACCELERATE_REFUSED = {
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+
 
 def _group_active() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher started (WORLD_SIZE), 1 when run directly."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+
+
+def check_launch_settings() -> None:
+    """Refuse launcher settings prefalign does not honour (accelerate's FSDP / DeepSpeed / precision), before
+    any process group exists."""
+    for variable, name in ACCELERATE_REFUSED.items():
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(
+                f"`accelerate launch` was configured for {name} ({variable}=true), which prefalign does not "
+                "use: it trains with DistributedDataParallel. Run `accelerate launch` with a plain "
+                "multi-process config (no --use_fsdp / --use_deepspeed), or torchrun."
+            )
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in ("", "no"):
+        raise ConfigError(
+            f"`accelerate launch` asked for mixed precision {precision!r} (ACCELERATE_MIXED_PRECISION); "
+            "prefalign sets precision itself (model.dtype, mixed_precision). Launch with "
+            "--mixed_precision no and set prefalign's options instead."
+        )
+
+
+def start() -> bool:
+    """Join the process group a launcher set up (a no-op with one process). Returns whether one is active."""
+    if _group_active():
+        return True
+    if launched_world_size() <= 1:
+        return False
+    check_launch_settings()
+    seconds = int(os.environ.get("PREFALIGN_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=seconds)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl", timeout=timeout)
+    else:
+        torch.distributed.init_process_group("gloo", timeout=timeout)
+    if not is_main_process():
+        # One voice: the other ranks keep warnings and errors only.
+        logging.getLogger("prefalign").setLevel(logging.WARNING)
+    return True
+
+
+def stop() -> None:
+    """Leave the process group (end of a command)."""
+    if _group_active():
+        torch.distributed.destroy_process_group()
+
+
+def refuse(command: str, why: str) -> None:
+    """For commands that run in one process only (`base`, `demo`): a clear error under a launcher."""
+    size = launched_world_size()
+    if size > 1:
+        raise ConfigError(
+            f"`prefalign {command}` runs in one process ({why}), but it was started as {size} processes "
+            f"(WORLD_SIZE={size}). Run it without torchrun / accelerate launch."
+        )
 
 
 def rank() -> int:
@@ -28,6 +120,38 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0: the one process that writes run folders, logs and prints."""
     return rank() == 0
+
+
+def barrier() -> None:
+    if _group_active():
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (builds a file the others then read); the others wait, then run it."""
+    if not is_main_process():
+        barrier()
+    yield
+    if is_main_process():
+        barrier()
+
+
+def on_main_process(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`function(*args, **kwargs)` on rank 0 only (a write: the final model folder, a report), while the other
+    processes wait until it is done. Returns its result on rank 0, None on the others."""
+    result = function(*args, **kwargs) if is_main_process() else None
+    barrier()
+    return result
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every process."""
+    if not _group_active():
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def sum_across(value: float) -> float:
@@ -48,6 +172,15 @@ def sum_tensor_across(values: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def max_tensor_across(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over every process (metrics a step reports as their largest value)."""
+    if not _group_active():
+        return values
+    total = values.detach().clone()
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return total
+
+
 def gather_across(items: list[Any]) -> list[Any]:
     """Every process's `items`, concatenated in rank order (per-example outputs, whole groups)."""
     if not _group_active():
@@ -55,3 +188,84 @@ def gather_across(items: list[Any]) -> list[Any]:
     gathered: list[list[Any]] = [[] for _ in range(world_size())]
     torch.distributed.all_gather_object(gathered, list(items))
     return [item for part in gathered for item in part]
+
+
+def shard_bounds(count: int, parts: int | None = None, index: int | None = None) -> tuple[int, int]:
+    """[start, end) of part `index` (default: this rank) of `count` items cut into `parts` (default: the
+    world size) contiguous pieces whose sizes differ by at most one, larger pieces first."""
+    parts = world_size() if parts is None else parts
+    index = rank() if index is None else index
+    base, extra = divmod(count, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def shard(items: list[Any]) -> list[Any]:
+    """This rank's contiguous share of a global list (all of it with one process)."""
+    start, end = shard_bounds(len(items))
+    return items[start:end]
+
+
+def padded_shard(items: list[Any]) -> tuple[list[Any], int]:
+    """This rank's share of `items`, padded (with repeats of its last item, or of items[0] for an empty
+    share) so every rank holds the same number; returns (share, number of real items). Uneven shards would
+    make ranks run a different number of forwards, and collectives inside them would hang."""
+    share = shard(items)
+    width = -(-len(items) // world_size()) if items else 0
+    real = len(share)
+    filler = share[-1] if share else (items[0] if items else None)
+    return share + [filler] * (width - real), real
+
+
+def gather_shards(share: list[Any], real: int) -> list[Any]:
+    """The inverse of padded_shard: every rank's real items, in the global order."""
+    if not _group_active():
+        return list(share[:real])
+    gathered: list[list[Any]] = [[] for _ in range(world_size())]
+    torch.distributed.all_gather_object(gathered, list(share[:real]))
+    return [item for part in gathered for item in part]
+
+
+def _sum_gradients(_state, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """DDP comm hook: all-reduce a gradient bucket as a sum (DDP's own hook divides by the world size)."""
+    work = torch.distributed.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+class _Replicated(torch.nn.parallel.DistributedDataParallel):
+    """DDP whose attributes fall through to the wrapped model (`model.config`, PEFT's methods), so a loss
+    function can be handed either."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model training forwards go through: DDP with summed gradients under a process group, else the
+    model itself. Generation, reference, reward and evaluation forwards use the unwrapped model."""
+    if not _group_active() or not any(p.requires_grad for p in model.parameters()):
+        return model
+    device = next(model.parameters()).device
+    # Buffers (rotary tables, ...) are the same on every rank and never trained: no per-forward sync. The
+    # keyword was renamed in torch 2.13.
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    no_buffer_sync = {keyword: False}
+    replicated = _Replicated(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync,
+    )
+    replicated.register_comm_hook(None, _sum_gradients)
+    return replicated
+
+
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce for this backward (a micro-batch before the step's last)."""
+    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        yield

@@ -125,10 +125,12 @@ def example_stream(num_examples: int, seed: int, start: int = 0) -> Iterator[int
         epoch, offset = epoch + 1, 0
 
 
-def total_steps_for(num_examples: int, config: TrainConfig) -> int:
+def total_steps_for(num_examples: int, config: TrainConfig, per_step: int | None = None) -> int:
+    """max_steps, or the steps of `epochs` passes over the examples (per_step of them a step: batch_size x
+    grad_accum by default)."""
     if config.max_steps > 0:
         return config.max_steps
-    per_step = config.batch_size * config.grad_accum
+    per_step = per_step or config.batch_size * config.grad_accum
     return max(1, math.ceil(config.epochs * num_examples / per_step))
 
 
@@ -182,12 +184,28 @@ class Source(Protocol):
 
 class ExampleSource:
     """Offline training: one optimizer step per phase, batch_size x grad_accum examples from a shuffled
-    stream."""
+    stream (with `grouped`, grad_accum ready-made micro-batches: the reward model's length-grouped batches).
+
+    The stream is one global order; with N processes each takes a contiguous 1/N of every step's examples,
+    in micro-batches of at most batch_size (the same number on every rank), so a step's examples are the
+    same whatever N is.
+    """
 
     def __init__(
-        self, examples: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]], config: TrainConfig
+        self, examples: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]], config: TrainConfig,
+        *, grouped: bool = False,
     ):
-        self.examples, self.collate, self.config = examples, collate, config
+        self.examples, self.collate, self.config, self.grouped = examples, collate, config, grouped
+        self.per_step = config.grad_accum if grouped else config.batch_size * config.grad_accum
+        global_examples = config.batch_size * config.grad_accum
+        processes = distributed.world_size()
+        if global_examples % processes:
+            raise ConfigError(
+                f"{processes} processes cannot share a step of batch_size x grad_accum = "
+                f"{config.batch_size} x {config.grad_accum} = {global_examples} examples evenly: choose "
+                f"batch_size x grad_accum divisible by {processes} (the global batch of an optimizer step)."
+            )
+        self.per_rank = global_examples // processes
         self.restore({"position": 0})
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -198,11 +216,21 @@ class ExampleSource:
         return {"position": self.position}
 
     def next_phase(self, step: int, steps_left: int) -> Phase:
-        size, accumulation = self.config.batch_size, self.config.grad_accum
-        micro_batches = [
-            self.collate([self.examples[next(self.stream)] for _ in range(size)]) for _ in range(accumulation)
-        ]
-        self.position += size * accumulation
+        drawn = [self.examples[next(self.stream)] for _ in range(self.per_step)]
+        self.position += self.per_step
+        if distributed.world_size() == 1:
+            chunks = drawn if self.grouped else [
+                drawn[start:start + self.config.batch_size]
+                for start in range(0, len(drawn), self.config.batch_size)
+            ]
+        else:
+            flat = [example for batch in drawn for example in batch] if self.grouped else drawn
+            share = distributed.shard(flat)
+            if not share:
+                raise TrainingError(f"step {step + 1}: no examples left for process {distributed.rank()}")
+            parts = min(-(-self.per_rank // self.config.batch_size), len(share))
+            chunks = [share[slice(*distributed.shard_bounds(len(share), parts, i))] for i in range(parts)]
+        micro_batches = [self.collate(chunk) for chunk in chunks]
         return Phase(steps=[micro_batches], metrics={"epoch": self.position / len(self.examples)})
 
 
@@ -230,7 +258,13 @@ def train(
     scheduler = build_scheduler(optimizer, config, total_steps)
     step = resume(config, run_dir, model, optimizer, scheduler, source)
     device = model_device(model)
-    metrics_logger = MetricsLogger(run_dir, total_steps, config, initial_step=step, description=description)
+    # Training forwards go through DDP under a process group (generation, reference and evaluation
+    # forwards keep the plain model); rank 0 alone writes metrics and shows progress.
+    replicated = distributed.wrap(model)
+    metrics_logger = MetricsLogger(
+        run_dir, total_steps, config, initial_step=step, description=description,
+        enabled=distributed.is_main_process(),
+    )
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     model.train()
@@ -245,7 +279,7 @@ def train(
                 try:
                     if prepare_step is not None:
                         prepare_step(micro_batches)
-                    metrics = accumulate(model, micro_batches, loss_fn, units_of, step)
+                    metrics = accumulate(replicated, micro_batches, loss_fn, units_of, step)
                     metrics["grad_norm"] = clip_and_step(model, optimizer, scheduler, config.max_grad_norm)
                 except TrainingError as error:
                     raise stop_error(error, step, run_dir) from None
@@ -262,11 +296,9 @@ def train(
                 after_phase(phase, first_step, step)
             every = config.save_every
             if every > 0 and step // every > first_step // every and step < total_steps:
-                with writing(run_dir / "checkpoints", "set train.output_dir to another folder"):
-                    save_checkpoint(
-                        run_dir, step, model, optimizer, scheduler, source.state(),
-                        keep=config.keep_checkpoints,
-                    )
+                save_checkpoint(
+                    run_dir, step, model, optimizer, scheduler, source.state(), keep=config.keep_checkpoints,
+                )
         if step < total_steps:
             reached = (description, max_seconds, step, total_steps)
             logger.warning("%s: max_time of %.0f s reached after %d of %d steps", *reached)
@@ -294,9 +326,11 @@ def resume(config: TrainConfig, run_dir: Path, model, optimizer, scheduler, sour
         raise ConfigError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
     state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler)
     source.restore(state)
-    with writing(run_dir, "set train.output_dir to another folder"):
-        remove_interrupted_saves(run_dir)
-        trim_step_logs(run_dir, state["step"])
+    if distributed.is_main_process():
+        with writing(run_dir, "set train.output_dir to another folder"):
+            remove_interrupted_saves(run_dir)
+            trim_step_logs(run_dir, state["step"])
+    distributed.barrier()
     logger.warning("resumed from checkpoint step %d (%s)", state["step"], checkpoints[-1])
     return state["step"]
 
@@ -339,19 +373,33 @@ def accumulate(model, micro_batches: list[dict[str, Any]], loss_fn, units_of, st
         )
     totals: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
     maxima: dict[str, float] = {}
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
         output = loss_fn(model, batch)
         if not torch.isfinite(output.loss_sum):
             raise TrainingError(f"loss is {output.loss_sum.item()}")
-        (output.loss_sum / step_units if units_of is not None else output.loss_sum).backward()
+        # Gradients cross processes once per step, on its last micro-batch.
+        with distributed.no_sync(model, skip=index < len(micro_batches) - 1):
+            (output.loss_sum / step_units if units_of is not None else output.loss_sum).backward()
         totals["loss"] += output.loss_sum.item()
         totals["tokens"] += output.tokens
         for key, value in output.metrics.items():
             totals[key] = totals.get(key, 0.0) + float(value)
         for key, value in output.maxima.items():
             maxima[key] = max(maxima.get(key, value), value)
+    totals, maxima = _across_processes(totals, sum_of=True), _across_processes(maxima, sum_of=False)
     means = {key: (value if key == "tokens" else value / step_units) for key, value in totals.items()}
     return {**means, **maxima}
+
+
+def _across_processes(values: dict[str, float], *, sum_of: bool) -> dict[str, float]:
+    """Each process's step metrics (partial sums, or maxima) combined over every process; every rank runs
+    the same loss function, so the keys agree."""
+    if distributed.world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    vector = torch.tensor([values[key] for key in keys], dtype=torch.float64)
+    combined = distributed.sum_tensor_across(vector) if sum_of else distributed.max_tensor_across(vector)
+    return dict(zip(keys, combined.tolist(), strict=True))
 
 
 def stop_error(error: TrainingError, step: int, run_dir: Path) -> TrainingError:
@@ -376,10 +424,13 @@ def train_on_examples(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     description: str = "train",
     prepare_step: Callable[[list[dict[str, Any]]], None] | None = None,
+    grouped: bool = False,
 ) -> TrainResult:
-    """`train` over shuffled micro-batches of `examples` (SFT, DPO, the reward model)."""
+    """`train` over shuffled micro-batches of `examples` (SFT, DPO, the reward model; `grouped`: the
+    examples are ready-made micro-batches, ExampleSource)."""
+    source = ExampleSource(examples, collate, config, grouped=grouped)
     return train(
-        model=model, source=ExampleSource(examples, collate, config), loss_fn=loss_fn, units_of=units_of,
-        config=config, run_dir=run_dir, total_steps=total_steps_for(len(examples), config), evaluate=evaluate,
+        model=model, source=source, loss_fn=loss_fn, units_of=units_of, config=config, run_dir=run_dir,
+        total_steps=total_steps_for(len(examples), config, source.per_step), evaluate=evaluate,
         description=description, prepare_step=prepare_step,
     )  # fmt: skip

@@ -22,19 +22,23 @@ class MetricsLogger:
 
     def __init__(
         self, run_dir: Path, total_steps: int, config: TrainConfig, *, initial_step: int = 0,
-        description: str = "train",
+        description: str = "train", enabled: bool = True,
     ):
-        run_dir.mkdir(parents=True, exist_ok=True)
+        """`enabled` False (every process but rank 0): writes, shows and tracks nothing."""
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
+        self.enabled = enabled
         self.progress = None
+        self.tracker = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
         if config.progress:
             from tqdm.auto import tqdm
 
             self.progress = tqdm(
                 total=total_steps, initial=initial_step, desc=description, dynamic_ncols=True,
             )
-        self.tracker = None
         if config.report_to:
             from accelerate import Accelerator
 
@@ -42,6 +46,8 @@ class MetricsLogger:
             self.tracker.init_trackers(run_dir.name)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         # NaN / inf is not JSON: such a metric is left out of the record (and said), never written as NaN.
         missing = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]

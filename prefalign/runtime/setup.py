@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from prefalign.config import TrainConfig, save_config
-from prefalign.errors import ConfigError
+from prefalign.errors import ConfigError, PrefalignError
 from prefalign.files import atomic_file, writing
 from prefalign.models.loading import load_causal_lm
+from prefalign.runtime import distributed
 from prefalign.runtime.run_folder import (
     CONFIG_FILE,
     check_new_run,
@@ -40,8 +41,26 @@ def prepare_run_dir(config: Any, command: str) -> Path:
     new run refuses a folder holding a run or files a run would replace; overwrite removes only what a
     previous run wrote; resume checks the config against the run's config.yaml and keeps that file. Writes
     the resolved config.yaml (unless resuming)."""
+    run_dir = run_dir_for(config.train, command)
+    # Rank 0 alone checks and writes the folder (another rank would find rank 0's config.yaml there); its
+    # verdict reaches every process, so a refusal is an error on all of them.
+    problem = distributed.on_main_process(_prepare_run_dir, config, command, run_dir)
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise problem
+    return run_dir
+
+
+def _prepare_run_dir(config: Any, command: str, run_dir: Path) -> PrefalignError | None:
     train: TrainConfig = config.train
-    run_dir = run_dir_for(train, command)
+    try:
+        _check_and_write_run_dir(config, command, run_dir, train)
+    except PrefalignError as error:
+        return error
+    return None
+
+
+def _check_and_write_run_dir(config: Any, command: str, run_dir: Path, train: TrainConfig) -> None:
     with writing(run_dir, "set train.output_dir to another folder"):
         if train.resume:
             check_resume(config, run_dir)
@@ -53,12 +72,13 @@ def prepare_run_dir(config: Any, command: str) -> Path:
         if not (train.resume and (run_dir / CONFIG_FILE).exists()):
             with atomic_file(run_dir / CONFIG_FILE) as staging:
                 save_config(config, staging)
-    return run_dir
 
 
 def write_run_file(path: Path, text: str) -> None:
     """A small file of the run folder (data_stats.json, ...), written atomically; a read-only folder or a
-    full disk is an OutputError naming it."""
+    full disk is an OutputError naming it. Rank 0 writes it; the other processes go on."""
+    if not distributed.is_main_process():
+        return
     with writing(path, "set train.output_dir to another folder"), atomic_file(path) as staging:
         staging.write_text(text)
 
