@@ -9,13 +9,18 @@
 - the KV cache is the model's DynamicCache with its full-attention layers preallocated for
   prompt + max_new_tokens, so a decode step writes one slice instead of re-concatenating the cache;
 - every sampled token comes back with its log-prob under log_softmax(logits / T) over the full
-  vocabulary: the number GRPO / PPO need as log π_old, not the top-k / top-p renormalised draw.
+  vocabulary: the number GRPO / PPO need as log π_old, not the top-k / top-p renormalised draw;
+- sampling is keyed: the random number behind sample j of a prompt at decode step t is a hash of
+  (seed, the prompt's key, j, t), so a prompt's completions do not depend on the batch it runs in, its
+  place in the call, or which process samples it (multi-process training shards prompts by their global
+  index, which is their key).
 
 Other backends (a vLLM server, say) implement `RolloutBackend`; trainers only call `generate`.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -60,8 +65,8 @@ class LocalEngine:
     in the same batch, because they share its prefill: a batch holds max(1, batch_size // n) prompts.
     After a call, `last_stats` counts the tokens the model actually ran on.
 
-    A fixed seed gives the same samples for the same prompts, params and batch_size (the batch
-    layout decides which random numbers each row draws).
+    A fixed seed gives the same samples for the same prompt keys and params, whatever the batch_size
+    or the other prompts of the call (up to float rounding of the logits in another batch shape).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64):
@@ -76,8 +81,11 @@ class LocalEngine:
 
     # ---- public -------------------------------------------------------------------------------------
 
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+    def generate(
+        self, prompt_token_ids: list[list[int]], params: SamplingParams, keys: list[int] | None = None,
+    ) -> list[list[Sample]]:
         """prompt_token_ids: one token list per prompt (already templated; no special tokens are added).
+        keys: one integer per prompt naming its random stream (default: its index in this call).
 
         Returns one list of `params.n` samples per prompt, in prompt order.
         """
@@ -96,11 +104,10 @@ class LocalEngine:
             return []
 
         device = model_device(self.model)
-        generator = torch.Generator(device=device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
+        keys = list(range(len(prompt_token_ids))) if keys is None else list(keys)
+        if len(keys) != len(prompt_token_ids):
+            raise ValueError(f"{len(keys)} keys for {len(prompt_token_ids)} prompts: give one key per prompt")
+        seed = random.SystemRandom().getrandbits(62) if params.seed is None else params.seed
         stops = self._resolve_stops(params, device)
 
         # Similar lengths in one batch waste less compute on padding; the order is restored below.
@@ -113,8 +120,12 @@ class LocalEngine:
                 for start in range(0, len(order), prompts_per_batch):
                     indices = order[start : start + prompts_per_batch]
                     prompts = [list(prompt_token_ids[index]) for index in indices]
+                    streams = torch.tensor(
+                        [stream_key(seed, keys[index], j) for index in indices for j in range(params.n)],
+                        dtype=torch.long, device=device,
+                    )  # fmt: skip
                     for index, samples in zip(
-                        indices, self._generate_batch(prompts, params, stops, generator), strict=True
+                        indices, self._generate_batch(prompts, params, stops, streams), strict=True
                     ):
                         results[index] = samples
         finally:
@@ -124,8 +135,9 @@ class LocalEngine:
     # ---- one batch of prompts -------------------------------------------------------------------------
 
     def _generate_batch(
-        self, prompts, params: SamplingParams, stops: _Stops, generator
+        self, prompts, params: SamplingParams, stops: _Stops, streams: torch.Tensor
     ) -> list[list[Sample]]:
+        """streams: (prompts x n,) each row's random stream (stream_key)."""
         n, max_new = params.n, params.max_new_tokens
         logits, rows = self._prefill(prompts, max_new)  # logits: (prompts, vocab)
         # Share the prefill: repeat each prompt's cache, mask and last logits for its n samples.
@@ -147,7 +159,8 @@ class LocalEngine:
         host_tokens: list[list[int]] | None = [[] for _ in range(num_rows)] if stops.strings else None
 
         for step in range(max_new):
-            tokens, logprobs = sample_next_tokens(logits, params, generator)  # (active,), (active,)
+            uniforms = keyed_uniforms(streams[rows.row_ids], step)  # (active,)
+            tokens, logprobs = sample_next_tokens(logits, params, uniforms)  # (active,), (active,)
             token_table[rows.row_ids, step] = tokens
             logprob_table[rows.row_ids, step] = logprobs
             self.last_stats["generated_tokens"] += tokens.shape[0]
@@ -282,9 +295,10 @@ def generate(
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator
+    logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (batch, vocab) float32. Returns tokens (batch,) and their log-probs (batch,).
+    """logits: (batch, vocab) float32; uniforms: (batch,) in (0, 1), one per row. Returns tokens (batch,)
+    and their log-probs (batch,).
 
     The log-prob is log_softmax(logits / T) over the full vocabulary (T = 1 when greedy): top-k and
     top-p only shape the draw, they do not change the number reported.
@@ -295,14 +309,47 @@ def sample_next_tokens(
     scaled = logits / params.temperature
     draw = _filter_top_k(scaled, params.top_k)
     draw = _filter_top_p(draw, params.top_p)
-    # Exponential-race sampling: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
-    # Same law as torch.multinomial, but with no host sync and a local generator.
-    probs = torch.softmax(draw, dim=-1)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a 0 would turn a filtered-out 0 / 0 into a NaN "winner"
-    tokens = probs.div_(noise).argmax(dim=-1)
+    # Inverse-CDF sampling: the token whose cumulative-probability interval holds u picks token i with
+    # probability p_i, from one number per row (a filtered-out token has an empty interval). float64 sums
+    # keep a 150k vocabulary's tail exact enough; no host sync.
+    cumulative = torch.softmax(draw, dim=-1).double().cumsum(dim=-1)
+    targets = uniforms.double().unsqueeze(1) * cumulative[:, -1:]
+    tokens = torch.searchsorted(cumulative, targets, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
     # The full-vocabulary log-prob at temperature T, as the trainers compute it (losses.token_logprobs).
     return tokens, token_logprobs(scaled.unsqueeze(1), tokens.unsqueeze(1)).squeeze(1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """splitmix64's finaliser on a Python int (a well-spread 64-bit hash)."""
+    value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    value = (value ^ (value >> 27)) * 0x94D049BB133111EB & _MASK64
+    return value ^ (value >> 31)
+
+
+def stream_key(seed: int, key: int, sample: int) -> int:
+    """The random stream of sample `sample` of the prompt keyed `key` under `seed`, as a signed 63-bit int."""
+    mixed = _mix64((_mix64((_mix64(seed & _MASK64) + key) & _MASK64) + sample) & _MASK64)
+    return mixed >> 1
+
+
+def keyed_uniforms(streams: torch.Tensor, step: int) -> torch.Tensor:
+    """(rows,) float64 numbers in (0, 1): a hash of each row's stream and the decode step, with tensor ops
+    on the device (a counter-based generator: no state, any row and step can be drawn in any order)."""
+    # splitmix64 in int64 arithmetic: products wrap mod 2^64 and right shifts are made logical by masking.
+    offset = (step + 1) * 0x9E3779B97F4A7C15 & _MASK64  # the golden-ratio increment, once per step
+    value = streams + (offset - (1 << 64) if offset >= 1 << 63 else offset)
+    value = (value ^ _shift_right(value, 30)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    value = (value ^ _shift_right(value, 27)) * -7723592293110705685  # 0x94D049BB133111EB
+    value = value ^ _shift_right(value, 31)
+    top53 = _shift_right(value, 11)  # 53 random bits: every float64 in (0, 1) step 2^-53
+    return (top53.double() + 0.5) * 2.0**-53
+
+
+def _shift_right(value: torch.Tensor, bits: int) -> torch.Tensor:
+    return (value >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -113,7 +113,9 @@ def test_accumulation_gives_the_gradient_of_one_batch(
         assert second["kl"] > 1e-3
     for step in range(steps):
         assert updates[0][step].abs().max() > 0
-        torch.testing.assert_close(updates[1][step], updates[0][step], atol=1e-6, rtol=1e-4)
+        # atol: with the engine's keyed draws, the second pass (ratios near the clip edge, computed in two
+        # micro-batch layouts) differs by up to 1.6e-6 on 2 of 13,632 weights; every other weight by < 1e-6.
+        torch.testing.assert_close(updates[1][step], updates[0][step], atol=3e-6, rtol=1e-4)
         assert records[1][step]["grad_norm"] == pytest.approx(records[0][step]["grad_norm"], rel=1e-4)
         if second_pass:
             for key in ("loss", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean"):
@@ -185,7 +187,9 @@ def test_masked_truncated_completions_leave_the_loss_and_update_of_the_others(
     spy = StepSpy(monkeypatch, model)
     config = make_config(
         model_dir, tmp_path / "mixed", max_new_tokens=max_new_tokens, mask_truncated_completions=True,
-        temperature=temperature, loss_type=loss_type, share_prompt=share_prompt, train=sgd_like(batch_size=8),
+        temperature=temperature, loss_type=loss_type, share_prompt=share_prompt,
+        # seed 1: a draw where some cut completions have nonzero advantages (the case this test needs)
+        train=sgd_like(batch_size=8, seed=1),
     )
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     [record] = grpo(config, dataset=prompts(), model=model, tokenizer=tokenizer, save=False).metrics

@@ -111,8 +111,10 @@ def test_accumulation_gives_the_update_of_one_batch(tmp_path):
 
     one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     four = load_file(str(tmp_path / "four" / "final" / "model.safetensors"))
+    # atol: AdamW (lr 3e-3) divides by sqrt(v), so a weight whose gradient is near zero turns float32
+    # rounding of the two layouts into update differences (6e-6 on 1 of 2,048 weights in one draw).
     for name, tensor in one.items():
-        torch.testing.assert_close(four[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(four[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 def test_evaluations_log_the_kl_to_the_starting_policy(tmp_path):

@@ -67,7 +67,8 @@ def test_kl_without_pass_at_k_uses_one_sample_per_prompt():
     with_pass = evaluate_policy(
         model, tokenizer, prompts, rewards, k=1, max_new_tokens=4, reference=other, seed=5
     )
-    assert "pass@1" not in alone and alone["kl"] > 0.01
+    # k1 on 6 samples may have either sign; two different random models give a clearly non-zero estimate.
+    assert "pass@1" not in alone and abs(alone["kl"]) > 0.01
     assert alone["kl"] == pytest.approx(with_pass["kl"], rel=1e-6)
     assert "kl" not in evaluate_policy(model, tokenizer, prompts, rewards, k=0, max_new_tokens=4)
 
