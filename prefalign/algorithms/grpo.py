@@ -37,6 +37,7 @@ from prefalign.models.saving import model_card, save_model
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import build_scorers
 from prefalign.rollout.engine import LocalEngine
+from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train
 from prefalign.runtime.setup import start_run
 
@@ -145,7 +146,9 @@ def grpo(
         1, math.ceil(config.train.epochs * len(prompts) / prompts_per_step) * config.num_iterations
     )
     rollout_size = prompts_per_step * config.steps_per_generation * config.num_generations
-    engine = LocalEngine(model, tokenizer, batch_size=config.generation_batch_size or rollout_size)
+    engine = distributed.ShardedEngine(
+        LocalEngine(model, tokenizer, batch_size=config.generation_batch_size or rollout_size)
+    )
     score = CompletionScorer(
         config.temperature, config.share_prompt and not config.model.gradient_checkpointing
     )
@@ -171,7 +174,9 @@ def grpo(
     )  # fmt: skip
     if save:
         card = model_card("GRPO policy", card_lines(config, result))
-        save_model(model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora)
+        distributed.on_main_process(
+            save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
+        )
     return result
 
 

@@ -27,7 +27,6 @@ from prefalign.algorithms.rl.source import Progress, RolloutBatch
 from prefalign.errors import TrainingError
 from prefalign.rewards import WeightedRewards, describe_failures
 from prefalign.rollout.types import FINISH_LENGTH, SamplingParams
-from prefalign.runtime import distributed
 
 logger = logging.getLogger("prefalign")
 
@@ -141,12 +140,11 @@ def rollout_metrics(rounds: list[ScoredGroups], failures, config: GRPOConfig) ->
 def advantages_of(scores: torch.Tensor, config: GRPOConfig) -> torch.Tensor:
     """Group advantages (losses.group_advantages); unscored samples are left out of their group's
     statistics and get 0. scale_rewards=batch divides by the std of every scored reward of the batch, over
-    every process."""
+    every process (each samples a share of the batch and every one holds all its scores: ShardedEngine)."""
     unscored = torch.isnan(scores)
     batch_std = None
     if config.scale_rewards == "batch":
-        everything = torch.tensor(distributed.gather_across(scores[~unscored].tolist()))
-        batch_std = everything.std()
+        batch_std = scores[~unscored].std()
     if not unscored.any():
         return losses.group_advantages(
             scores, config.num_generations, scale=config.scale_rewards, batch_std=batch_std

@@ -301,9 +301,9 @@ def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, token
     total_steps = config.train.max_steps or max(
         1, math.ceil(config.train.epochs * len(prompts) / per_step) * config.num_iterations
     )
-    engine = LocalEngine(
+    engine = distributed.ShardedEngine(LocalEngine(
         model, tokenizer, batch_size=config.generation_batch_size or per_step * config.steps_per_generation
-    )
+    ))
     score = CompletionScorer(
         config.temperature, config.share_prompt and not config.model.gradient_checkpointing
     )
@@ -332,11 +332,19 @@ def ppo(config: PPOConfig, *, dataset=None, eval_dataset=None, model=None, token
     )  # fmt: skip
     if save:
         card = model_card("PPO policy", card_lines(config, result, origin))
-        save_model(model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora)
-        save_model(
-            critic, tokenizer, run_dir / "final" / "critic", card=model_card("PPO critic", {"critic": origin})
+        distributed.on_main_process(
+            save_policy_and_critic, model, critic, tokenizer, run_dir / "final", card,
+            model_card("PPO critic", {"critic": origin}), config.model.merge_lora,
         )
     return result
+
+
+def save_policy_and_critic(
+    model, critic, tokenizer, folder, card: str, critic_card: str, merge: bool,
+) -> None:
+    """final/: the policy as an HF folder, the critic in final/critic."""
+    save_model(model, tokenizer, folder, card=card, merge_lora=merge)
+    save_model(critic, tokenizer, folder / "critic", card=critic_card)
 
 
 def card_lines(config: PPOConfig, result: TrainResult, critic_origin: str) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from prefalign.rewards import WeightedRewards, describe_failures
 from prefalign.rewards.functions import as_completion, build_scorers
 from prefalign.rollout.engine import LocalEngine
 from prefalign.rollout.types import FINISH_LENGTH, SamplingParams
+from prefalign.runtime import distributed
 from prefalign.runtime.setup import seed_everything, set_threads
 from prefalign.version import __version__
 
@@ -243,7 +244,9 @@ def rejection_sample(
         n=settings.n, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
         max_new_tokens=settings.max_new_tokens, stop_strings=list(settings.stop_strings) or None, seed=seed,
     )
-    engine = LocalEngine(model, tokenizer, batch_size=settings.generation_batch_size)
+    engine = distributed.ShardedEngine(
+        LocalEngine(model, tokenizer, batch_size=settings.generation_batch_size)
+    )
     generated = engine.generate([list(ids) for ids in prompts["prompt_ids"]], params)  # [prompt][sample]
     prompt_rows = prompts.remove_columns(["prompt_ids"]).to_list()
     raw_prompts = [row["prompt"] for row in prompt_rows]
@@ -387,6 +390,16 @@ def sample(
     logger.info("sample: %s", output.stats.summary())
     if not output.rows:
         raise DataError(f"no rows to write: {no_rows_reason(output.stats)}")
+    # Every process sampled its share and holds all the rows (ShardedEngine); one writes them.
+    distributed.on_main_process(write_outputs, config, output, rows_path, name, data_stats, seconds)
+    return output
+
+
+def write_outputs(
+    config: SampleConfig, output: SampleOutput, rows_path: Path, name: str, data_stats: dict, seconds: float,
+) -> None:
+    """output_dir's files: the rows, samples.jsonl (save_samples), config.yaml and provenance.json."""
+    out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     write_rows(output.rows, rows_path, config.output_format)
@@ -410,4 +423,3 @@ def sample(
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     print(f"{output.stats.rows} rows -> {rows_path} ({output.stats.summary()})")
-    return output

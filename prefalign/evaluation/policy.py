@@ -15,6 +15,7 @@ from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import as_completion
 from prefalign.rollout.engine import LocalEngine
 from prefalign.rollout.types import SamplingParams
+from prefalign.runtime import distributed
 from prefalign.runtime.setup import to_device
 
 
@@ -40,7 +41,7 @@ def evaluate_policy(
     over samples of Σ_t (log π − log π_ref) (k1, per sequence), on the k samples, or on one sample per prompt
     when k = 0.
     """
-    engine = LocalEngine(model, tokenizer, batch_size=batch_size)
+    engine = distributed.ShardedEngine(LocalEngine(model, tokenizer, batch_size=batch_size))
     prompt_ids = [list(ids) for ids in prompts["prompt_ids"]]
     columns = {name: prompts[name] for name in prompts.column_names if name not in ("prompt", "prompt_ids")}
     raw_prompts = prompts["prompt"]

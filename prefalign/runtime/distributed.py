@@ -226,6 +226,27 @@ def gather_shards(share: list[Any], real: int) -> list[Any]:
     return [item for part in gathered for item in part]
 
 
+class ShardedEngine:
+    """A rollout engine whose calls every process makes together: each samples a contiguous 1/N of the
+    prompts, keyed by their index in the whole call (the engine's keyed sampling), and every process gets
+    all the samples back in prompt order. Rewards, group statistics and sampling decisions computed from
+    them are then the same on every rank and the same as with one process. With one process, the engine."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def generate(self, prompt_token_ids: list[list[int]], params: Any, keys: list[int] | None = None):
+        keys = list(range(len(prompt_token_ids))) if keys is None else list(keys)
+        if world_size() == 1:
+            return self.engine.generate(prompt_token_ids, params, keys=keys)
+        start, end = shard_bounds(len(prompt_token_ids))
+        local = self.engine.generate(prompt_token_ids[start:end], params, keys=keys[start:end])
+        return gather_across(local)
+
+    def __getattr__(self, name: str) -> Any:  # last_stats, model, ... of the wrapped engine
+        return getattr(self.engine, name)
+
+
 def _sum_gradients(_state, bucket):  # no annotations: DDP checks them, and this module's are strings
     """DDP comm hook: all-reduce a gradient bucket as a sum (DDP's own hook divides by the world size)."""
     work = torch.distributed.all_reduce(bucket.buffer(), async_op=True)

@@ -91,12 +91,16 @@ def logprob_difference(rows: list[dict[str, Any]], name: str = "old_logps") -> d
         for row in rows if row.get(name) is not None
         for sampled, trained in zip(row["sampler_logps"], row[name], strict=True)
     ]  # fmt: skip
-    if not differences:
+    # Over every process's rows: a sum and a count, and a maximum.
+    total, count = distributed.sum_tensor_across(
+        torch.tensor([sum(differences), len(differences)], dtype=torch.float64)
+    ).tolist()
+    largest = distributed.max_tensor_across(
+        torch.tensor([max(differences, default=0.0)], dtype=torch.float64)
+    )
+    if not count:
         return {}
-    return {
-        "rollout/logprob_diff_max": max(differences),
-        "rollout/logprob_diff_mean": sum(differences) / len(differences),
-    }
+    return {"rollout/logprob_diff_max": float(largest), "rollout/logprob_diff_mean": total / count}
 
 
 def step_totals(micro_batches: list[dict[str, Any]]) -> None:

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from prefalign.algorithms.rl.experience import add_token_logps, collate_experience, logprob_difference
+from prefalign.errors import TrainingError
 from prefalign.files import writing
 from prefalign.models.reference import Reference
+from prefalign.runtime import distributed
 from prefalign.runtime.loop import Phase, example_stream
 
 
@@ -90,7 +92,8 @@ class ExperienceSource:
     def next_phase(self, step: int, steps_left: int) -> Phase:
         self.progress.step = step
         batch = self.collect(self.progress, self.next_prompt)
-        rows, group = batch.rows, batch.group_size
+        # Every process holds the whole batch (ShardedEngine): each trains on its contiguous share of groups.
+        rows, group = self.own_groups(batch.rows, batch.group_size), batch.group_size
         logged = {
             "batch_size": self.micro_batch_size,
             "pad_token_id": self.pad_token_id,
@@ -100,7 +103,8 @@ class ExperienceSource:
             with self.reference.network() as network:
                 add_token_logps(rows, "ref_logps", lambda b: self.score(network, b), **logged)
         num_groups = len(rows) // group
-        parts = min(self.steps_per_generation, num_groups)
+        # The same number of optimizer steps on every process (a share may hold one group fewer).
+        parts = min(self.steps_per_generation, len(batch.rows) // group // distributed.world_size())
         bounds = [round(i * num_groups / parts) * group for i in range(parts + 1)]
         metrics = dict(batch.metrics)
         multi_step = self.num_iterations > 1 or parts > 1
@@ -121,13 +125,28 @@ class ExperienceSource:
                 )
         return Phase(steps=steps[:steps_left], metrics=metrics, generation=True, logged=batch.logged)
 
+    @staticmethod
+    def own_groups(rows: list[dict[str, Any]], group: int) -> list[dict[str, Any]]:
+        """This process's contiguous share of whole groups (all of them with one process)."""
+        groups = len(rows) // group
+        if groups < distributed.world_size():
+            raise TrainingError(
+                f"the rollout batch has {groups} prompt groups for {distributed.world_size()} processes: "
+                "every process needs at least one. Raise train.batch_size x grad_accum (or lower "
+                "dynamic-sampling filtering) or use fewer processes."
+            )
+        start, end = distributed.shard_bounds(groups)
+        return rows[start * group : end * group]
+
 
 def completions_writer(run_dir: Path, every: int) -> Callable[[Phase, int, int], None]:
     """after_phase for the training loop: append the phase's sampled completions to completions.jsonl when
     one of its steps is a multiple of `every` (0 = never), tagged with the phase's first step."""
 
     def write(phase: Phase, first_step: int, last_step: int) -> None:
-        if every and any(step % every == 0 for step in range(first_step, last_step)):
+        if every and distributed.is_main_process() and any(
+            step % every == 0 for step in range(first_step, last_step)
+        ):
             path = run_dir / "completions.jsonl"
             with writing(path, "set train.output_dir to another folder"), path.open("a") as handle:
                 for record in phase.logged:
