@@ -17,6 +17,7 @@ import re
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import Any
 
 from prefalign.config import help_text, is_config, load_config, validate
 from prefalign.errors import PrefalignError
@@ -28,6 +29,7 @@ class Command:
     function: str
     config: str
     summary: str
+    positional: str = ""  # the config field (a list) that bare arguments fill: `prefalign report RUN RUN`
 
     def load(self):
         module = importlib.import_module(self.module)
@@ -79,6 +81,11 @@ COMMANDS: dict[str, Command] = {
         "prefalign.commands.demo", "demo", "DemoConfig",
         "the whole stage on the built-in task, with a report",
     ),
+    "report": Command(
+        "prefalign.commands.report", "report", "ReportConfig",
+        "figures and report.md from run folders: prefalign report RUN [RUN ...] (several runs overlaid)",
+        positional="runs",
+    ),
     "env": Command("prefalign.commands.env", "env", "EnvConfig", "versions and hardware, for bug reports"),
 }
 
@@ -98,15 +105,21 @@ USAGE = (
 )
 
 
-def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], bool]:
+def parse_overrides(arguments: list[str], positional: str = "") -> tuple[str | None, dict[str, Any], bool]:
     """--config path, {key: raw string}, and whether --help was asked. A bare --flag (last, or followed by
-    another option or -h) means true: `prefalign dpo --gradient_checkpointing` turns checkpointing on."""
+    another option or -h) means true: `prefalign dpo --gradient_checkpointing` turns checkpointing on. With
+    `positional` (a list field), bare arguments are its values: `prefalign report a b` = `--runs [a, b]`."""
     config_path, overrides, wants_help = None, {}, False
+    bare: list[str] = []
     index = 0
     while index < len(arguments):
         argument = arguments[index]
         if argument in ("-h", "--help"):
             wants_help = True
+            index += 1
+            continue
+        if not argument.startswith("--") and positional:
+            bare.append(argument)
             index += 1
             continue
         if not argument.startswith("--"):
@@ -124,6 +137,10 @@ def parse_overrides(arguments: list[str]) -> tuple[str | None, dict[str, str], b
         else:
             overrides[key] = value
         index += 1
+    if bare and positional in overrides:
+        raise PrefalignError(f"give the {positional} as arguments or with --{positional}, not both")
+    if bare:
+        overrides[positional] = bare
     return config_path, overrides, wants_help
 
 
@@ -209,11 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         function, config_class = COMMANDS[name].load()
-        config_path, overrides, wants_help = parse_overrides(rest)
+        config_path, overrides, wants_help = parse_overrides(rest, COMMANDS[name].positional)
+        if name in TRAINING_COMMANDS:  # --report: not a config key (prefalign.commands.report)
+            from prefalign.commands.report import REPORT_HELP, report_option, write_run_report
+
+            wants_report = report_option(overrides)
         if wants_help:
+            extra = f"\n{REPORT_HELP}" if name in TRAINING_COMMANDS else ""
             print(
                 f"prefalign {name}: {COMMANDS[name].summary}\n\nsections:\n{section_notes(config_class)}\n\n"
-                f"options:\n{help_text(config_class)}"
+                f"options:\n{help_text(config_class)}{extra}"
             )
             return 0
         config = validate(load_config(config_class, config_path, overrides, from_string=True))
@@ -231,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             from prefalign.commands.summary import training_summary
 
             print(training_summary(name, result), flush=True)
+            if wants_report:
+                write_run_report(result.run_dir)
     except PrefalignError as error:
         if _speaks():
             print(f"prefalign {name}: error{_rank_tag()}: {error}", file=sys.stderr)

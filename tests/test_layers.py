@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "prefalign.losses": 1, "prefalign.data": 1, "prefalign.tasks": 1,
     "prefalign.models": 2, "prefalign.rollout": 2,
     "prefalign.rewards": 3, "prefalign.runtime": 3,
-    "prefalign.evaluation": 4,
+    "prefalign.evaluation": 4, "prefalign.reporting": 4,  # reporting reads run folders (runtime.run_folder)
     "prefalign.algorithms": 5,
     "prefalign.recipes": 6,
     "prefalign.commands": 7, "prefalign.cli": 7, "prefalign.__main__": 7,

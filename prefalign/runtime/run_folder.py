@@ -44,6 +44,7 @@ RUN_OUTPUTS = (
     "completions.jsonl",  # grpo
     "eval_reward.json",  # the reward model
     "report.md",  # iterative DPO
+    "report",  # the figures and report.md every training command writes at the end (commands.report)
     "round-*",  # iterative DPO: each round's DPO run, pairs and sampling statistics
 )
 
