@@ -198,14 +198,21 @@ def make_prepare(config: PPOConfig, module: ActorCritic, state: dict[str, Any], 
             row["token_advantages"], row["returns"] = advantages[0].tolist(), returns[0].tolist()
         whiten_across(rows, "token_advantages", shift_mean=True)
         scores = [row["score"] for row in rows]
-        mean_kl = sum(kls) / len(kls)
-        metrics = {
-            "objective/kl": mean_kl, "objective/non_score_reward": sum(non_score) / len(rows),
-            "objective/scores": sum(scores) / len(scores),
+        # Sums over every process's rows (each trains on a share of the rollout batch), then means: the
+        # metrics and the controller's KL are the whole batch's, the same on every rank.
+        totals = distributed.sum_tensor_across(torch.tensor([
+            sum(kls), sum(non_score), sum(scores),
             # TRL's: the sampled sequences' summed −log π_old, a Monte-Carlo estimate of the policy's entropy
-            "objective/entropy": -sum(sum(row["old_logps"]) for row in rows) / len(rows),
-            "objective/rlhf_reward": sum(s + n for s, n in zip(scores, non_score, strict=True)) / len(rows),
-            "val/num_eos_tokens": float(sum(row["eos"] for row in rows)), "beta": beta,
+            -sum(sum(row["old_logps"]) for row in rows),
+            float(sum(row["eos"] for row in rows)), float(len(rows)),
+        ], dtype=torch.float64)).tolist()  # fmt: skip
+        kl_sum, non_score_sum, score_sum, entropy_sum, eos, count = totals
+        mean_kl = kl_sum / count
+        metrics = {
+            "objective/kl": mean_kl, "objective/non_score_reward": non_score_sum / count,
+            "objective/scores": score_sum / count, "objective/entropy": entropy_sum / count,
+            "objective/rlhf_reward": (score_sum + non_score_sum) / count, "val/num_eos_tokens": eos,
+            "beta": beta,
         }  # fmt: skip
         if config.kl_target is not None:  # Ziegler et al.'s controller, on the rollout's per-sequence KL
             state["beta"] = losses.adaptive_kl_update(
