@@ -189,12 +189,24 @@ def style_axes(axes, title: str, ylabel: str, xlabel: str = "optimizer step") ->
 
 
 def axis_label(label: str, runs: Sequence[Run]) -> str:
-    """`label` with its {unit} fields filled for the runs' algorithms (joined when they differ)."""
-    fields = {
-        name: "; ".join(dict.fromkeys(table.get(run.algorithm, "no unit") for run in runs))
-        for name, table in UNITS.items()
-    }
+    """`label` with its {unit} fields filled for the runs' algorithms; where they differ the axis says so and
+    the caption lists them (unit_notes)."""
+    fields = {}
+    for name, table in UNITS.items():
+        units = list(dict.fromkeys(table.get(run.algorithm, "no unit") for run in runs))
+        fields[name] = units[0] if len(units) == 1 else "unit by algorithm: see the caption"
     return label.format(**fields)
+
+
+def unit_notes(runs: Sequence[Run]) -> str:
+    """The units of the runs' algorithms where an axis mixes them (several algorithms overlaid)."""
+    notes = []
+    for name, table in UNITS.items():
+        units = {run.label: table.get(run.algorithm, "no unit") for run in runs}
+        if len(set(units.values())) > 1:
+            listed = ", ".join(f"{label}: {unit}" for label, unit in units.items())
+            notes.append(f" Units of {name.replace('_', ' ')}: {listed}.")
+    return "".join(notes)
 
 
 def draw_panel(axes, panel: Panel, runs: Sequence[Run], *, evaluation: bool) -> list[str]:
@@ -279,8 +291,8 @@ def training_figures(runs: Sequence[Run], folder: Path) -> list[FigureFile]:
     for name, (title, panels) in TRAINING_FIGURES.items():
         done = grid_figure(
             folder / f"training-{name}.png", f"Training: {title}",
-            f"{title[0].upper()}{title[1:]} over optimizer steps; {smoothing}.", panels, runs,
-            evaluation=False,
+            f"{title[0].upper()}{title[1:]} over optimizer steps; {smoothing}.{unit_notes(runs)}", panels,
+            runs, evaluation=False,
         )
         if done:
             written.append(done)
@@ -304,5 +316,5 @@ def evaluation_figure(runs: Sequence[Run], folder: Path) -> FigureFile | None:
         folder / "evaluation.png", "Held-out evaluations",
         "Held-out evaluations at each evaluation step (train.eval_every) and at the end; for iterative DPO "
         "the held-out accuracy after each round. The shaded band is a 95% confidence interval where the "
-        "evaluation gives one.", evaluation_panels(runs), runs, evaluation=True,
+        f"evaluation gives one.{unit_notes(runs)}", evaluation_panels(runs), runs, evaluation=True,
     )

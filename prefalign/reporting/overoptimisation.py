@@ -25,7 +25,8 @@ MIN_EVALUATIONS = 3
 
 @dataclass
 class Trajectory:
-    """One run's proxy and gold rewards (moving averages) along √KL, in step order."""
+    """One run's proxy and gold rewards along √KL: the logged points ordered by √KL, and running means over
+    neighbouring points (a curve of reward against distance, as in the paper, whatever the step order)."""
 
     run: Run
     steps: list[float]
@@ -57,8 +58,9 @@ def kl_along(run: Run, steps: list[float]) -> tuple[list[float], str] | None:
         return _interpolate(steps, start + eval_steps, start + eval_kl), source
     for key, unit in training:
         kl_steps, kl = run.series(key)
-        smoothed = ema(kl, smoothing_span(len(kl)))
-        return _interpolate(steps, kl_steps, smoothed), f"training `{key}`, moving average ({unit})"
+        span = smoothing_span(len(kl))
+        how = ", moving average" if span > 1 else ""
+        return _interpolate(steps, kl_steps, ema(kl, span)), f"training `{key}`{how} ({unit})"
     return None
 
 
@@ -72,15 +74,28 @@ def trajectory(run: Run) -> Trajectory | None:
     kl = kl_along(run, steps)
     if not steps or kl is None:
         return None
-    span = smoothing_span(len(steps))
+    order = sorted(range(len(steps)), key=lambda index: (kl[0][index], steps[index]))
+    window = max(1, round(len(steps) / 15))
     gold = {}
     for key in gold_keys:
         by_step = dict(zip(*series(run.records, key), strict=True))
-        gold[key] = ema([by_step.get(step, math.nan) for step in steps], span)
+        gold[key] = running_mean([by_step.get(steps[index], math.nan) for index in order], window)
     return Trajectory(
-        run=run, steps=steps, sqrt_kl=[math.sqrt(max(value, 0.0)) for value in kl[0]], proxy_key=proxy_key,
-        proxy=ema(proxy, span), proxy_raw=proxy, gold=gold, kl_source=kl[1],
+        run=run, steps=[steps[index] for index in order],
+        sqrt_kl=[math.sqrt(max(kl[0][index], 0.0)) for index in order], proxy_key=proxy_key,
+        proxy=running_mean([proxy[index] for index in order], window), proxy_raw=[proxy[i] for i in order],
+        gold=gold, kl_source=kl[1],
     )
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Centred mean over `window` neighbours (fewer at the ends), skipping NaN (a step that lacks the key)."""
+    half = window // 2
+    means = []
+    for index in range(len(values)):
+        near = [value for value in values[max(0, index - half):index + half + 1] if math.isfinite(value)]
+        means.append(sum(near) / len(near) if near else math.nan)
+    return means
 
 
 def verdict(path: Trajectory) -> str:
@@ -136,7 +151,7 @@ def overoptimisation_figure(runs: Sequence[Run], folder: Path) -> tuple[FigureFi
             labels.append(f"{prefix}gold ({key})")
     sources = "; ".join(dict.fromkeys(path.kl_source for path in paths))
     axes.set_title("Reward over-optimisation: proxy vs gold reward", fontsize=11)
-    axes.set_xlabel(f"√KL to the starting policy (√nats); KL: {sources}", fontsize=8.5)
+    axes.set_xlabel(f"√KL to the starting policy (√nats)\nKL: {sources}", fontsize=9)
     axes.set_ylabel("proxy: reward-model score (solid)", fontsize=9, color="black")
     gold_axes.set_ylabel("gold: monitor reward per completion (dashed)", fontsize=9)
     for target in (axes, gold_axes):
@@ -148,7 +163,7 @@ def overoptimisation_figure(runs: Sequence[Run], folder: Path) -> tuple[FigureFi
     caption = (
         "Proxy (the reward model the policy optimises, solid, left axis) and gold reward (a monitor the "
         "policy never sees, dashed, right axis) against √KL to the starting policy, as in Gao et al. 2022; "
-        "moving averages over steps, faint dots the logged proxy values."
+        "lines are running means over the logged points ordered by √KL, faint dots the logged proxy values."
     )
     return FigureFile(out, "Reward over-optimisation", caption, labels, ["over-optimisation"]), [
         verdict(path) for path in paths
