@@ -16,6 +16,7 @@ from prefalign.models.loading import fit_max_length, load_causal_lm
 from prefalign.options import check_model_location, option
 from prefalign.rewards import WeightedRewards
 from prefalign.rewards.functions import check_rewards
+from prefalign.runtime import distributed
 from prefalign.runtime.setup import seed_everything, set_threads
 
 
@@ -80,8 +81,9 @@ def evaluate(
         success_threshold=config.success_threshold, reference=reference, batch_size=config.batch_size,
         seed=config.seed,
     )
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"model": config.model.name_or_path, **metrics}, indent=2))
-    print(format_table(metrics))
+    if distributed.is_main_process():  # every process holds the same metrics (ShardedEngine)
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({"model": config.model.name_or_path, **metrics}, indent=2))
+        print(format_table(metrics))
     return metrics

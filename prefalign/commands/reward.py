@@ -17,6 +17,7 @@ from prefalign.evaluation.pairs import evaluate_pairs, format_pair_metrics
 from prefalign.options import check_device, check_model_location, option
 from prefalign.rewards.encoding import encode_pairs
 from prefalign.rewards.scorer import RewardModelScorer
+from prefalign.runtime import distributed
 from prefalign.runtime.setup import set_threads
 
 
@@ -52,10 +53,11 @@ def eval_reward(config: EvalRewardConfig) -> dict[str, Any]:
     metrics = {"model": config.model, **evaluate_pairs(scorer, examples),
                "dropped_identical": stats.dropped_identical, "truncated_sequences": stats.truncated_sequences,
                "seconds": round(time.perf_counter() - started, 2)}
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_reward.json").write_text(json.dumps(metrics, indent=2))
-    print(format_pair_metrics(metrics))
+    if distributed.is_main_process():
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_reward.json").write_text(json.dumps(metrics, indent=2))
+        print(format_pair_metrics(metrics))
     return metrics
 
 

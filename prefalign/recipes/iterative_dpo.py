@@ -50,6 +50,7 @@ from prefalign.models.loading import is_peft_model
 from prefalign.models.reference import Reference
 from prefalign.models.saving import model_card, save_model
 from prefalign.options import option
+from prefalign.runtime import distributed
 from prefalign.runtime.loop import TrainResult
 from prefalign.runtime.setup import start_run
 
@@ -257,8 +258,8 @@ def iterative_dpo(
                 "policy's samples all score alike: raise sampling.n or sampling.temperature, or use "
                 "a finer-grained scorer."
             )
-        write_rows(sampled.rows, round_dir / "pairs.jsonl", "jsonl")
-        (round_dir / "sample_stats.json").write_text(json.dumps(sampled.stats.as_dict(), indent=2))
+        # Every process holds the round's pairs (sampling is sharded and gathered); rank 0 writes them.
+        distributed.on_main_process(write_round, round_dir, sampled)
         # previous: the policy as the round starts. Full fine-tuning: dpo() reads it before its first update;
         # LoRA: a merged frozen copy (adapters off would be the original base).
         round_reference = anchor if config.round_reference == "original" else (
@@ -277,18 +278,26 @@ def iterative_dpo(
         if held_out is not None:
             record.update(held_out_metrics(model, tokenizer, held_out, rewards, config))
         history.append(record)
-        log_round(run_dir, record)
+        distributed.on_main_process(log_round, run_dir, record)
         logger.info(
             "round %d: %s", round_index,
             {key: round(value, 4) if isinstance(value, float) else value for key, value in record.items()},
         )
-    (run_dir / "report.md").write_text(report(config, history))
+    distributed.on_main_process(Path.write_text, run_dir / "report.md", report(config, history))
     if save:
         card = model_card("Iterative DPO model", _card_lines(config, history, total_steps))
-        save_model(model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora)
+        distributed.on_main_process(
+            save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
+        )
     return TrainResult(
         step=total_steps, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started,
     )
+
+
+def write_round(round_dir: Path, sampled) -> None:
+    """A round's pairs.jsonl (the DPO run's data) and sample_stats.json."""
+    write_rows(sampled.rows, round_dir / "pairs.jsonl", "jsonl")
+    (round_dir / "sample_stats.json").write_text(json.dumps(sampled.stats.as_dict(), indent=2))
 
 
 def log_round(run_dir: Path, record: dict[str, Any]) -> None:
