@@ -287,7 +287,10 @@ def grid_figure(
 def training_figures(runs: Sequence[Run], folder: Path) -> list[FigureFile]:
     """training-<group>.png for each group of panels some run logged."""
     written = []
-    smoothing = "faint lines are the logged values, solid lines their moving average (EMA)"
+    smoothing = (
+        "a curve of 60 or more points is drawn as its moving average (EMA, span about 1/40 of the curve) "
+        "over the logged values, faint"
+    )
     for name, (title, panels) in TRAINING_FIGURES.items():
         done = grid_figure(
             folder / f"training-{name}.png", f"Training: {title}",

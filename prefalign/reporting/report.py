@@ -173,7 +173,9 @@ def markdown(report: Report, title: str | None) -> str:
     missing = [run for run in runs if run.missing]
     if missing:
         lines += ["## What is missing", ""]
-        lines += [f"- **{run.name}**: " + "; ".join(run.missing) + "." for run in missing] + [""]
+        for run in missing:
+            lines += [f"- **{run.name}**:", *(f"  - {note}" for note in run.missing)]
+        lines.append("")
     for figure in report.figures:
         lines += [f"## {figure.title}", "", f"![{figure.title}]({figure.path.name})", "", figure.caption, ""]
         if figure.path.name == "overoptimisation.png":

@@ -195,7 +195,9 @@ def missing_parts(run: Run) -> list[str]:
         notes.append(f"metrics stop at step {run.last_step} of {run.planned_steps} planned")
     keys = run.keys()
     if not any(key.startswith(("eval/", "heldout/")) for key in keys):
-        notes.append("no held-out evaluation in metrics.jsonl (train.eval_every = 0: it comes at the end)")
+        every = (run.config.get("train") or {}).get("eval_every")
+        when = f"every {every} steps and at the end" if every else "at the end only (train.eval_every = 0)"
+        notes.append(f"no held-out evaluation in metrics.jsonl (evaluations come {when})")
     for key in EXPECTED_METRICS.get(run.algorithm, ()):
         if key not in keys:
             why = WHY_MISSING.get((run.algorithm, key))
