@@ -28,6 +28,11 @@ workers' path only, without touching the environment:
     python -m pip install --no-deps --target /tmp/trl-ppo "trl==1.0.0"
     python benchmarks/ppo_step.py --trl-path /tmp/trl-ppo              # 32 completions x 32 tokens, 4 epochs
     python benchmarks/ppo_step.py --trl-path /tmp/trl-ppo --repeats 3 --updates 6
+    python benchmarks/ppo_step.py --jobs prefalign,prefalign-unshared --repeats 4   # share_prompt A/B
+
+`--jobs` picks the tools (alternating in that order each repeat); `prefalign-unshared` is prefalign with
+share_prompt=False (PPO has one completion per prompt: there is no prompt to share). Peak RSS is each
+worker process's maximum resident set (policy, reference, reward model and critic all loaded).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from pathlib import Path
 from dpo_throughput import build_model  # the same random Llama as the DPO and GRPO benchmarks
 
 HERE = Path(__file__).resolve()
+JOBS = ["prefalign", "trl-defaults", "trl-matched", "prefalign-unshared"]
 
 
 # ----------------------------------------------------------------------------- shared set-up (parent)
@@ -76,7 +82,7 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- workers (one per subprocess)
 
 
-def worker_prefalign(args) -> dict:
+def worker_prefalign(args, share_prompt: bool = True) -> dict:
     import dataclasses
 
     import datasets
@@ -103,7 +109,7 @@ def worker_prefalign(args) -> dict:
         ),
         reward_functions=[], reward_model=args.reward_model, max_new_tokens=args.response_length,
         num_iterations=args.epochs, steps_per_generation=1, temperature=1.0, missing_eos_penalty=None,
-        log_completions_every=0,
+        log_completions_every=0, share_prompt=share_prompt,
     )  # fmt: skip
     rows = datasets.Dataset.from_list(prompt_rows(args.batch * updates))
     result = ppo(config, dataset=rows, save=False)
@@ -253,7 +259,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--worker", choices=["prefalign", "trl-defaults", "trl-matched"])
+    parser.add_argument("--worker", choices=JOBS)
+    parser.add_argument(
+        "--jobs", default="prefalign,trl-defaults,trl-matched",
+        help=f"comma-separated, run alternating, of {', '.join(JOBS)} (prefalign-unshared: "
+        "share_prompt=False)",
+    )
     parser.add_argument("--model", default="")
     parser.add_argument("--reward-model", default="")
     parser.add_argument("--out", default="")
@@ -277,6 +288,7 @@ def main() -> None:
         job = {
             "prefalign": worker_prefalign, "trl-defaults": lambda a: worker_trl(a, matched=False),
             "trl-matched": lambda a: worker_trl(a, matched=True),
+            "prefalign-unshared": lambda a: worker_prefalign(a, share_prompt=False),
         }[args.worker]
         print(json.dumps(job(args)))
         return
@@ -286,7 +298,7 @@ def main() -> None:
         parameters = build_model(Path(args.model), args.hidden_size, args.num_layers, context=1024)
         reward_model = Path(folder) / "reward"
         build_reward_model(reward_model, Path(args.model))
-        runs: dict[str, list[dict]] = {"prefalign": [], "trl-defaults": [], "trl-matched": []}
+        runs: dict[str, list[dict]] = {job: [] for job in args.jobs.split(",")}
         for repeat in range(args.repeats):
             for job in runs:
                 print(f"repeat {repeat + 1}/{args.repeats}: {job}", file=sys.stderr, flush=True)
@@ -300,32 +312,38 @@ def main() -> None:
 
 
 def report(args, parameters: int, summary: dict, runs: dict, seconds: float) -> None:
-    ours, trl_run = summary["prefalign"], runs["trl-defaults"][0]
+    trl_jobs = [job for job in ("trl-defaults", "trl-matched") if job in runs]
+    version = f"TRL {runs[trl_jobs[0]][0]['trl_version']}; " if trl_jobs else ""
+    measured = next(iter(summary.values()))["updates_measured"]
     print(f"\nPPO update: {parameters / 1e6:.1f}M-parameter Llama policy, reward model and critic of the "
           f"same size, {args.batch} completions x {args.response_length} tokens, {args.epochs} PPO epochs "
-          f"x 1 minibatch, {args.threads} thread(s), median of {ours['updates_measured']} updates per tool "
-          f"(TRL {trl_run['trl_version']}; whole run {seconds:.0f} s)")
-    print(f"{'tool':<14} {'update s':>9} {'opt step s':>11} {'rollout s':>10} {'train s':>8} "
+          f"x 1 minibatch, {args.threads} thread(s), median of {measured} updates per tool "
+          f"({version}whole run {seconds:.0f} s)")
+    print(f"{'tool':<18} {'update s':>9} {'opt step s':>11} {'rollout s':>10} {'train s':>8} "
           f"{'compl tok/s':>12} {'mean len':>9} {'min-max update s':>17} {'peak RSS MB':>12}")
     for job, found in summary.items():
         low, high = found["spread"]
-        print(f"{job:<14} {found['update_s']:>9.3f} {found['opt_step_s']:>11.3f} {found['rollout_s']:>10.3f} "
+        print(f"{job:<18} {found['update_s']:>9.3f} {found['opt_step_s']:>11.3f} {found['rollout_s']:>10.3f} "
               f"{found['train_s']:>8.3f} {found['completion_tokens_per_s']:>12.1f} "
               f"{found['mean_length']:>9.1f} {f'{low:.2f}-{high:.2f}':>17} {found['peak_rss_mb']:>12.0f}")
-    for job in ("trl-defaults", "trl-matched"):
+    ours = summary.get("prefalign")
+    others = [*trl_jobs, *(["prefalign-unshared"] if "prefalign-unshared" in runs else [])]
+    for job in others if ours else []:
         theirs = summary[job]
         print(
             f"prefalign / {job}: update {ours['update_s'] / theirs['update_s']:.2f}x, rollout "
             f"{ours['rollout_s'] / theirs['rollout_s']:.2f}x, training "
             f"{ours['train_s'] / theirs['train_s']:.2f}x (below 1 = prefalign faster)"
         )
-    for job in ("trl-defaults", "trl-matched"):
+    for job in trl_jobs:
         run = runs[job][0]
         print(f"{job}: gradient_checkpointing in PPOConfig {run['gradient_checkpointing_config']}, on the "
               f"policy during training {run['gradient_checkpointing_used']}; training sequence length "
               f"{run['train_sequence_length']:.1f} (left-padded prompt + response)")
-    untimed = statistics.mean(run["untimed_s"] for run in runs["prefalign"])
-    print(f"prefalign: {untimed:.2f} s per run outside its step_time metrics (set-up, logging)")
+    for job in ("prefalign", "prefalign-unshared"):
+        if job in runs:
+            untimed = statistics.mean(run["untimed_s"] for run in runs[job])
+            print(f"{job}: {untimed:.2f} s per run outside its step_time metrics (set-up, logging)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefalign.commands.demo_stages import STAGES, DemoContext
+from prefalign.commands.demo_stages import NEEDS, STAGES, DemoContext
 from prefalign.config import validate
 from prefalign.errors import ConfigError
 from prefalign.options import option
@@ -47,8 +47,7 @@ def demo(config: DemoConfig) -> dict[str, Any]:
     context = DemoContext(
         seed=config.seed, num_threads=config.num_threads, eval_prompts=config.eval_prompts, run_dir=run_dir,
     )
-    # every stage starts from the base
-    stages = config.stages if "base" in config.stages else ["base", *config.stages]
+    stages = with_needs(config.stages)
     started = time.perf_counter()
     timings = {}
     for name in stages:
@@ -60,6 +59,17 @@ def demo(config: DemoConfig) -> dict[str, Any]:
         write_report(context, timings, time.perf_counter() - started)
     print(f"\nreport: {run_dir / 'report.md'}")
     return context.results
+
+
+def with_needs(asked: list[str]) -> list[str]:
+    """The stages to run: the base first (every stage starts from it), then each asked stage after the
+    stages it needs (NEEDS) that were not asked for."""
+    stages = ["base"]
+    for name in asked:
+        for needed in [*NEEDS.get(name, []), name]:
+            if needed not in stages:
+                stages.append(needed)
+    return stages
 
 
 def write_report(context: DemoContext, timings: dict[str, float], total: float) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from prefalign.algorithms.dpo import DPOConfig
 from prefalign.algorithms.grpo_config import GRPOConfig
+from prefalign.algorithms.ppo_config import PPOConfig
 from prefalign.algorithms.reward_model import RewardConfig
 from prefalign.commands import demo_recipes
 from prefalign.config import apply_overrides, load_config
@@ -49,6 +50,7 @@ def config_keys(config, prefix=""):
         (DPOConfig, demo_recipes.DPO),
         (IterativeDPOConfig, demo_recipes.ITERATIVE_DPO),
         (GRPOConfig, demo_recipes.GRPO),
+        (PPOConfig, demo_recipes.PPO),
     ],
 )
 def test_recipes_pin_every_key_of_their_config(config_class, recipe):

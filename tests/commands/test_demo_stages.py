@@ -4,13 +4,15 @@ to the report (on a tiny budget; the iterative-DPO stage on the built-in base mo
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
+import yaml
 
 from prefalign.algorithms.dpo import DPOConfig
-from prefalign.commands import demo_recipes, demo_stages
+from prefalign.commands import demo, demo_recipes, demo_stages
 from prefalign.recipes.base_model import ensure_base_model
-from tests.helpers import save_tiny_model
+from tests.helpers import save_tiny_model, saved_classifier
 
 
 def flat(mapping, prefix=""):
@@ -61,6 +63,32 @@ def test_grpo_stage_adds_its_report_line(tmp_path, monkeypatch):
     assert context.lines[-1].startswith("| GRPO (exact-match reward) | held-out greedy accuracy 0.000 → ")
     assert "2 steps × 2 prompts × G=8" in context.lines[-1]
     assert (tmp_path / "grpo" / "final" / "model.safetensors").exists()
+
+
+def test_ppo_stage_uses_the_reward_stages_model_and_adds_its_report_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_recipes, "PPO", small(demo_recipes.PPO, max_steps=2, batch_size=8))
+    context = tiny_context(tmp_path)
+    context.base_metrics = {"accuracy": 0.0, "pass@8": 0.0}
+    reward_dir = tmp_path / "reward-model"
+    saved_classifier(reward_dir)  # a random score head with the char tokenizer
+    context.results["reward"] = {"model_dir": str(reward_dir)}
+    found = demo_stages.ppo_stage(context)
+    assert found["steps"] == 2
+    [line] = context.lines
+    assert line.startswith("| PPO (reward model as the reward, exact match as the gold monitor) | held-out "
+                           "greedy accuracy 0.000 → ")  # fmt: skip
+    assert line.count(" | ") == 2 and "KL to base" in line and "2 steps × 8 completions" in line
+    config = yaml.safe_load((tmp_path / "ppo" / "config.yaml").read_text())
+    assert config["reward_model"] == str(reward_dir) and config["monitor_functions"] == ["exact_match"]
+    proxy = f"reward-model score of held-out greedy answers {found['proxy_before']:.3f} → "
+    assert proxy in line and math.isfinite(found["proxy_after"]) and 0.0 <= found["monitor_best"] <= 1.0
+    assert (tmp_path / "ppo" / "final" / "critic" / "config.json").exists()
+
+
+def test_a_stage_runs_after_the_stages_it_needs():
+    assert demo.with_needs(["ppo"]) == ["base", "reward", "ppo"]
+    assert demo.with_needs(["reward", "grpo", "ppo"]) == ["base", "reward", "grpo", "ppo"]
+    assert demo.with_needs(["base", "dpo"]) == ["base", "dpo"]
 
 
 def test_reward_stage_adds_one_report_row(tmp_path, monkeypatch):
