@@ -78,10 +78,7 @@ def preallocated_cache(config, capacity: int) -> DynamicCache:
 
 
 def forward_parameters(model) -> set[str]:
-    # A wrapper (PEFT, DistributedDataParallel) may hide the signature behind **kwargs: look at the model it
-    # wraps.
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
+    # A wrapper (PEFT, say) may hide the signature behind **kwargs: look at the model it wraps.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(inspect.signature(base.forward).parameters)
 

@@ -5,9 +5,9 @@ environment; `start()` joins them into one process group (NCCL on GPU, gloo on C
 collective. Without those variables nothing is started and every function here is the identity, so one
 process behaves exactly as it would with no torch.distributed at all.
 
-Training: `wrap` puts the model in DistributedDataParallel with a comm hook that *sums* gradients (every loss
-is already divided by the step's global count, so DDP's default average would divide twice), and `no_sync`
-skips the all-reduce on every micro-batch but a step's last.
+Training: `wrap` runs each loss function inside DistributedDataParallel's forward, with a comm hook that
+*sums* gradients (every loss is already divided by the step's global count, so DDP's default average would
+divide twice), and `no_sync` skips the all-reduce on every micro-batch but a step's last.
 
 Everything that crosses examples goes through here too: step normalisers (tokens, completions, pairs),
 batch-level reward statistics, whitening, logged means, gathers of per-example outputs, and a rank's share
@@ -253,40 +253,42 @@ def _sum_gradients(_state, bucket):  # no annotations: DDP checks them, and this
     return work.get_future().then(lambda future: future.value()[0])
 
 
-class _Replicated(torch.nn.parallel.DistributedDataParallel):
-    """DDP whose attributes fall through to the wrapped model (`model.config`, PEFT's methods), so a loss
-    function can be handed either."""
+class _LossForward(torch.nn.Module):
+    """The model with a forward that runs a whole loss function on it: DDP then sees every forward the loss
+    makes (a prompt prefill and its completions, PPO's policy and critic) as one forward before one backward,
+    whatever submodules the loss calls."""
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.module, name)
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_fn: Callable[[torch.nn.Module, Any], Any], batch: Any) -> Any:
+        return loss_fn(self.model, batch)
 
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model training forwards go through: DDP with summed gradients under a process group, else the
-    model itself. Generation, reference, reward and evaluation forwards use the unwrapped model."""
+def wrap(model: torch.nn.Module) -> Callable[[Callable[[torch.nn.Module, Any], Any], Any], Any]:
+    """`run(loss_fn, batch)` for training forwards: `loss_fn(model, batch)`, through DistributedDataParallel
+    with summed gradients under a process group. Generation, reference, reward and evaluation forwards use
+    the model itself (no DDP hooks)."""
     if not _group_active() or not any(p.requires_grad for p in model.parameters()):
-        return model
+        return lambda loss_fn, batch: loss_fn(model, batch)
     device = next(model.parameters()).device
     # Buffers (rotary tables, ...) are the same on every rank and never trained: no per-forward sync. The
     # keyword was renamed in torch 2.13.
     parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
-    no_buffer_sync = {keyword: False}
-    replicated = _Replicated(
-        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync,
+    replicated = torch.nn.parallel.DistributedDataParallel(
+        _LossForward(model), device_ids=[device.index] if device.type == "cuda" else None, **{keyword: False},
     )
     replicated.register_comm_hook(None, _sum_gradients)
     return replicated
 
 
 @contextlib.contextmanager
-def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
+def no_sync(run: Any, skip: bool) -> Iterator[None]:
     """Skip the gradient all-reduce for this backward (a micro-batch before the step's last)."""
-    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        with model.no_sync():
+    if skip and isinstance(run, torch.nn.parallel.DistributedDataParallel):
+        with run.no_sync():
             yield
     else:
         yield

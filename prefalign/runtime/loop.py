@@ -260,7 +260,7 @@ def train(
     device = model_device(model)
     # Training forwards go through DDP under a process group (generation, reference and evaluation
     # forwards keep the plain model); rank 0 alone writes metrics and shows progress.
-    replicated = distributed.wrap(model)
+    run = distributed.wrap(model)
     metrics_logger = MetricsLogger(
         run_dir, total_steps, config, initial_step=step, description=description,
         enabled=distributed.is_main_process(),
@@ -279,7 +279,7 @@ def train(
                 try:
                     if prepare_step is not None:
                         prepare_step(micro_batches)
-                    metrics = accumulate(replicated, micro_batches, loss_fn, units_of, step)
+                    metrics = accumulate(run, micro_batches, loss_fn, units_of, step)
                     metrics["grad_norm"] = clip_and_step(model, optimizer, scheduler, config.max_grad_norm)
                 except TrainingError as error:
                     raise stop_error(error, step, run_dir) from None
@@ -363,8 +363,9 @@ def step_record(phase: Phase, metrics: dict[str, float], train_seconds: float, s
     return {**phase.metrics, **metrics, "learning_rate": scheduler.get_last_lr()[0], **timing}
 
 
-def accumulate(model, micro_batches: list[dict[str, Any]], loss_fn, units_of, step: int) -> dict[str, float]:
-    """Forward/backward every micro-batch of one optimizer step; the loss is normalised over the step."""
+def accumulate(run, micro_batches: list[dict[str, Any]], loss_fn, units_of, step: int) -> dict[str, float]:
+    """Forward/backward every micro-batch of one optimizer step; the loss is normalised over the step.
+    `run(loss_fn, batch)` runs the loss on the model (through DDP under a process group: distributed.wrap)."""
     # The normaliser (tokens, pairs, ...) of the whole step, over every process, before the first backward.
     step_units = 1.0
     if units_of is not None:
@@ -374,11 +375,11 @@ def accumulate(model, micro_batches: list[dict[str, Any]], loss_fn, units_of, st
     totals: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
     maxima: dict[str, float] = {}
     for index, batch in enumerate(micro_batches):
-        output = loss_fn(model, batch)
+        output = run(loss_fn, batch)
         if not torch.isfinite(output.loss_sum):
             raise TrainingError(f"loss is {output.loss_sum.item()}")
         # Gradients cross processes once per step, on its last micro-batch.
-        with distributed.no_sync(model, skip=index < len(micro_batches) - 1):
+        with distributed.no_sync(run, skip=index < len(micro_batches) - 1):
             (output.loss_sum / step_units if units_of is not None else output.loss_sum).backward()
         totals["loss"] += output.loss_sum.item()
         totals["tokens"] += output.tokens

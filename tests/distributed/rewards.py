@@ -1,6 +1,6 @@
-"""A coarse reward for the distributed GRPO test (loaded by the CLI as tests.distributed.rewards:...): a random
-tiny model gets it about a quarter of the time, so some groups have all-equal rewards (dynamic sampling drops
-them and samples again) and the others have a spread to learn from."""
+"""A coarse reward for the distributed GRPO and PPO tests (the CLI loads tests.distributed.rewards:...): a
+random tiny model earns it about a quarter of the time, so some groups have all-equal rewards (dynamic
+sampling drops them and samples again) and the others have a spread to learn from."""
 
 
 def starts_with_digit(prompts, completions, **_columns) -> list[float]:

@@ -71,6 +71,13 @@ def command_line(command: str, model_dir: str, output_dir: Path, max_steps: int 
             "--max_new_tokens", "6", "--dynamic_sampling", "true", "--train.learning_rate", "1e-3",
             "--reward_functions", "tests.distributed.rewards:starts_with_digit",
         ]  # fmt: skip
+    if command == "ppo":
+        # 16 completions per rollout (one per prompt), the adaptive KL controller on (its KL is the batch's).
+        return [
+            *common, "--train.batch_size", "8", "--train.grad_accum", "2", "--max_new_tokens", "6",
+            "--kl_target", "0.5", "--train.learning_rate", "1e-3",
+            "--reward_functions", "tests.distributed.rewards:starts_with_digit",
+        ]  # fmt: skip
     extra = {"dpo": ["--mixed_precision", "off"], "reward": ["--mixed_precision", "no"]}.get(command, [])
     return [*common, "--train.batch_size", "4", "--train.grad_accum", "2", *extra]
 
@@ -88,7 +95,7 @@ def assert_same_steps(two: list[dict], one: list[dict], keys=("loss", "grad_norm
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key, a[key], b[key])
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "reward", "grpo"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "reward", "grpo", "ppo"])
 def test_two_processes_train_like_one(tmp_path, model_dir, command):
     runs = {}
     for processes in (1, 2):
@@ -104,6 +111,8 @@ def test_two_processes_train_like_one(tmp_path, model_dir, command):
     if command == "grpo":  # dynamic sampling met all-equal groups, decided the same on both ranks
         assert any(r["frac_reward_zero_std"] > 0 for r in one)
         assert_same_steps(two, one, keys=("reward", "frac_reward_zero_std", "completions/mean_length"))
+    if command == "ppo":  # the rollout's metrics and the controller's beta are the whole batch's
+        assert_same_steps(two, one, keys=("objective/kl", "objective/scores", "beta"))
     # Step 1's gradients, directly: rank 0's and rank 1's are the all-reduced sum, equal to one process's.
     expected = load_file(str(one_grads / "rank-0.safetensors"))
     for rank in (0, 1):
