@@ -18,6 +18,7 @@ from prefalign.commands.demo_stages import NEEDS, STAGES, DemoContext
 from prefalign.config import validate
 from prefalign.errors import ConfigError
 from prefalign.options import option
+from prefalign.reporting.demo import demo_section
 from prefalign.runtime.setup import seed_everything, set_threads
 
 
@@ -82,6 +83,6 @@ def write_report(context: DemoContext, timings: dict[str, float], total: float) 
         f"Evaluations use {context.eval_prompts} held-out prompts never seen in training.\n\n"
         "| stage | result | notes |\n| --- | --- | --- |\n"
         f"{rows}\n\nWall time: {total:.0f} s ({times}).\n"
-    )
+    ) + demo_section(context.results, context.run_dir)  # figures, what they show, each stage's curves
     (context.run_dir / "report.md").write_text(report)
     (context.run_dir / "results.json").write_text(json.dumps(context.results, indent=2, default=str))

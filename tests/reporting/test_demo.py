@@ -119,3 +119,14 @@ def test_wilson_interval_by_hand():
     # p = 0.5, n = 100, z = 1.96: centre 0.5, half-width 1.96 * sqrt(0.0025 + 0.000096) / 1.0384 = 0.0961
     low, high = wilson_interval(0.5, 100)
     assert low == pytest.approx(0.5 - 0.0961, abs=1e-4) and high == pytest.approx(0.5 + 0.0961, abs=1e-4)
+
+
+def test_the_demo_report_has_its_figures(tmp_path):
+    """`prefalign demo` (base stage only) ends its report with the accuracy figure."""
+    from prefalign.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--stages", "base", "--eval_prompts", "40", "--output_dir", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## What the numbers show" in report and "](accuracy-by-method.png)" in report
+    assert png_size(out / "accuracy-by-method.png")[0] >= 600
