@@ -195,3 +195,25 @@ def test_sample_writes_one_file_in_prompt_order(tmp_path, model_dir):
         ], processes)  # fmt: skip
         outputs[processes] = [json.loads(line) for line in (out / "best_of_n.jsonl").read_text().splitlines()]
     assert outputs[2] == outputs[1] and len(outputs[1]) > 0
+
+
+def test_accelerate_launch_starts_the_processes_and_its_own_precision_is_refused(tmp_path, model_dir):
+    """`accelerate launch --multi_gpu` starts 2 gloo processes on a CPU machine (the demo then refuses, so
+    prefalign saw WORLD_SIZE=2); its mixed precision is refused rather than silently ignored."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port",
+                  str(29600 + os.getpid() % 1000)]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "PREFALIGN_DIST_TIMEOUT": "60"}
+
+    def run(*arguments):
+        return subprocess.run(
+            [*accelerate, *arguments], env=environment, capture_output=True, text=True, timeout=240,
+        )
+
+    demo = run("--mixed_precision", "no", "-m", "prefalign", "demo")
+    assert demo.returncode != 0, demo.stderr[-2000:]
+    assert "started as 2 processes (WORLD_SIZE=2)" in demo.stderr
+    bf16 = run("--mixed_precision", "bf16", "-m", "prefalign", "sft", "--model.name_or_path", model_dir,
+               "--train.output_dir", str(tmp_path / "run"))  # fmt: skip
+    assert bf16.returncode != 0 and "asked for mixed precision 'bf16'" in bf16.stderr, bf16.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
