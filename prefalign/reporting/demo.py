@@ -123,8 +123,9 @@ def _scatter(axes, methods: Sequence[MethodResult], x_of, base: MethodResult | N
                       fontsize=9)  # fmt: skip
     if base is not None:
         axes.axhline(base.accuracy, color=METHOD_COLOURS["base"], linestyle="--", linewidth=1)
-        axes.annotate("base", (0, base.accuracy), xycoords=("axes fraction", "data"), xytext=(4, 4),
-                      textcoords="offset points", fontsize=8.5, color=METHOD_COLOURS["base"])  # fmt: skip
+        axes.annotate("base", (1, base.accuracy), xycoords=("axes fraction", "data"), xytext=(-4, 4),
+                      textcoords="offset points", fontsize=8.5, color=METHOD_COLOURS["base"],
+                      ha="right")  # fmt: skip
     axes.set_ylabel("held-out greedy accuracy", fontsize=9)
     axes.grid(True, alpha=0.25)
 
@@ -216,11 +217,14 @@ def _dpo_against_rl(dpo: MethodResult, rl: MethodResult) -> str | None:
     cheaper, worse = ratio > 1, dpo.accuracy < rl.accuracy
     spend = f"{ratio:.1f}× less" if cheaper else f"{1 / ratio:.1f}× more"
     verdict = "holds here" if cheaper and worse else "does not hold here"
+    standing = "the same" if dpo.accuracy == rl.accuracy else (
+        f"{_points(rl.accuracy - dpo.accuracy)} {'lower' if worse else 'higher'}"
+    )
     return (
         f"DPO used {spend} training compute than {rl.label} ({dpo.compute.total:.2g} vs "
-        f"{rl.compute.total:.2g} FLOPs) and reached {_points(rl.accuracy - dpo.accuracy)} "
-        f"{'lower' if worse else 'higher or equal'} accuracy ({dpo.accuracy:.3f} vs {rl.accuracy:.3f}): the "
-        f"claim 'DPO is cheaper and a little worse than RL' {verdict}{_clear(dpo, rl)}."
+        f"{rl.compute.total:.2g} FLOPs) and reached {standing} accuracy ({dpo.accuracy:.3f} vs "
+        f"{rl.accuracy:.3f}): the claim 'DPO is cheaper and a little worse than RL' {verdict}"
+        f"{_clear(dpo, rl)}."
     )
 
 
@@ -297,7 +301,7 @@ def _ppo_proxy(results: dict[str, Any], ppo: MethodResult, base: MethodResult | 
         reading = "the proxy did not rise"
     text = (
         f"PPO moved the reward model's score of held-out greedy answers {before:.3f} → {after:.3f} and exact "
-        f"match {base.accuracy:.3f} → {ppo.accuracy:.3f}: {reading}."
+        f"match {base.accuracy:.3f} → {ppo.accuracy:.3f}: {reading}{_clear(base, ppo)}."
     )
     best, last = entry.get("monitor_best"), entry.get("monitor_last")
     if isinstance(best, (int, float)) and isinstance(last, (int, float)) and last < best:

@@ -70,7 +70,7 @@ def trajectory(run: Run) -> Trajectory | None:
     proxy_key = next((key for key in PROXY_KEYS if key in keys), None)
     if not (uses_reward_model(run) and gold_keys and proxy_key):
         return None
-    steps, proxy = run.series(proxy_key)
+    steps, proxy = one_per_rollout(run, *run.series(proxy_key), gold_keys)
     kl = kl_along(run, steps)
     if not steps or kl is None:
         return None
@@ -86,6 +86,22 @@ def trajectory(run: Run) -> Trajectory | None:
         proxy=running_mean([proxy[index] for index in order], window), proxy_raw=[proxy[i] for i in order],
         gold=gold, kl_source=kl[1],
     )
+
+
+def one_per_rollout(
+    run: Run, steps: list[float], proxy: list[float], gold_keys: list[str],
+) -> tuple[list[float], list[float]]:
+    """The first step of each rollout batch: the optimizer steps that train on one rollout (PPO's epochs,
+    steps_per_generation) log its proxy and gold values again, which would count one point several times."""
+    golds = [dict(zip(*series(run.records, key), strict=True)) for key in gold_keys]
+    kept_steps, kept_proxy, previous = [], [], None
+    for step, value in zip(steps, proxy, strict=True):
+        rollout = (value, *(gold.get(step) for gold in golds))
+        if rollout != previous:
+            kept_steps.append(step)
+            kept_proxy.append(value)
+        previous = rollout
+    return kept_steps, kept_proxy
 
 
 def running_mean(values: list[float], window: int) -> list[float]:
@@ -143,11 +159,14 @@ def overoptimisation_figure(runs: Sequence[Run], folder: Path) -> tuple[FigureFi
         proxy_colour = COLOURS[0] if single else COLOURS[index % len(COLOURS)]
         axes.plot(path.sqrt_kl, path.proxy_raw, ".", color=proxy_colour, alpha=0.18, markersize=3)
         prefix = "" if single else f"{path.run.name}: "
-        lines += axes.plot(path.sqrt_kl, path.proxy, "-", color=proxy_colour, linewidth=1.8)
+        marker = "o" if len(path.steps) < 20 else None  # few rollouts: show where the points are
+        lines += axes.plot(path.sqrt_kl, path.proxy, "-", color=proxy_colour, linewidth=1.8, marker=marker,
+                           markersize=4)  # fmt: skip
         labels.append(f"{prefix}proxy ({path.proxy_key})")
         for gold_index, (key, values) in enumerate(path.gold.items()):
             colour = COLOURS[1 + gold_index] if single else proxy_colour
-            lines += gold_axes.plot(path.sqrt_kl, values, "--", color=colour, linewidth=1.8)
+            lines += gold_axes.plot(path.sqrt_kl, values, "--", color=colour, linewidth=1.8, marker=marker,
+                                    markersize=4, markerfacecolor="white")  # fmt: skip
             labels.append(f"{prefix}gold ({key})")
     sources = "; ".join(dict.fromkeys(path.kl_source for path in paths))
     axes.set_title("Reward over-optimisation: proxy vs gold reward", fontsize=11)

@@ -85,7 +85,7 @@ def test_statements_follow_the_numbers(real_runs, fixed_compute):
     # per 10¹² FLOPs: DPO (45 - 30) / 1 = +15 points, GRPO (62 - 30) / 10 = +3.2
     assert "per 10¹² training FLOPs: DPO +15, GRPO +3.2; DPO is the most efficient" in text
     text = said(real_runs, dpo=0.62, grpo=0.45)
-    assert "DPO (0.620) > GRPO (0.450)" in text and "higher or equal accuracy" in text
+    assert "DPO (0.620) > GRPO (0.450)" in text and "17.0 points higher accuracy" in text
     assert "does not hold here" in text and "not an RL method" in text
     assert "GRPO moved furthest from the base (KL 1.50 nats per sequence), but DPO is more accurate" in text
     assert "overlap: not a clear difference" in said(real_runs, dpo=0.50, grpo=0.52)

@@ -170,7 +170,7 @@ def test_the_over_optimisation_verdict_follows_the_numbers(tmp_path):
 
 
 def test_held_out_kl_is_the_distance_when_there_are_evaluations(tmp_path):
-    run = rl_run(tmp_path, gold=[0.1] * 4, proxy=[0.0] * 4)
+    run = rl_run(tmp_path, gold=[0.1] * 4, proxy=[0.0, 0.1, 0.2, 0.3])
     run.records += [{"step": 2, "eval/kl": 2.0}, {"step": 4, "eval/kl": 4.0}, {"step": 3, "eval/kl": 3.0}]
     path = trajectory(run)
     assert path.sqrt_kl == pytest.approx([1.0, 2.0**0.5, 3.0**0.5, 2.0])  # step 1 between KL 0 (start) and 2
@@ -194,3 +194,9 @@ def test_load_run_of_iterative_dpo_numbers_its_rounds_on(tmp_path):
     assert run.series("loss")[0] == [1, 2, 3, 4, 5, 6]
     assert run.series("heldout/accuracy") == ([0, 3, 6], [0.3, 0.4, 0.5])
     assert run.series("eval/loss") == ([], [])  # the rounds' own evaluations are the ones plotted
+
+
+def test_steps_that_share_a_rollout_count_once(tmp_path):
+    """PPO's epochs over one rollout log its proxy and gold again at each optimizer step: one point each."""
+    run = rl_run(tmp_path, gold=[0.1, 0.1, 0.3, 0.3, 0.2], proxy=[1.0, 1.0, 2.0, 2.0, 3.0])
+    assert trajectory(run).steps == [1, 3, 5]
