@@ -52,6 +52,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, default=60.0)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/sensitivity-results"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--replot", action="store_true", help="redraw the figure from --output's JSON")
     return parser.parse_args()
 
 
@@ -78,6 +79,8 @@ def configure(run: dict[str, Any], args, base: Path, folder: str):
     if algorithm == "dpo":
         config = apply_overrides(DPOConfig(), recipes.DPO)
         config.train.max_steps = args.dpo_steps
+        # only the pairs the steps use: the reference log-probs are precomputed for every training pair
+        config.data.max_samples = args.dpo_steps * config.train.batch_size
     else:
         config = apply_overrides(GRPOConfig(), recipes.GRPO)
         config.train.max_steps = args.grpo_steps
@@ -169,6 +172,10 @@ def figure(summary, results, base: float, args, path: Path) -> None:
 
     knobs = [knob for knob in KNOBS if knob in summary]
     plot, axes_list = new_figure(len(knobs), columns=2, width=5.2, height=3.8, top=0.4)
+    # one accuracy axis for every panel, so a knob's spread and the seed std compare across panels by eye
+    accuracies = [r["accuracy"] for r in results] + [base]
+    low, high = min(accuracies), max(accuracies)
+    margin = 0.08 * (high - low or 0.1)
     for axes, knob in zip(axes_list, knobs, strict=True):
         _, _, label, log = KNOBS[knob]
         label = label.format(mu=args.clip_iterations)
@@ -191,12 +198,15 @@ def figure(summary, results, base: float, args, path: Path) -> None:
         )
         axes.set_xlabel(label, fontsize=9)
         axes.set_ylabel("held-out greedy accuracy", fontsize=9)
+        axes.set_ylim(low - margin, high + margin)
         axes.grid(True, alpha=0.25)
         axes.tick_params(labelsize=8)
         axes.legend(fontsize=7.5, loc="best")
+    reduced = args.dpo_steps < 300 or args.grpo_steps < 2500 or args.eval_prompts < 500
     plot.suptitle(
-        f"Sensitivity on the built-in task (DPO {args.dpo_steps} steps, GRPO {args.grpo_steps} steps, "
-        f"{len(args.seeds)} seeds, {args.eval_prompts} held-out prompts)", fontsize=11,
+        f"{'Reduced grid: ' if reduced else ''}sensitivity on the built-in task (DPO {args.dpo_steps} steps, "
+        f"GRPO {args.grpo_steps} steps, {len(args.seeds)} seeds, {args.eval_prompts} held-out prompts)",
+        fontsize=11,
     )
     plot.savefig(path, dpi=DPI)
 
@@ -211,6 +221,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((args.output / "sensitivity.json").read_text())
+        results = saved["results"]
+        figure(summarise(results), results, saved["base_accuracy"], args, args.output / "sensitivity.png")
+        return
     base = ensure_base_model(apply_overrides(BaseConfig(), recipes.BASE_MODEL))
     started, results, skipped, done = time.perf_counter(), [], [], {}
     base_score = base_accuracy(base, args)
