@@ -5,7 +5,6 @@ from prefalign.runtime.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
-    trainable_state,
 )
 from prefalign.runtime.loop import (
     ExampleSource,
@@ -35,7 +34,6 @@ __all__ = [
     "finished_run",
     "to_device",
     "CHECKPOINT_PREFIX",
-    "trainable_state",
     "save_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

@@ -1,28 +1,24 @@
-"""Checkpoints: trainable weights, optimizer, scheduler, RNG and state.json, written to a temporary folder
-and renamed into place, so a crash mid-save leaves the previous checkpoint whole."""
+"""Checkpoints: trainable weights and optimizer state (torch.distributed.checkpoint), scheduler, RNG and
+state.json, written to a temporary folder and renamed into place, so a crash mid-save leaves the previous
+checkpoint whole."""
 
 from __future__ import annotations
 
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from prefalign.errors import TrainingError
 from prefalign.files import atomic_folder, writing
 from prefalign.runtime import distributed
 
 CHECKPOINT_PREFIX = "step-"
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # named_parameters lists a tied weight once, so safetensors never sees shared storage.
-    return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -43,35 +39,70 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int = 2,
 ) -> Path:
-    """Write checkpoints/step-NNNNNN under a temporary name, then rename it into place. Every process
-    calls it: the weights, optimizer state and source position are the same on every rank under DDP, so
-    rank 0 writes them while the others wait."""
+    """Write checkpoints/step-NNNNNN under a temporary name, then rename it into place. Every process calls
+    it: the trainable weights and the optimizer state go through torch.distributed.checkpoint (each process
+    writes its part: with DDP's replicas, rank 0 all of it), the scheduler, RNG and the source's position
+    (the same on every rank) through rank 0, which renames the folder once every part is written."""
+    from torch.distributed import checkpoint as dcp
+
     final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:06d}"
-    if distributed.is_main_process():
-        with writing(run_dir / "checkpoints", "set train.output_dir to another folder"):
-            _write_checkpoint(run_dir, final, step, model, optimizer, scheduler, state, keep)
+    tensors = _tensor_state(model, optimizer)
+    if not distributed.is_main_process():
+        _unwrapped(dcp.save, tensors, checkpoint_id=distributed.broadcast_object(None))
+        distributed.barrier()
+        return final
+    with writing(run_dir / "checkpoints", "set train.output_dir to another folder"):
+        with atomic_folder(final) as staging:
+            staging_id = distributed.broadcast_object(str(staging))
+            _unwrapped(dcp.save, tensors, checkpoint_id=staging_id)
+            _write_rank_zero_files(staging, step, scheduler, state)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
 
 
-def _write_checkpoint(
-    run_dir: Path, final: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int,
-) -> None:
-    checkpoints = run_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(final) as staging:
-        save_file(trainable_state(model), str(staging / "model.safetensors"))
-        cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
-        saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        saved["rng"] = {"torch": torch.get_rng_state(), **cuda}
-        for name, value in saved.items():
-            # Through a Python file: a full disk is then an OSError (torch.save to a path raises a bare
-            # RuntimeError).
-            with (staging / f"{name}.pt").open("wb") as handle:
-                torch.save(value, handle)
-        (staging / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **state}))
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def _unwrapped(function, *args, **kwargs) -> Any:
+    """A torch.distributed.checkpoint call whose OSError (full disk, read-only folder) comes out as itself,
+    not wrapped in a CheckpointException, so `writing` can name the folder. With one process it runs
+    without a process group, and without DCP's warning that says so on every call."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    single = distributed.world_size() == 1
+    try:
+        with warnings.catch_warnings():
+            if single:
+                warnings.filterwarnings("ignore", message="torch.distributed is .*assuming the intent")
+            return function(*args, no_dist=single, **kwargs)
+    except CheckpointException as error:
+        # Each rank's failure: the exception, or (exception, stack summary) as DCP wraps it.
+        failures = [cause[0] if isinstance(cause, tuple) else cause for cause in error.failures.values()]
+        causes = [cause for cause in failures if isinstance(cause, OSError)]
+        if causes:
+            raise causes[0] from None
+        raise
+
+
+def _tensor_state(model, optimizer) -> dict[str, Any]:
+    """Trainable weights and optimizer state by parameter name (LoRA: the adapters only), as
+    torch.distributed.checkpoint saves and loads them in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optimizer_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=True),
+    )
+    return {"model": weights, "optimizer": optimizer_state}
+
+
+def _write_rank_zero_files(staging: Path, step: int, scheduler, state: dict[str, Any]) -> None:
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    saved = {"scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state(), **cuda}}
+    for name, value in saved.items():
+        # Through a Python file: a full disk is then an OSError (torch.save to a path raises a bare
+        # RuntimeError).
+        with (staging / f"{name}.pt").open("wb") as handle:
+            torch.save(value, handle)
+    (staging / "state.json").write_text(json.dumps({"step": step, "rng": _rng_state(), **state}))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -86,16 +117,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; returns its state.json."""
-    weights = load_file(str(path / "model.safetensors"))
-    parameters = dict(model.named_parameters())
-    missing = [name for name in weights if name not in parameters]
-    if missing:
-        raise TrainingError(f"checkpoint {path} does not match the model: unknown parameters {missing[:3]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    """Restore everything `save_checkpoint` wrote (every process reads it; any number of processes may
+    resume it); returns its state.json."""
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    tensors = _tensor_state(model, optimizer)
+    try:
+        _unwrapped(dcp.load, tensors, checkpoint_id=str(path))
+    except Exception as error:  # noqa: BLE001 -- DCP wraps a missing or unexpected key in its own errors
+        raise TrainingError(
+            f"checkpoint {path} does not match the model and optimizer of this run ({_first_line(error)}): "
+            "resume with the model and settings the run started with, or start a new run"
+        ) from None
+    set_state_dict(
+        model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"],
+        options=StateDictOptions(ignore_frozen_params=True),
+    )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -104,3 +142,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text())
     _set_rng_state(state["rng"])
     return state
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__

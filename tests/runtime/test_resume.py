@@ -142,10 +142,11 @@ def test_resume_of_a_finished_run_says_so_and_trains_nothing(tmp_path, caplog):
 
 
 def test_a_full_disk_is_an_error_naming_the_folder_not_a_traceback(tmp_path, monkeypatch, capsys):
-    def full_disk(tensors, filename, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    def full_disk(value, handle, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", getattr(handle, "name", None))
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    # torch.save writes the checkpoint's objects (torch.distributed.checkpoint's, and the scheduler and RNG)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     run = tmp_path / "run"
     assert main([*command_line("sft", tmp_path), "--train.output_dir", str(run)]) == 2
     error = capsys.readouterr().err
