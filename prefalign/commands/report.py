@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.config import validate
-from prefalign.errors import ConfigError
 from prefalign.options import coerce, option
 from prefalign.reporting import Report, write_report
 from prefalign.runtime.distributed import is_main_process
@@ -39,13 +38,6 @@ class ReportConfig:
         "runs/report for several.",
     )
     title: str = option("", "Title of report.md; empty = 'Run report: ' and the run names.")
-
-    def check(self, prefix: str = "") -> None:
-        if not self.runs:
-            raise ConfigError(
-                "no run folder given: prefalign report RUN_DIR [RUN_DIR ...] (or --runs a,b), where RUN_DIR "
-                "is a run's train.output_dir"
-            )
 
 
 def default_output(runs: list[str]) -> Path:

@@ -53,7 +53,10 @@ class Report:
 
 def load_runs(folders: Sequence[str | Path]) -> list[Run]:
     if not folders:
-        raise ConfigError("no run folder given: name one or more run folders (the train.output_dir of runs)")
+        raise ConfigError(
+            "no run folder given: prefalign report RUN_DIR [RUN_DIR ...] (or --runs a,b), where RUN_DIR is a "
+            "run's train.output_dir"
+        )
     for folder in folders:
         path = Path(folder)
         if not path.is_dir():
