@@ -269,7 +269,7 @@ def train(
     started = time.perf_counter()
     model.train()
     try:
-        while step < total_steps and not (max_seconds and time.perf_counter() - started > max_seconds):
+        while step < total_steps and not out_of_time(started, max_seconds):
             first_step, phase_started = step, time.perf_counter()
             phase = source.next_phase(step, total_steps - step)
             phase.seconds += time.perf_counter() - phase_started
@@ -309,6 +309,14 @@ def train(
     finally:
         metrics_logger.close()
     return TrainResult(step=step, metrics=history, run_dir=run_dir, wall_time=time.perf_counter() - started)
+
+
+def out_of_time(started: float, max_seconds: float) -> bool:
+    """Whether a wall-clock limit (0 = none) is reached; rank 0's clock decides for every process, so all
+    stop at the same phase boundary."""
+    if not max_seconds:
+        return False
+    return bool(distributed.broadcast_object(time.perf_counter() - started > max_seconds))
 
 
 def due(every: int, step: int) -> bool:
