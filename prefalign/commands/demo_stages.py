@@ -253,7 +253,9 @@ def ppo_stage(context: DemoContext) -> dict[str, Any]:
         f"greedy answers {proxy['before']:.3f} → {proxy['after']:.3f}, KL to base {after['kl']:.3f} nats | "
         f"{result.step} steps × {config.train.batch_size} completions, {config.num_iterations} PPO epochs, "
         f"lr {config.train.learning_rate:g}, {kl_rule}; monitored exact match of the rollouts "
-        f"{gold[0]:.3f} (first) → {max(gold):.3f} (best) → {gold[-1]:.3f} (last); {wall:.0f} s |"
+        f"{gold[0]:.3f} (first) → {max(gold):.3f} (best) → {gold[-1]:.3f} (last); {wall:.0f} s. The "
+        "least-bad recipe, not a gain: with this reward model no PPO recipe tried beats noise, and longer "
+        "runs raise the proxy while accuracy falls (BENCHMARKS.md, PPO) |"
     )
     return {
         "after": after, "proxy_before": proxy["before"], "proxy_after": proxy["after"],

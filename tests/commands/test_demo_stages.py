@@ -78,6 +78,7 @@ def test_ppo_stage_uses_the_reward_stages_model_and_adds_its_report_line(tmp_pat
     assert line.startswith("| PPO (reward model as the reward, exact match as the gold monitor) | held-out "
                            "greedy accuracy 0.000 → ")  # fmt: skip
     assert line.count(" | ") == 2 and "KL to base" in line and "2 steps × 8 completions" in line
+    assert "not a gain" in line  # the line says what the recipe is (the measurements are in BENCHMARKS.md)
     config = yaml.safe_load((tmp_path / "ppo" / "config.yaml").read_text())
     assert config["reward_model"] == str(reward_dir) and config["monitor_functions"] == ["exact_match"]
     proxy = f"reward-model score of held-out greedy answers {found['proxy_before']:.3f} → "
