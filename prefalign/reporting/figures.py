@@ -267,12 +267,18 @@ def run_legend(figure, runs: Sequence[Run]) -> list[str]:
     return names
 
 
+def has_panel(run: Run, panel: Panel, points: int) -> bool:
+    keys = matching(panel.keys, run.keys())
+    return len(keys) >= panel.min_keys and any(len(run.series(key)[0]) >= points for key in keys)
+
+
 def grid_figure(
     path: Path, title: str, caption: str, panels: Sequence[Panel], runs: Sequence[Run], *, evaluation: bool,
 ) -> FigureFile | None:
-    """One figure of the `panels` that have data in `runs`; None (nothing written) when none has."""
-    shown = [panel for panel in panels if any(len(matching(panel.keys, run.keys())) >= panel.min_keys
-                                                for run in runs)]  # fmt: skip
+    """One figure of the `panels` that have data in `runs`; None (nothing written) when none has. Held-out
+    panels need a curve: two evaluations or more in some run (a lone final one is listed in report.md)."""
+    points = 2 if evaluation else 1
+    shown = [panel for panel in panels if any(has_panel(run, panel, points) for run in runs)]
     if not shown:
         return None
     figure, axes = new_figure(len(shown), top=0.35 if len(runs) > 1 else 0.0)

@@ -185,6 +185,14 @@ def markdown(report: Report, title: str | None) -> str:
             lines += [f"- {statement}" for statement in report.statements] + [""]
     if not report.figures:
         lines += ["No figure: no run logged a metric to plot.", ""]
+    if "evaluation.png" not in {figure.path.name for figure in report.figures} and any(
+        key.startswith(("eval/", "heldout/")) for run in runs for key in run.keys()
+    ):
+        lines += [
+            "## Held-out evaluations", "",
+            "One evaluation per run (the values are listed at the top); with `train.eval_every N` the next "
+            "report draws them over steps.", "",
+        ]  # fmt: skip
     tables = [line for run in runs for line in completions_table(run)]
     if tables:
         lines += ["## Sampled completions (last logged step)", "", *tables]

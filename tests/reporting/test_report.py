@@ -200,3 +200,18 @@ def test_steps_that_share_a_rollout_count_once(tmp_path):
     """PPO's epochs over one rollout log its proxy and gold again at each optimizer step: one point each."""
     run = rl_run(tmp_path, gold=[0.1, 0.1, 0.3, 0.3, 0.2], proxy=[1.0, 1.0, 2.0, 2.0, 3.0])
     assert trajectory(run).steps == [1, 3, 5]
+
+
+def test_a_lone_final_evaluation_is_listed_not_drawn(real_runs, tmp_path):
+    """train.eval_every = 0 leaves one evaluation: an empty-looking figure of single points helps no one."""
+    run = tmp_path / "once"
+    shutil.copytree(real_runs["dpo"], run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last_eval = max(i for i, record in enumerate(records) if "eval/loss" in record)
+    kept = [{k: v for k, v in r.items() if not k.startswith("eval/")} if i != last_eval else r
+            for i, r in enumerate(records)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in kept))
+    report = write_report([run], tmp_path / "out")
+    assert "evaluation.png" not in {figure.path.name for figure in report.figures}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "One evaluation per run" in text and "Held-out (step 6): loss" in text
