@@ -217,7 +217,7 @@ def test_sampling_rules():
 
 def test_other_command_rules():
     _refused(EvalConfig(reward_weights=[1.0, 1.0]), "reward_weights")
-    _refused(DemoConfig(stages=["base", "ppo"]), "'ppo'", "stages")
+    _refused(DemoConfig(stages=["base", "kto"]), "'kto'", "stages")
     _refused(BaseConfig(hidden_size=130, num_heads=4), "hidden_size", "num_heads")
 
 
