@@ -278,7 +278,8 @@ def wrap(model: torch.nn.Module) -> Callable[[Callable[[torch.nn.Module, Any], A
     parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
     replicated = torch.nn.parallel.DistributedDataParallel(
-        _LossForward(model), device_ids=[device.index] if device.type == "cuda" else None, **{keyword: False},
+        _LossForward(model), device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True, **{keyword: False},
     )
     replicated.register_comm_hook(None, _sum_gradients)
     return replicated
