@@ -122,6 +122,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    if (path / "model.safetensors").exists() and not (path / ".metadata").exists():
+        raise TrainingError(
+            f"checkpoint {path} was written by an earlier prefalign (weights in model.safetensors; "
+            "checkpoints now go through torch.distributed.checkpoint): finish that run with the version that "
+            "started it, or start it again with --train.overwrite true"
+        )
     tensors = _tensor_state(model, optimizer)
     try:
         _unwrapped(dcp.load, tensors, checkpoint_id=str(path))

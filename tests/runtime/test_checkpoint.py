@@ -36,3 +36,17 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
     assert state["position"] == 8
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name
+
+
+def test_a_checkpoint_of_the_earlier_format_is_refused_with_what_to_do(tmp_path):
+    """Before torch.distributed.checkpoint, weights were in model.safetensors: say so instead of a DCP error."""
+    from prefalign.errors import TrainingError
+
+    old = tmp_path / "checkpoints" / "step-000002"
+    old.mkdir(parents=True)
+    (old / "model.safetensors").write_bytes(b"")
+    model, _ = tiny_model(0)
+    config = TrainConfig()
+    optimizer = build_optimizer(model, config)
+    with pytest.raises(TrainingError, match="earlier prefalign.*--train.overwrite true"):
+        load_checkpoint(old, model, optimizer, build_scheduler(optimizer, config, 4))
