@@ -14,8 +14,9 @@ from prefalign import losses
 from prefalign.errors import ConfigError
 from prefalign.options import option
 from prefalign.rewards import WeightedRewards
-from prefalign.rewards.functions import RewardFailure, as_completion, get_reward_function
+from prefalign.rewards.functions import GroupScores, RewardFailure, as_completion, get_reward_function
 from prefalign.rollout.types import FINISH_LENGTH, Sample, SamplingParams
+from prefalign.runtime import distributed
 
 
 @dataclass
@@ -54,7 +55,27 @@ def score_samples(rewards: WeightedRewards, rows: list[dict[str, Any]], samples:
     ]
     columns = {name: [row[name] for row in rows] for name in rows[0] if name not in ("prompt", "prompt_ids")}
     token_ids = {"completion_ids": [[s.token_ids for s in group] for group in samples]}
-    return rewards.score_groups(prompts, completions, columns, token_ids)
+    if distributed.world_size() == 1:
+        return rewards.score_groups(prompts, completions, columns, token_ids)
+    # Every process holds every group (ShardedEngine): each scores a contiguous share (a reward model's
+    # forwards are not repeated on every rank) and all get every score back, in group order.
+    start, end = distributed.shard_bounds(len(rows))
+    local = rewards.score_groups(
+        prompts[start:end], completions[start:end], {name: v[start:end] for name, v in columns.items()},
+        {name: v[start:end] for name, v in token_ids.items()},
+    )
+    for failure in local.failures:  # this share's group index -> the batch's
+        failure.prompt_index += start
+    parts = distributed.gather_across([local])
+    return GroupScores(
+        scores=[group for part in parts for group in part.scores],
+        per_function={  # a share with no groups may list no functions: it adds no groups either
+            name: [group for part in parts for group in part.per_function.get(name, [])]
+            for name in dict.fromkeys(name for part in parts for name in part.per_function)
+        },
+        failures=[failure for part in parts for failure in part.failures],
+        failed=[group for part in parts for group in part.failed],
+    )
 
 
 def reward_metrics(scores: torch.Tensor) -> dict[str, float]:
