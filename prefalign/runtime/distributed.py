@@ -158,27 +158,30 @@ def sum_across(value: float) -> float:
     """The sum of `value` over every process (a step normaliser: tokens, pairs, completions)."""
     if not _group_active():
         return value
-    total = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(total)
-    return float(total.item())
+    return float(sum_tensor_across(torch.tensor([value], dtype=torch.float64)).item())
 
 
 def sum_tensor_across(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of a tensor over every process (sums and counts behind a logged mean or a std)."""
-    if not _group_active():
-        return values
-    total = values.detach().clone()
-    torch.distributed.all_reduce(total)
-    return total
+    return _all_reduce(values, torch.distributed.ReduceOp.SUM) if _group_active() else values
 
 
 def max_tensor_across(values: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over every process (metrics a step reports as their largest value)."""
-    if not _group_active():
-        return values
-    total = values.detach().clone()
-    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
-    return total
+    return _all_reduce(values, torch.distributed.ReduceOp.MAX) if _group_active() else values
+
+
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
+    """An all-reduce of a copy, on the device the backend needs (NCCL: this rank's GPU), returned where
+    `values` was."""
+    device = torch.device("cuda", torch.cuda.current_device()) if _backend() == "nccl" else values.device
+    total = values.detach().to(device, copy=True)
+    torch.distributed.all_reduce(total, op=op)
+    return total.to(values.device)
+
+
+def _backend() -> str:
+    return str(torch.distributed.get_backend())
 
 
 def gather_across(items: list[Any]) -> list[Any]:
