@@ -39,7 +39,7 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_of_the_earlier_format_is_refused_with_what_to_do(tmp_path):
-    """Before torch.distributed.checkpoint, weights were in model.safetensors: say so instead of a DCP error."""
+    """Before torch.distributed.checkpoint, weights were in model.safetensors: say so, not a DCP error."""
     from prefalign.errors import TrainingError
 
     old = tmp_path / "checkpoints" / "step-000002"
