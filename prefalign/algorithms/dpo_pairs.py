@@ -190,16 +190,20 @@ def _write_reference_logps(path: Path, tensors: dict[str, torch.Tensor], prints:
 def sharded_sequence_logps(
     network, pairs: list[dict[str, Any]], pad_token_id: int, batch_size: int, forward: PairForward,
 ) -> dict[str, torch.Tensor]:
-    """sequence_logps of every pair, each process computing a contiguous 1/N (padded to equal shares, so
-    every rank runs the same forwards) and the shares gathered back in pair order."""
+    """sequence_logps of every pair, each process computing a contiguous 1/N (the frozen network's forwards
+    have no collective) and the shares gathered back in pair order."""
     if distributed.world_size() == 1:
         return sequence_logps(network, pairs, pad_token_id, batch_size, forward)
-    share, real = distributed.padded_shard(pairs)
-    values = sequence_logps(network, share, pad_token_id, batch_size, forward) if share else None
-    rows = list(zip(values["chosen"].tolist(), values["rejected"].tolist(), strict=True)) if values else []
-    gathered = distributed.gather_shards(rows, real)
+
+    def share_logps(share: list[dict[str, Any]]) -> list[tuple[float, float]]:
+        if not share:
+            return []
+        values = sequence_logps(network, share, pad_token_id, batch_size, forward)
+        return list(zip(values["chosen"].tolist(), values["rejected"].tolist(), strict=True))
+
+    rows = distributed.map_shards(share_logps, pairs)
     return {
-        side: torch.tensor([row[column] for row in gathered], dtype=torch.float32)
+        side: torch.tensor([row[column] for row in rows], dtype=torch.float32)
         for column, side in enumerate(("chosen", "rejected"))
     }
 

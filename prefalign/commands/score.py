@@ -67,31 +67,24 @@ def score(config: ScoreConfig) -> Path:
         pairs = normalize_preference(rows)
         prompts = [row["prompt"] for row in pairs]
         output = output.add_column(
-            "reward_chosen", score_shards(scorer, prompts, [row["chosen"] for row in pairs]),
+            "reward_chosen", distributed.map_shards(scorer.score, prompts, [row["chosen"] for row in pairs]),
         )
         output = output.add_column(
-            "reward_rejected", score_shards(scorer, prompts, [row["rejected"] for row in pairs]),
+            "reward_rejected",
+            distributed.map_shards(scorer.score, prompts, [row["rejected"] for row in pairs]),
         )
     else:
         singles = normalize_sft(rows)
         output = output.add_column(
             "reward",
-            score_shards(
-                scorer, [row["prompt"] for row in singles], [row["completion"] for row in singles],
+            distributed.map_shards(
+                scorer.score, [row["prompt"] for row in singles], [row["completion"] for row in singles],
             ),
         )
     if distributed.is_main_process():
         _write_rows(output, path)
         print(f"scored {len(output)} rows with {config.model}: {path}")
     return path
-
-
-def score_shards(scorer: RewardModelScorer, prompts: list[Any], completions: list[Any]) -> list[float]:
-    """Every row's score; each process scores a contiguous 1/N and all get every score back, in order."""
-    from prefalign.runtime import distributed
-
-    start, end = distributed.shard_bounds(len(prompts))
-    return distributed.gather_across(scorer.score(prompts[start:end], completions[start:end]))
 
 
 def output_path(config: ScoreConfig) -> Path:

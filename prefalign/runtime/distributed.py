@@ -209,24 +209,14 @@ def shard(items: list[Any]) -> list[Any]:
     return items[start:end]
 
 
-def padded_shard(items: list[Any]) -> tuple[list[Any], int]:
-    """This rank's share of `items`, padded (with repeats of its last item, or of items[0] for an empty
-    share) so every rank holds the same number; returns (share, number of real items). Uneven shards would
-    make ranks run a different number of forwards, and collectives inside them would hang."""
-    share = shard(items)
-    width = -(-len(items) // world_size()) if items else 0
-    real = len(share)
-    filler = share[-1] if share else (items[0] if items else None)
-    return share + [filler] * (width - real), real
-
-
-def gather_shards(share: list[Any], real: int) -> list[Any]:
-    """The inverse of padded_shard: every rank's real items, in the global order."""
-    if not _group_active():
-        return list(share[:real])
-    gathered: list[list[Any]] = [[] for _ in range(world_size())]
-    torch.distributed.all_gather_object(gathered, list(share[:real]))
-    return [item for part in gathered for item in part]
+def map_shards(function: Callable[..., list[Any]], *sequences: list[Any]) -> list[Any]:
+    """`function` over this rank's contiguous share of equally long `sequences` (all of them with one
+    process); every rank gets every result back, in order. For per-item work with no collective inside
+    (sampling, scoring, reference log-probs): shares may differ by one item without any rank waiting."""
+    if world_size() == 1:
+        return list(function(*sequences))
+    start, end = shard_bounds(len(sequences[0]))
+    return gather_across(function(*(sequence[start:end] for sequence in sequences)))
 
 
 class ShardedEngine:
@@ -240,11 +230,9 @@ class ShardedEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], params: Any, keys: list[int] | None = None):
         keys = list(range(len(prompt_token_ids))) if keys is None else list(keys)
-        if world_size() == 1:
-            return self.engine.generate(prompt_token_ids, params, keys=keys)
-        start, end = shard_bounds(len(prompt_token_ids))
-        local = self.engine.generate(prompt_token_ids[start:end], params, keys=keys[start:end])
-        return gather_across(local)
+        return map_shards(
+            lambda prompts, share: self.engine.generate(prompts, params, keys=share), prompt_token_ids, keys,
+        )
 
     def __getattr__(self, name: str) -> Any:  # last_stats, model, ... of the wrapped engine
         return getattr(self.engine, name)

@@ -52,26 +52,23 @@ def prepare_run_dir(config: Any, command: str) -> Path:
 
 
 def _prepare_run_dir(config: Any, command: str, run_dir: Path) -> PrefalignError | None:
+    """The folder checked and config.yaml written (rank 0); the refusal returned rather than raised."""
     train: TrainConfig = config.train
     try:
-        _check_and_write_run_dir(config, command, run_dir, train)
+        with writing(run_dir, "set train.output_dir to another folder"):
+            if train.resume:
+                check_resume(config, run_dir)
+            elif train.overwrite:
+                clear_run(run_dir, command)
+            else:
+                check_new_run(run_dir, command)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (train.resume and (run_dir / CONFIG_FILE).exists()):
+                with atomic_file(run_dir / CONFIG_FILE) as staging:
+                    save_config(config, staging)
     except PrefalignError as error:
         return error
     return None
-
-
-def _check_and_write_run_dir(config: Any, command: str, run_dir: Path, train: TrainConfig) -> None:
-    with writing(run_dir, "set train.output_dir to another folder"):
-        if train.resume:
-            check_resume(config, run_dir)
-        elif train.overwrite:
-            clear_run(run_dir, command)
-        else:
-            check_new_run(run_dir, command)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (train.resume and (run_dir / CONFIG_FILE).exists()):
-            with atomic_file(run_dir / CONFIG_FILE) as staging:
-                save_config(config, staging)
 
 
 def write_run_file(path: Path, text: str) -> None:
