@@ -193,6 +193,37 @@ class TrainConfig:
             )
 
 
+@dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp"] = option(
+        "ddp",
+        "How several processes (torchrun, accelerate launch) share the model: ddp = a whole replica per "
+        "process; fsdp = FSDP2 shards parameters, gradients and optimizer state (fp32 master weights). One "
+        "process ignores it.",
+    )
+    cpu_offload: bool = option(
+        False, "FSDP: keep the shards and optimizer state in CPU memory, moved to the GPU per layer.",
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto",
+        "FSDP: dtype of forwards and backwards over the fp32 shards (gradients reduced in fp32); "
+        "auto = bfloat16 on CUDA, float32 on CPU.",
+    )
+
+    def check(self, prefix: str = "") -> None:
+        if self.strategy != "fsdp" and (self.cpu_offload or self.compute_dtype != "auto"):
+            which = f"{prefix}cpu_offload" if self.cpu_offload else f"{prefix}compute_dtype"
+            raise ConfigError(
+                f"{which} is an FSDP setting, but {prefix}strategy is {self.strategy}: set "
+                f"--{prefix}strategy fsdp, or drop --{which}"
+            )
+
+
+def distributed_option():
+    """The `distributed` section of a training command's config."""
+    return option(help="How several processes train together (DDP or FSDP2).", factory=DistributedConfig)
+
+
 # ----------------------------------------------------------------------------- (de)serialisation
 
 

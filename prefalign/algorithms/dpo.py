@@ -39,7 +39,14 @@ from prefalign.algorithms.dpo_pairs import (
     precompute_reference,
     tokenized_pairs,
 )
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, validate
+from prefalign.config import (
+    DataConfig,
+    DistributedConfig,
+    ModelConfig,
+    TrainConfig,
+    distributed_option,
+    validate,
+)
 from prefalign.data.splits import resolve_rows
 from prefalign.errors import ConfigError
 from prefalign.losses import DPO_LOSSES, dpo_loss, sft_term
@@ -80,6 +87,7 @@ class DPOConfig:
              "steps) is in `prefalign demo` and examples/dpo.yaml.",
         factory=lambda: TrainConfig(learning_rate=1e-6, batch_size=8, warmup_ratio=0.1),
     )
+    distributed: DistributedConfig = distributed_option()
     beta: float = option(
         0.1,
         "β: strength of the pull towards the reference (higher = stay closer). IPO's τ; SimPO's "
@@ -295,10 +303,11 @@ def dpo(
         evaluate=evaluate,
         description="dpo",
         prepare_step=annotate_step if config.rpo_alpha > 0 else None,
+        parallel=config.distributed,
     )
     if save:
         card = model_card("DPO model", _card_lines(config, result))
-        distributed.on_main_process(
+        distributed.on_main_process_whole(
             save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
         )
     return result

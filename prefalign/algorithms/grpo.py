@@ -170,11 +170,11 @@ def grpo(
         model=model, source=source, loss_fn=make_loss(config, score), units_of=None, config=config.train,
         run_dir=run_dir, total_steps=total_steps, evaluate=evaluate if eval_prompts is not None else None,
         description="grpo", prepare_step=step_totals, max_seconds=config.max_time,
-        after_phase=completions_writer(run_dir, config.log_completions_every),
+        after_phase=completions_writer(run_dir, config.log_completions_every), parallel=config.distributed,
     )  # fmt: skip
     if save:
         card = model_card("GRPO policy", card_lines(config, result))
-        distributed.on_main_process(
+        distributed.on_main_process_whole(
             save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
         )
     return result

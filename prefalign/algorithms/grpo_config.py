@@ -9,7 +9,7 @@ from typing import Literal
 
 from prefalign.algorithms.rl.prompts import DEFAULT_MAX_NEW_TOKENS
 from prefalign.algorithms.rl.rollout import check_monitors, monitor_functions_option
-from prefalign.config import DataConfig, ModelConfig, TrainConfig
+from prefalign.config import DataConfig, DistributedConfig, ModelConfig, TrainConfig, distributed_option
 from prefalign.errors import ConfigError
 from prefalign.options import check_model_location, option
 from prefalign.rewards.functions import check_rewards
@@ -27,6 +27,7 @@ class GRPOConfig:
              "DeepSeekMath (constant schedule there); one epoch over the prompts unless max_steps is set.",
         factory=lambda: TrainConfig(learning_rate=1e-6, batch_size=64, schedule="constant"),
     )
+    distributed: DistributedConfig = distributed_option()
     reward_functions: list[str | Callable] = option(
         help="Reward functions by name (exact_match, math_answer, format, length_penalty, "
              "...) or 'module:function'.",

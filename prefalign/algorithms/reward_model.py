@@ -25,7 +25,14 @@ from typing import Any, Literal
 
 import torch
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, validate
+from prefalign.config import (
+    DataConfig,
+    DistributedConfig,
+    ModelConfig,
+    TrainConfig,
+    distributed_option,
+    validate,
+)
 from prefalign.data.splits import resolve_rows
 from prefalign.evaluation.pairs import evaluate_pairs
 from prefalign.losses import bradley_terry_loss
@@ -67,6 +74,7 @@ class RewardConfig:
              "epoch, Ouyang et al. 2022). The built-in task's recipe is examples/reward.yaml.",
         factory=lambda: TrainConfig(learning_rate=2e-5),
     )
+    distributed: DistributedConfig = distributed_option()
     rendering: Literal["auto", "chat_template", "plain"] = option(
         "auto",
         "How conversations become text: the tokenizer's chat template, or 'User: ...\\nAssistant: ...' "
@@ -208,6 +216,7 @@ def train_reward_model(
         evaluate=(lambda _model: _numeric(evaluate_pairs(scorer, eval_examples))) if eval_examples else None,
         grouped=config.group_by_length,
         description="reward",
+        parallel=config.distributed,
     )
     settings.reward_mean, settings.reward_std = _training_reward_statistics(scorer, examples, config)
     evaluation = evaluate_pairs(scorer, eval_examples) if eval_examples else None
@@ -216,7 +225,7 @@ def train_reward_model(
     model_dir = None
     if save:
         model_dir = run_dir / "final"
-        distributed.on_main_process(
+        distributed.on_main_process_whole(
             save_reward_model, model, tokenizer, model_dir, settings, _card_lines(config, result, evaluation),
         )
     return RewardTrainResult(

@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from prefalign.config import DataConfig, ModelConfig, TrainConfig, validate
+from prefalign.config import (
+    DataConfig,
+    DistributedConfig,
+    ModelConfig,
+    TrainConfig,
+    distributed_option,
+    validate,
+)
 from prefalign.data import collate_sft, tokenize_sft
 from prefalign.data.splits import log_stats, resolve_rows
 from prefalign.models.forward import completion_logps, count_tokens
@@ -34,6 +41,7 @@ class SFTConfig:
              "about 10x), one epoch unless max_steps is set.",
         factory=lambda: TrainConfig(learning_rate=2e-5),
     )
+    distributed: DistributedConfig = distributed_option()
 
 
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -95,10 +103,11 @@ def sft(
         run_dir=run_dir,
         evaluate=evaluate,
         description="sft",
+        parallel=config.distributed,
     )
     if save:
         card = model_card("SFT model", _card_lines(config, result))
-        distributed.on_main_process(
+        distributed.on_main_process_whole(
             save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
         )
     return result

@@ -39,8 +39,20 @@ def evaluate_policy(
     accuracy: share of prompts whose greedy completion scores >= success_threshold; pass@k: share with at
     least one of k samples doing so; kl (with a `reference`: a model, or a training run's `Reference`): mean
     over samples of Σ_t (log π − log π_ref) (k1, per sequence), on the k samples, or on one sample per prompt
-    when k = 0.
+    when k = 0. Under FSDP every forward runs on the policy's whole weights, gathered once.
     """
+    with distributed.full_weights(model) as whole:
+        return _evaluate(
+            whole, tokenizer, prompts, rewards, k=k, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, success_threshold=success_threshold, reference=reference,
+            batch_size=batch_size, seed=seed,
+        )  # fmt: skip
+
+
+def _evaluate(
+    model, tokenizer, prompts, rewards, *, k, temperature, top_p, max_new_tokens, success_threshold,
+    reference, batch_size, seed,
+) -> dict[str, float]:
     engine = distributed.ShardedEngine(LocalEngine(model, tokenizer, batch_size=batch_size))
     prompt_ids = [list(ids) for ids in prompts["prompt_ids"]]
     columns = {name: prompts[name] for name in prompts.column_names if name not in ("prompt", "prompt_ids")}
@@ -96,17 +108,18 @@ def evaluate_policy(
             )
             sampled = engine.generate(prompt_ids, params)
         metrics["kl"] = sequence_kl(
-            reference, prompt_ids, sampled, tokenizer.pad_token_id, temperature, batch_size,
+            reference, prompt_ids, sampled, tokenizer.pad_token_id, temperature, batch_size, policy=model,
         )
     return metrics
 
 
 @torch.no_grad()
 def sequence_kl(
-    reference, prompt_ids, sampled, pad_token_id: int, temperature: float, batch_size: int,
+    reference, prompt_ids, sampled, pad_token_id: int, temperature: float, batch_size: int, *, policy=None,
 ) -> float:
     """Mean over samples of Σ_t log π(y_t) − log π_ref(y_t): the k1 estimate of KL(π‖π_ref) per sequence.
-    `reference` is a model or a `Reference` (a LoRA policy's adapters are off only for its forward)."""
+    `reference` is a model or a `Reference` (a LoRA policy's adapters are off only for its forward; `policy`
+    is the policy's whole-weights stand-in when the reference is the policy itself)."""
     rows = [
         {"prompt_ids": prompt_ids[i], "completion_ids": sample.token_ids, "policy": sum(sample.logprobs)}
         for i, samples in enumerate(sampled)
@@ -114,7 +127,9 @@ def sequence_kl(
         if sample.token_ids
     ]
     total = 0.0
-    network = reference.network() if isinstance(reference, Reference) else contextlib.nullcontext(reference)
+    network = (
+        reference.network(policy) if isinstance(reference, Reference) else contextlib.nullcontext(reference)
+    )
     with network as reference_model:
         was_training = reference_model.training
         reference_model.eval()

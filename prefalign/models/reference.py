@@ -107,12 +107,16 @@ class Reference:
             self.model = policy
         else:
             self.model = frozen_copy(policy)
+        self.is_policy = self.model is policy
 
     @contextlib.contextmanager
-    def network(self):
-        """The module to run for reference log-probs (with a LoRA policy's adapters off meanwhile)."""
+    def network(self, whole_policy=None):
+        """The module to run for reference log-probs (with a LoRA policy's adapters off meanwhile).
+        `whole_policy`: the policy's stand-in with whole weights (FSDP's gathered twin), used when the
+        reference is the policy itself (a separate reference model is always whole)."""
+        model = whole_policy if whole_policy is not None and self.is_policy else self.model
         if self.adapters_off:
-            with reference_mode(self.model):
-                yield self.model
+            with reference_mode(model):
+                yield model
         else:
-            yield self.model
+            yield model

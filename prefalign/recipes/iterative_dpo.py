@@ -92,6 +92,12 @@ def plain_dpo_config(config: DPOConfig) -> DPOConfig:
 
 
 def check_iterative(config) -> None:
+    if config.distributed.strategy == "fsdp":
+        raise ConfigError(
+            "iterative DPO (rounds >= 2) does not run under distributed.strategy fsdp yet (each round "
+            "restarts training on the model the previous round sharded): use --distributed.strategy ddp, "
+            "or run the rounds as separate `prefalign sample` and `prefalign dpo` commands"
+        )
     if config.rounds < 2:
         raise ConfigError(
             f"iterative DPO needs rounds >= 2, got {config.rounds} (rounds=1 is plain offline DPO)"
@@ -286,7 +292,7 @@ def iterative_dpo(
     distributed.on_main_process(Path.write_text, run_dir / "report.md", report(config, history))
     if save:
         card = model_card("Iterative DPO model", _card_lines(config, history, total_steps))
-        distributed.on_main_process(
+        distributed.on_main_process_whole(
             save_model, model, tokenizer, run_dir / "final", card=card, merge_lora=config.model.merge_lora,
         )
     return TrainResult(

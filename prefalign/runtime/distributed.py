@@ -5,9 +5,12 @@ environment; `start()` joins them into one process group (NCCL on GPU, gloo on C
 collective. Without those variables nothing is started and every function here is the identity, so one
 process behaves exactly as it would with no torch.distributed at all.
 
-Training: `wrap` runs each loss function inside DistributedDataParallel's forward, with a comm hook that
-*sums* gradients (every loss is already divided by the step's global count, so DDP's default average would
-divide twice), and `no_sync` skips the all-reduce on every micro-batch but a step's last.
+Training: `wrap` returns the Runner the loop trains through. `ddp`: each loss function runs inside
+DistributedDataParallel's forward, with a comm hook that *sums* gradients (every loss is already divided by
+the step's global count, so DDP's default average would divide twice), and no all-reduce on every
+micro-batch but a step's last. `fsdp`: FSDP2 (`fully_shard`) shards parameters, gradients and optimizer
+state; forwards whose count differs between processes (generation) run on `full_weights(model)`, a plain twin
+filled with the gathered weights.
 
 Everything that crosses examples goes through here too: step normalisers (tokens, completions, pairs),
 batch-level reward statistics, whitening, logged means, gathers of per-example outputs, and a rank's share
@@ -17,10 +20,13 @@ of a global list (`shard_bounds`).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import datetime
 import inspect
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -230,9 +236,18 @@ class ShardedEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], params: Any, keys: list[int] | None = None):
         keys = list(range(len(prompt_token_ids))) if keys is None else list(keys)
-        return map_shards(
-            lambda prompts, share: self.engine.generate(prompts, params, keys=share), prompt_token_ids, keys,
-        )
+        model = self.engine.model
+        # Under FSDP each rank decodes its share with the whole weights (gathered once for the call): ranks
+        # finish after different numbers of steps, which a sharded forward's collectives cannot allow.
+        with full_weights(model) as whole:
+            self.engine.model = whole
+            try:
+                return map_shards(
+                    lambda prompts, share: self.engine.generate(prompts, params, keys=share),
+                    prompt_token_ids, keys,
+                )
+            finally:
+                self.engine.model = model
 
     def __getattr__(self, name: str) -> Any:  # last_stats, model, ... of the wrapped engine
         return getattr(self.engine, name)
@@ -257,30 +272,214 @@ class _LossForward(torch.nn.Module):
         return loss_fn(self.model, batch)
 
 
-def wrap(model: torch.nn.Module) -> Callable[[Callable[[torch.nn.Module, Any], Any], Any], Any]:
-    """`run(loss_fn, batch)` for training forwards: `loss_fn(model, batch)`, through DistributedDataParallel
-    with summed gradients under a process group. Generation, reference, reward and evaluation forwards use
-    the model itself (no DDP hooks)."""
+class Runner:
+    """How the loop runs training forwards and backwards on the model: `runner(loss_fn, batch)`, then
+    `runner.backward(loss, sync)` (gradients cross processes when `sync`, a step's last micro-batch), both
+    inside `runner.micro_batch(sync)`. With one process: the loss on the model, a plain backward."""
+
+    # Whether every process must run the same number of forwards per step (sharded parameters are gathered
+    # by collectives inside each forward): the loop then pads a short rank with idle micro-batches.
+    lockstep = False
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, loss_fn: Callable[[torch.nn.Module, Any], Any], batch: Any) -> Any:
+        return loss_fn(self.model, batch)
+
+    def micro_batch(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+class _Replicated(Runner):
+    """DistributedDataParallel around the loss function (`_LossForward`) with summed gradients."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        device = next(model.parameters()).device
+        # Buffers (rotary tables, ...) are the same on every rank and never trained: no per-forward sync.
+        # The keyword was renamed in torch 2.13.
+        parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+        keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            _LossForward(model), device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True, **{keyword: False},
+        )
+        self.ddp.register_comm_hook(None, _sum_gradients)
+
+    def __call__(self, loss_fn, batch):
+        return self.ddp(loss_fn, batch)
+
+    def micro_batch(self, sync: bool) -> contextlib.AbstractContextManager:
+        # DDP decides in the forward whether the backward all-reduces: the forward must be inside no_sync.
+        return contextlib.nullcontext() if sync else self.ddp.no_sync()
+
+
+class _Sharded(Runner):
+    """FSDP2 (`fully_shard`) on each decoder layer and on the root: parameters, gradients and optimizer state
+    sharded over the processes. The gradient reduce-scatter runs on every micro-batch (FSDP keeps sharded
+    gradients only). FSDP averages gradients; gloo has no pre-scaled sum (PREMUL_SUM), so the loss is scaled
+    by the world size instead: the average of N x rank sums is their sum, as DDP's hook gives."""
+
+    lockstep = True
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * world_size()).backward()
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def wrap(
+    model: torch.nn.Module, strategy: str = "ddp", *, cpu_offload: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> Runner:
+    """The Runner for training forwards: under a process group, `ddp` (a replica per process, summed
+    gradients) or `fsdp` (FSDP2: the model is sharded in place, so build the optimizer afterwards; with
+    `compute_dtype` the forward runs in it over fp32 shards, gradients reduced in fp32). Generation, reference
+    and evaluation forwards use the model itself (DDP) or `full_weights(model)` (FSDP)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"distributed.strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if cpu_offload and strategy != "fsdp":
+        raise ConfigError("distributed.cpu_offload offloads FSDP's shards: set distributed.strategy fsdp")
     if not _group_active() or not any(p.requires_grad for p in model.parameters()):
-        return lambda loss_fn, batch: loss_fn(model, batch)
+        return Runner(model)
+    if strategy == "ddp":
+        return _Replicated(model)
+    shard_model(model, cpu_offload=cpu_offload, compute_dtype=compute_dtype)
+    return _Sharded(model)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+@dataclasses.dataclass
+class _Skeleton:
+    """A sharded model's plain twin: the same modules with parameters on the meta device (no memory) and real
+    buffers, filled with gathered full weights while a generation or a save needs them."""
+
+    module: torch.nn.Module
+    dtype: torch.dtype | None  # the compute dtype (fp32 shards, bf16 forwards), None = the shards' own
+    active: torch.nn.Module | None = None
+    depth: int = 0
+
+
+_skeletons: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return model in _skeletons
+
+
+def layer_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers FSDP wraps one by one: the classes transformers names in `_no_split_modules` (each
+    layer's weights gathered alone), else the entries of the model's largest ModuleList."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    layers = [module for module in model.modules() if type(module).__name__ in names]
+    if layers:
+        return layers
+    lists = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard_model(model: torch.nn.Module, *, cpu_offload: bool = False, compute_dtype=None) -> None:
+    """fully_shard each decoder layer, then the root, over all processes (in place)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
     device = next(model.parameters()).device
-    # Buffers (rotary tables, ...) are the same on every rank and never trained: no per-forward sync. The
-    # keyword was renamed in torch 2.13.
-    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-    keyword = "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
-    replicated = torch.nn.parallel.DistributedDataParallel(
-        _LossForward(model), device_ids=[device.index] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True, **{keyword: False},
-    )
-    replicated.register_comm_hook(None, _sum_gradients)
-    return replicated
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError(
+            "distributed.cpu_offload moves FSDP's shards from the GPU to CPU memory, but this model trains "
+            f"on {device.type}: drop --distributed.cpu_offload"
+        )
+    floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if floating - {torch.float32}:
+        raise ConfigError(
+            f"distributed.strategy fsdp keeps fp32 master weights, but the model's parameters are "
+            f"{', '.join(sorted(str(d) for d in floating))}: set model.dtype float32 (or auto); bf16 compute "
+            "on GPU comes from FSDP's mixed precision"
+        )
+    _skeletons[model] = _Skeleton(_meta_twin(model), compute_dtype)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    options: dict[str, Any] = {"mesh": mesh}
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for layer in layer_modules(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+
+
+def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model`'s modules whose parameters live on the meta device (tied weights stay tied)."""
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for p in model.parameters()
+    }
+    twin = copy.deepcopy(model, memo)
+    return twin.eval()
 
 
 @contextlib.contextmanager
-def no_sync(run: Any, skip: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce for this backward (a micro-batch before the step's last)."""
-    if skip and isinstance(run, torch.nn.parallel.DistributedDataParallel):
-        with run.no_sync():
-            yield
-    else:
-        yield
+def full_weights(model: torch.nn.Module, *, main_only: bool = False) -> Iterator[torch.nn.Module | None]:
+    """The model with whole weights for forwards whose count differs between processes (generation, a
+    rank's share of reference log-probs) or for a save: the model itself when it is not sharded; under FSDP
+    a plain twin filled with the gathered weights (in the compute dtype) for the block, emptied after. Every
+    process must enter it together (the gather is a collective). With `main_only` the weights are gathered
+    to rank 0's CPU memory only (a save) and the other processes get None. Nested blocks reuse the outer
+    gather."""
+    skeleton = _skeletons.get(model)
+    if skeleton is None:
+        yield model
+        return
+    if skeleton.active is not None:
+        skeleton.depth += 1
+        try:
+            yield skeleton.active
+        finally:
+            skeleton.depth -= 1
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=main_only)
+    state = get_model_state_dict(model, options=options)
+    if main_only and not is_main_process():
+        yield None
+        return
+    twin = skeleton.module
+    if skeleton.dtype is not None and not main_only:
+        state = {name: value.to(skeleton.dtype) if value.is_floating_point() else value
+                 for name, value in state.items()}
+    twin.load_state_dict(state, assign=True)
+    twin.requires_grad_(False)
+    del state
+    skeleton.active = twin if not main_only else None
+    try:
+        yield twin
+    finally:
+        skeleton.active = None
+        _empty(twin)
+
+
+def _empty(twin: torch.nn.Module) -> None:
+    """Parameters back to the meta device: the gathered weights are freed."""
+    for module in twin.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty_like(parameter, device="meta"), requires_grad=False,
+                )
+
+
+def on_main_process_whole(function: Callable[..., Any], model: torch.nn.Module, *args: Any, **kwargs: Any):
+    """`function(model, *args, **kwargs)` on rank 0 with the model's whole weights (gathered from every
+    process under FSDP: a final HF folder), while the others wait."""
+    with full_weights(model, main_only=True) as whole:
+        return on_main_process(function, whole, *args, **kwargs)

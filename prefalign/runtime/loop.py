@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from prefalign.config import TrainConfig, validate
+from prefalign.config import DistributedConfig, TrainConfig, validate
 from prefalign.errors import ConfigError, TrainingError
 from prefalign.files import writing
 from prefalign.models.loading import model_device
@@ -99,6 +99,8 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip, step, zero grads; returns the pre-clip global gradient norm. Raises on a non-finite norm."""
     parameters = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding the norm over every process's shards
+        norm = norm.full_tensor()
     norm_value = float(norm)
     if not math.isfinite(norm_value):
         optimizer.zero_grad(set_to_none=True)
@@ -249,18 +251,24 @@ def train(
     after_phase: Callable[[Phase, int, int], None] | None = None,
     max_seconds: float = 0.0,
     learning_rates: dict[str, float] | None = None,
+    parallel: DistributedConfig | None = None,
 ) -> TrainResult:
     """Optimise `loss_fn` over the steps `source` hands out until `total_steps` (or `max_seconds`, checked at
     phase boundaries). `prepare_step` sees each step's micro-batches before the first forward pass (step-wide
-    totals a loss needs); `after_phase(phase, first_step, last_step)` runs after each phase's steps."""
+    totals a loss needs); `after_phase(phase, first_step, last_step)` runs after each phase's steps;
+    `parallel` says how several processes share the model (DDP replicas by default, or FSDP2 shards)."""
     validate(config)  # the train section's ranges, for callers that did not validate their whole config
+    parallel = parallel or DistributedConfig()
+    device = model_device(model)
+    # Training forwards go through DDP or FSDP under a process group (FSDP shards the model in place, so the
+    # optimizer is built after it); rank 0 alone writes metrics and shows progress.
+    run = distributed.wrap(
+        model, parallel.strategy, cpu_offload=parallel.cpu_offload,
+        compute_dtype=compute_dtype(parallel.compute_dtype, device),
+    )
     optimizer = build_optimizer(model, config, learning_rates)
     scheduler = build_scheduler(optimizer, config, total_steps)
     step = resume(config, run_dir, model, optimizer, scheduler, source)
-    device = model_device(model)
-    # Training forwards go through DDP under a process group (generation, reference and evaluation
-    # forwards keep the plain model); rank 0 alone writes metrics and shows progress.
-    run = distributed.wrap(model)
     metrics_logger = MetricsLogger(
         run_dir, total_steps, config, initial_step=step, description=description,
         enabled=distributed.is_main_process(),
@@ -279,6 +287,8 @@ def train(
                 try:
                     if prepare_step is not None:
                         prepare_step(micro_batches)
+                    if run.lockstep:  # sharded forwards: the same number on every process
+                        micro_batches = in_lockstep(micro_batches)
                     metrics = accumulate(run, micro_batches, loss_fn, units_of, step)
                     metrics["grad_norm"] = clip_and_step(model, optimizer, scheduler, config.max_grad_norm)
                 except TrainingError as error:
@@ -371,24 +381,47 @@ def step_record(phase: Phase, metrics: dict[str, float], train_seconds: float, s
     return {**phase.metrics, **metrics, "learning_rate": scheduler.get_last_lr()[0], **timing}
 
 
-def accumulate(run, micro_batches: list[dict[str, Any]], loss_fn, units_of, step: int) -> dict[str, float]:
+def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """FSDP's forward dtype over its fp32 shards (distributed.compute_dtype): auto = bfloat16 on CUDA, the
+    shards' own float32 elsewhere (bf16 is slow on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"float32": None, "bfloat16": torch.bfloat16}[name]
+
+
+def in_lockstep(micro_batches: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+    """A step's micro-batches padded with idle ones (None) to the largest count over the processes: under
+    FSDP every forward and backward gathers and scatters weights collectively, so a rank with one micro-batch
+    fewer (an RL share one group short) runs an idle one. Idle micro-batches add nothing to gradients or
+    metrics."""
+    most = int(distributed.max_tensor_across(torch.tensor([len(micro_batches)], dtype=torch.float64)).item())
+    return micro_batches + [None] * (most - len(micro_batches))
+
+
+def accumulate(
+    run, micro_batches: list[dict[str, Any] | None], loss_fn, units_of, step: int,
+) -> dict[str, float]:
     """Forward/backward every micro-batch of one optimizer step; the loss is normalised over the step.
-    `run(loss_fn, batch)` runs the loss on the model (through DDP under a process group: distributed.wrap)."""
+    `run(loss_fn, batch)` runs the loss on the model (through DDP or FSDP under a process group:
+    distributed.wrap); an idle micro-batch (None, in_lockstep) repeats the first with its loss times zero."""
     # The normaliser (tokens, pairs, ...) of the whole step, over every process, before the first backward.
     step_units = 1.0
     if units_of is not None:
         step_units = max(
-            distributed.sum_across(float(sum(units_of(batch) for batch in micro_batches))), 1e-12
+            distributed.sum_across(float(sum(units_of(b) for b in micro_batches if b is not None))), 1e-12,
         )
     totals: dict[str, float] = {"loss": 0.0, "tokens": 0.0}
     maxima: dict[str, float] = {}
     for index, batch in enumerate(micro_batches):
-        output = run(loss_fn, batch)
-        if not torch.isfinite(output.loss_sum):
-            raise TrainingError(f"loss is {output.loss_sum.item()}")
-        # Gradients cross processes once per step, on its last micro-batch.
-        with distributed.no_sync(run, skip=index < len(micro_batches) - 1):
-            (output.loss_sum / step_units if units_of is not None else output.loss_sum).backward()
+        # DDP: gradients cross processes once per step, on its last micro-batch (forward and backward inside).
+        with run.micro_batch(sync=index == len(micro_batches) - 1):
+            output = run(loss_fn, micro_batches[0] if batch is None else batch)
+            if batch is None:
+                run.backward(output.loss_sum * 0.0)
+                continue
+            if not torch.isfinite(output.loss_sum):
+                raise TrainingError(f"loss is {output.loss_sum.item()}")
+            run.backward(output.loss_sum / step_units if units_of is not None else output.loss_sum)
         totals["loss"] += output.loss_sum.item()
         totals["tokens"] += output.tokens
         for key, value in output.metrics.items():
@@ -434,6 +467,7 @@ def train_on_examples(
     description: str = "train",
     prepare_step: Callable[[list[dict[str, Any]]], None] | None = None,
     grouped: bool = False,
+    parallel: DistributedConfig | None = None,
 ) -> TrainResult:
     """`train` over shuffled micro-batches of `examples` (SFT, DPO, the reward model; `grouped`: the
     examples are ready-made micro-batches, ExampleSource)."""
@@ -441,5 +475,5 @@ def train_on_examples(
     return train(
         model=model, source=source, loss_fn=loss_fn, units_of=units_of, config=config, run_dir=run_dir,
         total_steps=total_steps_for(len(examples), config, source.per_step), evaluate=evaluate,
-        description=description, prepare_step=prepare_step,
+        description=description, prepare_step=prepare_step, parallel=parallel,
     )  # fmt: skip

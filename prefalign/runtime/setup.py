@@ -3,6 +3,8 @@ device."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prefalign.config import TrainConfig, save_config
+from prefalign.config import ModelConfig, TrainConfig, save_config
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.files import atomic_file, writing
 from prefalign.models.loading import load_causal_lm
@@ -23,6 +25,8 @@ from prefalign.runtime.run_folder import (
     clear_run,
     run_dir_for,
 )
+
+logger = logging.getLogger("prefalign")
 
 
 def seed_everything(seed: int) -> None:
@@ -87,6 +91,20 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def master_weights(config: Any) -> ModelConfig:
+    """The model section to load the trained model with: under distributed.strategy fsdp, model.dtype auto
+    loads float32 master weights (FSDP computes in distributed.compute_dtype over them: AdamW steps at
+    lr ~1e-6 round away in bf16 weights)."""
+    parallel = getattr(config, "distributed", None)
+    if parallel is None or parallel.strategy != "fsdp":
+        return config.model
+    if distributed.world_size() == 1:
+        logger.warning("distributed.strategy fsdp with one process: nothing to shard, the model trains whole")
+    if config.model.dtype != "auto":
+        return config.model
+    return dataclasses.replace(config.model, dtype="float32")
+
+
 def start_run(config: Any, command: str, model=None, tokenizer=None, *, load: Callable = load_causal_lm):
     """What every trainer does first, in this order (seeds before any weight is made, so runs repeat bit for
     bit): threads, seeds, the run folder with its config.yaml, then the model and tokenizer from config.model
@@ -95,7 +113,7 @@ def start_run(config: Any, command: str, model=None, tokenizer=None, *, load: Ca
     seed_everything(config.train.seed)
     run_dir = prepare_run_dir(config, command)
     if model is None:
-        model, tokenizer = load(config.model)
+        model, tokenizer = load(master_weights(config))
     elif tokenizer is None:
         raise ConfigError(f"{command}(model=...) needs tokenizer=... as well.")
     return run_dir, model, tokenizer

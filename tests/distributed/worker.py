@@ -1,7 +1,7 @@
 """Runs `prefalign <command> ...` in one process or under torchrun, with test hooks around the optimizer step:
 
-- PREFALIGN_TEST_GRADS=<folder>: after step 1's backward (gradients all-reduced), this rank's gradients are
-  saved to <folder>/rank-<r>.safetensors, before clipping.
+- PREFALIGN_TEST_GRADS=<folder>: after step 1's backward (gradients all-reduced, or FSDP's shards gathered), this
+  rank's gradients are saved to <folder>/rank-<r>.safetensors, before clipping.
 - PREFALIGN_TEST_DIE_AT=<step>:<rank>: that rank SIGKILLs itself at the start of that optimizer step (no
   cleanup, as when a node dies).
 """
@@ -25,8 +25,8 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm):
     calls["steps"] += 1
     folder = os.environ.get("PREFALIGN_TEST_GRADS")
     if folder and calls["steps"] == 1:
-        grads = {
-            name: p.grad.detach().clone().contiguous()
+        grads = {  # FSDP's gradients are shards (DTensors): gathered whole, on every rank in the same order
+            name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
             for name, p in model.named_parameters() if p.grad is not None
         }  # fmt: skip
         save_file(grads, os.path.join(folder, f"rank-{distributed.rank()}.safetensors"))

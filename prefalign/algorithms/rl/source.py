@@ -90,6 +90,12 @@ class ExperienceSource:
         return next(self.stream)
 
     def next_phase(self, step: int, steps_left: int) -> Phase:
+        # Under FSDP the rollout's forwards (sampling, reference and π_old log-probs of this rank's groups,
+        # whose counts differ between ranks) run on the policy's whole weights, gathered once for the phase.
+        with distributed.full_weights(self.policy) as policy:
+            return self._phase(policy, step, steps_left)
+
+    def _phase(self, policy: torch.nn.Module, step: int, steps_left: int) -> Phase:
         self.progress.step = step
         batch = self.collect(self.progress, self.next_prompt)
         # Every process holds the whole batch (ShardedEngine): each trains on its contiguous share of groups.
@@ -100,7 +106,7 @@ class ExperienceSource:
             "device": self.device,
         }
         if self.reference is not None:
-            with self.reference.network() as network:
+            with self.reference.network(policy) as network:
                 add_token_logps(rows, "ref_logps", lambda b: self.score(network, b), **logged)
         num_groups = len(rows) // group
         # The same number of optimizer steps on every process (a share may hold one group fewer).
@@ -109,7 +115,7 @@ class ExperienceSource:
         metrics = dict(batch.metrics)
         multi_step = self.num_iterations > 1 or parts > 1
         if multi_step or self.always_old_logps:  # π drifts from π_old within the batch: fix π_old now
-            add_token_logps(rows, "old_logps", lambda b: self.score(self.policy, b), **logged)
+            add_token_logps(rows, "old_logps", lambda b: self.score(policy, b), **logged)
             metrics.update(logprob_difference(rows))
         if self.prepare is not None:
             metrics.update(self.prepare(rows))
