@@ -87,3 +87,21 @@ def cache_keyword(model) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this model takes."""
     parameters = forward_parameters(model)
     return "cache" if "cache" in parameters or "past_key_values" not in parameters else "past_key_values"
+
+
+def generation_bytes(
+    config, parameters: int, sequences: int, length: int, dtype: torch.dtype,
+) -> dict[str, int]:
+    """Memory one decode batch needs on a device, by part: `weights` (all `parameters` in `dtype`), `kv_cache`
+    (keys and values of every layer for `sequences` x `length` tokens) and `logits` (one step's fp32 logits).
+    From the model config's layers, key/value heads and head size."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    size = torch.tensor([], dtype=dtype).element_size()
+    return {
+        "weights": parameters * size,
+        "kv_cache": 2 * text.num_hidden_layers * kv_heads * head_dim * sequences * length * size,
+        "logits": sequences * text.vocab_size * 4,
+    }

@@ -239,6 +239,10 @@ class ShardedEngine:
         model = self.engine.model
         # Under FSDP each rank decodes its share with the whole weights (gathered once for the call): ranks
         # finish after different numbers of steps, which a sharded forward's collectives cannot allow.
+        if is_sharded(model):
+            longest = max((len(prompt) for prompt in prompt_token_ids), default=0)
+            sequences = min(self.engine.batch_size, len(shard(keys)) * params.n)
+            check_generation_fits(model, sequences, longest + params.max_new_tokens)
         with full_weights(model) as whole:
             self.engine.model = whole
             try:
@@ -466,6 +470,36 @@ def full_weights(model: torch.nn.Module, *, main_only: bool = False) -> Iterator
     finally:
         skeleton.active = None
         _empty(twin)
+
+
+def check_generation_fits(
+    model: torch.nn.Module, sequences: int, length: int, free_bytes: int | None = None,
+) -> None:
+    """Refuse, with the numbers, a gathered rollout whose whole weights, KV cache and logits would not fit
+    in the device memory left beside FSDP's shards (CUDA only; `free_bytes` overrides the measurement)."""
+    from prefalign.rollout.kv_cache import generation_bytes
+
+    device = next(model.parameters()).device
+    if free_bytes is None:
+        if device.type != "cuda":
+            return
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    skeleton = _skeletons[model]
+    dtype = skeleton.dtype or next(model.parameters()).dtype
+    parameters = sum(p.numel() for p in skeleton.module.parameters())
+    parts = generation_bytes(model.config, parameters, sequences, length, dtype)
+    if sum(parts.values()) <= free_bytes:
+        return
+    gib = {name: value / 2**30 for name, value in parts.items()}
+    raise ConfigError(
+        "generation under FSDP needs the whole model and its KV cache on one device: "
+        f"{gib['weights']:.1f} GiB of weights ({parameters:,} parameters in "
+        f"{str(dtype).removeprefix('torch.')}) + {gib['kv_cache']:.1f} GiB of KV cache "
+        f"({sequences} sequences x {length} tokens) + {gib['logits']:.1f} GiB of logits, but "
+        f"{free_bytes / 2**30:.1f} GiB is free on {device}. Lower generation_batch_size or max_new_tokens "
+        "(the KV cache), or train a model whose weights fit one device: generation is not sharded (no vLLM "
+        "backend yet)"
+    )
 
 
 def _empty(twin: torch.nn.Module) -> None:

@@ -27,7 +27,7 @@ import torch
 from prefalign.config import DistributedConfig, TrainConfig, validate
 from prefalign.errors import ConfigError, TrainingError
 from prefalign.files import writing
-from prefalign.models.loading import model_device
+from prefalign.models.loading import model_device, resolve_dtype
 from prefalign.runtime import distributed
 from prefalign.runtime.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from prefalign.runtime.metrics import MetricsLogger
@@ -264,7 +264,7 @@ def train(
     # optimizer is built after it); rank 0 alone writes metrics and shows progress.
     run = distributed.wrap(
         model, parallel.strategy, cpu_offload=parallel.cpu_offload,
-        compute_dtype=compute_dtype(parallel.compute_dtype, device),
+        compute_dtype=resolve_dtype(parallel.compute_dtype, device),  # the one precision rule
     )
     optimizer = build_optimizer(model, config, learning_rates)
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -379,14 +379,6 @@ def step_record(phase: Phase, metrics: dict[str, float], train_seconds: float, s
     if phase.generation:
         timing.update(generation_time=shared, generation_share=shared / step_time)
     return {**phase.metrics, **metrics, "learning_rate": scheduler.get_last_lr()[0], **timing}
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """FSDP's forward dtype over its fp32 shards (distributed.compute_dtype): auto = bfloat16 on CUDA, the
-    shards' own float32 elsewhere (bf16 is slow on most CPUs)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"float32": None, "bfloat16": torch.bfloat16}[name]
 
 
 def in_lockstep(micro_batches: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:

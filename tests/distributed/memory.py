@@ -42,7 +42,7 @@ def measure(strategy: str, vocab: int, hidden: int, layers: int) -> dict:
     with run.micro_batch(sync=True):
         run.backward(run(loss_fn, tokens))
     optimizer.step()
-    state = [value for entry in optimizer.state.values() for value in entry.values() if torch.is_tensor(value)]
+    state = [v for entry in optimizer.state.values() for v in entry.values() if torch.is_tensor(v)]
     counts = {
         "parameters": sum(local_bytes(p) for p in model.parameters()),
         "gradients": sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None),

@@ -1,7 +1,8 @@
-"""DDP and FSDP2 under torchrun (2 gloo processes on the CPU) against one process, through the CLI on the built-in
-task (its data, a tiny random model in fp32): the same per-step losses and gradient norms, the same gradients after
-step 1 (a sum across ranks, not an average), each step logged once, one loadable final/ folder; a killed rank
-ends the job and the run resumes with 2 processes or 1; commands that cannot run distributed say so."""
+"""DDP and FSDP2 under torchrun (2 gloo processes on the CPU) against one process, through the CLI on the
+built-in task (its data, a tiny random model in fp32): the same per-step losses and gradient norms, the same
+gradients after step 1 (a sum across ranks, not an average), each step logged once, one loadable final/
+folder; a killed rank ends the job and the run resumes with 2 processes or 1; FSDP holds half the training
+state per process; commands that cannot run distributed say so."""
 
 from __future__ import annotations
 
@@ -113,11 +114,20 @@ def test_several_micro_batches_per_process_sync_once_per_step(tmp_path, model_di
     check_two_like_one(tmp_path, model_dir, "sft", extra)
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "grpo"])
-def test_fsdp_trains_like_one_process(tmp_path, model_dir, command):
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [
+        ("sft", ["--model.gradient_checkpointing", "true"]),
+        ("dpo", []),
+        # LoRA: the reference is the policy with its adapters off and π_old a forward before the first of
+        # μ = 2 updates, both on the gathered whole weights (each rank's share of groups).
+        ("grpo", ["--model.lora", "true", "--beta", "0.1", "--num_iterations", "2"]),
+    ],
+)
+def test_fsdp_trains_like_one_process(tmp_path, model_dir, command, extra):
     """FSDP2 on 2 gloo processes (fp32): the same steps and step-1 gradients (gathered from the shards) as one
-    process, and a gathered final/ folder plain transformers loads."""
-    check_two_like_one(tmp_path, model_dir, command, ["--distributed.strategy", "fsdp"])
+    process, and a gathered final/ folder plain transformers (or peft) loads."""
+    check_two_like_one(tmp_path, model_dir, command, ["--distributed.strategy", "fsdp", *extra])
 
 
 def test_fsdp_grpo_with_group_shares_one_apart_runs_idle_micro_batches(tmp_path, model_dir):
@@ -162,12 +172,13 @@ def check_two_like_one(tmp_path, model_dir, command, extra=()):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     evals = [r for r in records if any(key.startswith("eval/") for key in r)]
     assert [r["step"] for r in evals] == [r["step"] for r in read_metrics(one_dir) if "eval/" in "".join(r)]
-    assert (two_dir / "final" / "config.json").exists() and (two_dir / "config.yaml").exists()
+    written = {path.name for path in (two_dir / "final").iterdir()}
+    assert {"config.json", "adapter_config.json"} & written and (two_dir / "config.yaml").exists()
     if command == "reward":
         from transformers import AutoModelForSequenceClassification as auto_class
     else:
         from transformers import AutoModelForCausalLM as auto_class
-    two_final = auto_class.from_pretrained(two_dir / "final")
+    two_final = auto_class.from_pretrained(two_dir / "final")  # a LoRA adapter folder loads on its base
     one_final = auto_class.from_pretrained(one_dir / "final")
     for (name, a), (_, b) in zip(two_final.named_parameters(), one_final.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
@@ -261,8 +272,9 @@ def test_accelerate_launch_starts_the_processes_and_its_own_precision_is_refused
 
 
 def test_fsdp_holds_half_the_training_state_of_ddp_per_process():
-    """A ~58M-parameter Llama-shaped model in fp32, one step: per process, the bytes of parameters + gradients
-    + AdamW state under FSDP2 on 2 processes are at most 0.55x those under DDP (tensor bytes, local shards)."""
+    """A ~58M-parameter Llama-shaped model in fp32, one step: per process, the bytes of parameters +
+    gradients + AdamW state under FSDP2 on 2 processes are at most 0.55x those under DDP (tensor bytes, local
+    shards)."""
     memory = str(Path(__file__).with_name("memory.py"))
     totals = {}
     for strategy in ("ddp", "fsdp"):

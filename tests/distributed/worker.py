@@ -1,7 +1,7 @@
 """Runs `prefalign <command> ...` in one process or under torchrun, with test hooks around the optimizer step:
 
-- PREFALIGN_TEST_GRADS=<folder>: after step 1's backward (gradients all-reduced, or FSDP's shards gathered), this
-  rank's gradients are saved to <folder>/rank-<r>.safetensors, before clipping.
+- PREFALIGN_TEST_GRADS=<folder>: after step 1's backward (gradients all-reduced, or FSDP's shards
+  gathered), this rank's gradients are saved to <folder>/rank-<r>.safetensors, before clipping.
 - PREFALIGN_TEST_DIE_AT=<step>:<rank>: that rank SIGKILLs itself at the start of that optimizer step (no
   cleanup, as when a node dies).
 """

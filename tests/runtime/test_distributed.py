@@ -3,8 +3,10 @@ one process is exactly what it was before the seam existed."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from prefalign.errors import ConfigError
 from prefalign.runtime import distributed
 
 
@@ -15,3 +17,86 @@ def test_one_process_is_the_identity():
     values = torch.tensor([1.0, 2.0])
     assert torch.equal(distributed.sum_tensor_across(values), values)
     assert distributed.gather_across([{"a": 1}, 2]) == [{"a": 1}, 2]
+
+
+def tiny_llama(tied: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_one_process_trains_through_a_plain_runner_and_whole_weights_are_the_model():
+    model = tiny_llama()
+    runner = distributed.wrap(model, "fsdp")
+    assert type(runner) is distributed.Runner and not runner.lockstep
+    with distributed.full_weights(model) as whole:
+        assert whole is model
+
+
+def test_fsdp_wraps_each_decoder_layer_also_under_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    assert [type(m).__name__ for m in distributed.layer_modules(model)] == ["LlamaDecoderLayer"] * 3
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert len(distributed.layer_modules(lora)) == 3
+
+
+def test_the_twin_holds_no_weights_keeps_ties_and_buffers():
+    model = tiny_llama(tied=True)
+    twin = distributed._meta_twin(model)
+    assert all(p.device.type == "meta" and not p.requires_grad for p in twin.parameters())
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight
+    buffers = dict(model.named_buffers())
+    assert all(b.device.type == "cpu" and torch.equal(b, buffers[n]) for n, b in twin.named_buffers())
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the model itself is untouched
+
+
+def test_generation_memory_by_hand():
+    from prefalign.rollout.kv_cache import generation_bytes
+
+    model = tiny_llama()  # 3 layers, 2 key/value heads of 64 / 4 = 16 dims, vocabulary 100
+    parts = generation_bytes(model.config, 1000, sequences=5, length=7, dtype=torch.bfloat16)
+    # weights 1000 x 2 bytes; keys and values: 2 x 3 layers x 2 heads x 16 x 5 x 7 tokens x 2 bytes;
+    # one step of fp32 logits: 5 x 100 x 4.
+    assert parts == {"weights": 2000, "kv_cache": 13440, "logits": 2000}
+
+
+def test_a_rollout_that_cannot_fit_beside_the_shards_is_refused_with_the_numbers():
+    model = tiny_llama()
+    distributed._skeletons[model] = distributed._Skeleton(distributed._meta_twin(model), torch.bfloat16)
+    try:
+        parameters = sum(p.numel() for p in model.parameters())
+        fits = parameters * 2 + 2 * 3 * 2 * 16 * 4 * 10 * 2 + 4 * 100 * 4
+        distributed.check_generation_fits(model, sequences=4, length=10, free_bytes=fits)
+        with pytest.raises(ConfigError) as refused:
+            distributed.check_generation_fits(model, sequences=4, length=10, free_bytes=fits - 1)
+        message = str(refused.value)
+        assert f"({parameters:,} parameters in bfloat16)" in message
+        assert "(4 sequences x 10 tokens)" in message and "Lower generation_batch_size" in message
+    finally:
+        del distributed._skeletons[model]
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "expected"),
+    [
+        ("ppo", {"distributed.strategy": "fsdp"}, "PPO does not run under distributed.strategy fsdp"),
+        ("dpo", {"distributed.strategy": "fsdp", "rounds": 2}, "iterative DPO (rounds >= 2) does not run"),
+        ("sft", {"distributed.cpu_offload": True}, "distributed.cpu_offload is an FSDP setting"),
+        ("sft", {"distributed.compute_dtype": "bfloat16"}, "distributed.compute_dtype is an FSDP setting"),
+    ],
+)
+def test_settings_fsdp_cannot_serve_are_refused_before_any_work(config, overrides, expected):
+    from prefalign.algorithms.ppo_config import PPOConfig
+    from prefalign.algorithms.sft import SFTConfig
+    from prefalign.config import apply_overrides, validate
+    from prefalign.recipes.iterative_dpo import IterativeDPOConfig
+
+    cls = {"ppo": PPOConfig, "dpo": IterativeDPOConfig, "sft": SFTConfig}[config]
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        validate(apply_overrides(cls(), overrides))
