@@ -4,7 +4,8 @@ Llama of `--width` x `--layers` with the char tokenizer, fp32).
 
     python benchmarks/scaling.py --repeats 3
 
-Each repeat runs 1 process, then 2 processes (torchrun, gloo), alternating, each `--steps` optimizer steps;
+Each repeat runs 1 process, then 2 processes (torchrun, gloo) once per `--strategies` entry (ddp: a replica
+per process; fsdp: FSDP2 shards), each `--steps` optimizer steps; `--dpo-accum 8` makes DPO's step 64 pairs;
 a run's throughput is the median over its steps after the first `--warmup` of metrics.jsonl's
 `tokens_per_second` (tokens of the global step over rank 0's step time, generation included for GRPO).
 Prints each run and, per algorithm, the median over repeats of the same-repeat ratio.
@@ -46,11 +47,15 @@ def build_model(folder: Path, width: int, layers: int) -> str:
     return str(folder)
 
 
-def run(job: str, processes: int, model: str, steps: int, folder: Path) -> list[float]:
-    out = folder / f"{job}-{processes}"
+def run(
+    job: str, processes: int, model: str, steps: int, folder: Path, strategy: str = "ddp", dpo_accum: int = 2,
+) -> list[float]:
+    out = folder / f"{job}-{processes}-{strategy}"
     shutil.rmtree(out, ignore_errors=True)
     arguments = [
         *JOBS[job], "--model.name_or_path", model, "--model.dtype", "float32",
+        "--distributed.strategy", strategy,
+        *(["--train.grad_accum", str(dpo_accum)] if job == "dpo" else []),
         "--train.max_steps", str(steps), "--train.output_dir", str(out), "--train.num_threads", "1",
         "--train.progress", "false", "--train.log_every", "1", "--report", "false",
     ]  # fmt: skip
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--jobs", default="dpo,grpo")
+    parser.add_argument("--strategies", default="ddp")
+    parser.add_argument("--dpo-accum", type=int, default=2)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="prefalign-scaling-"))
     model = build_model(folder / "model", args.width, args.layers)
@@ -82,14 +89,16 @@ def main() -> None:
     ratios: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
         for job in args.jobs.split(","):
-            rates = {}
-            for processes in (1, 2):
-                per_step = run(job, processes, model, args.steps, folder)[args.warmup:]
-                rates[processes] = statistics.median(per_step)
-            efficiency = rates[2] / (2 * rates[1])
-            ratios.setdefault(job, []).append(efficiency)
-            print(f"repeat {repeat + 1} {job}: 1 process {rates[1]:,.0f} tok/s, 2 processes {rates[2]:,.0f} "
-                  f"tok/s, efficiency {efficiency:.3f}", flush=True)  # fmt: skip
+            one = statistics.median(
+                run(job, 1, model, args.steps, folder, dpo_accum=args.dpo_accum)[args.warmup:]
+            )
+            for strategy in args.strategies.split(","):
+                per_step = run(job, 2, model, args.steps, folder, strategy, args.dpo_accum)[args.warmup:]
+                two = statistics.median(per_step)
+                efficiency = two / (2 * one)
+                ratios.setdefault(f"{job} {strategy}", []).append(efficiency)
+                print(f"repeat {repeat + 1} {job} {strategy}: 1 process {one:,.0f} tok/s, 2 processes "
+                      f"{two:,.0f} tok/s, efficiency {efficiency:.3f}", flush=True)  # fmt: skip
     print(f"load average at end: {os.getloadavg()}")
     for job, values in ratios.items():
         print(f"{job}: median efficiency {statistics.median(values):.3f} "

@@ -67,8 +67,9 @@ def check_launch_settings() -> None:
         if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
             raise ConfigError(
                 f"`accelerate launch` was configured for {name} ({variable}=true), which prefalign does not "
-                "use: it trains with DistributedDataParallel. Run `accelerate launch` with a plain "
-                "multi-process config (no --use_fsdp / --use_deepspeed), or torchrun."
+                "take from accelerate: it sets up DDP or FSDP2 itself (--distributed.strategy ddp|fsdp). Run "
+                "`accelerate launch` with a plain multi-process config (no --use_fsdp / --use_deepspeed), or "
+                "torchrun."
             )
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision not in ("", "no"):
@@ -239,11 +240,10 @@ class ShardedEngine:
         model = self.engine.model
         # Under FSDP each rank decodes its share with the whole weights (gathered once for the call): ranks
         # finish after different numbers of steps, which a sharded forward's collectives cannot allow.
-        if is_sharded(model):
+        with full_weights(model) as whole:
             longest = max((len(prompt) for prompt in prompt_token_ids), default=0)
             sequences = min(self.engine.batch_size, len(shard(keys)) * params.n)
-            check_generation_fits(model, sequences, longest + params.max_new_tokens)
-        with full_weights(model) as whole:
+            check_generation_fits(whole, sequences, longest + params.max_new_tokens)
             self.engine.model = whole
             try:
                 return map_shards(
@@ -452,6 +452,8 @@ def full_weights(model: torch.nn.Module, *, main_only: bool = False) -> Iterator
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    if not main_only:
+        check_generation_fits(model, sequences=0, length=0)  # the weights alone, before gathering them
     options = StateDictOptions(full_state_dict=True, cpu_offload=main_only)
     state = get_model_state_dict(model, options=options)
     if main_only and not is_main_process():
@@ -475,30 +477,40 @@ def full_weights(model: torch.nn.Module, *, main_only: bool = False) -> Iterator
 def check_generation_fits(
     model: torch.nn.Module, sequences: int, length: int, free_bytes: int | None = None,
 ) -> None:
-    """Refuse, with the numbers, a gathered rollout whose whole weights, KV cache and logits would not fit
-    in the device memory left beside FSDP's shards (CUDA only; `free_bytes` overrides the measurement)."""
+    """Refuse, with the numbers, generation under FSDP that would not fit in the device memory left beside
+    the shards (CUDA only; `free_bytes` overrides the measurement): the whole weights in the compute dtype
+    when `model` is a sharded model about to be gathered, plus the KV cache and one step's logits of
+    `sequences` x `length` tokens (for a gathered twin, whose weights are already in memory: those alone).
+    Any other model: nothing to check."""
     from prefalign.rollout.kv_cache import generation_bytes
 
+    record = _skeletons.get(model) or next((s for s in _skeletons.values() if s.active is model), None)
+    if record is None:
+        return
     device = next(model.parameters()).device
     if free_bytes is None:
         if device.type != "cuda":
             return
         free_bytes = torch.cuda.mem_get_info(device)[0]
-    skeleton = _skeletons[model]
-    dtype = skeleton.dtype or next(model.parameters()).dtype
-    parameters = sum(p.numel() for p in skeleton.module.parameters())
+    dtype = record.dtype or torch.float32  # the shards are fp32
+    parameters = sum(p.numel() for p in record.module.parameters())
     parts = generation_bytes(model.config, parameters, sequences, length, dtype)
+    if record.active is model:
+        parts["weights"] = 0  # gathered already: the free memory is what is left beside them
     if sum(parts.values()) <= free_bytes:
         return
     gib = {name: value / 2**30 for name, value in parts.items()}
+    kind = str(dtype).removeprefix("torch.")
+    weights = (
+        f"{gib['weights']:.1f} GiB of weights ({parameters:,} parameters in {kind})"
+        if parts["weights"] else f"the gathered weights ({parameters:,} parameters)"
+    )
     raise ConfigError(
         "generation under FSDP needs the whole model and its KV cache on one device: "
-        f"{gib['weights']:.1f} GiB of weights ({parameters:,} parameters in "
-        f"{str(dtype).removeprefix('torch.')}) + {gib['kv_cache']:.1f} GiB of KV cache "
-        f"({sequences} sequences x {length} tokens) + {gib['logits']:.1f} GiB of logits, but "
-        f"{free_bytes / 2**30:.1f} GiB is free on {device}. Lower generation_batch_size or max_new_tokens "
-        "(the KV cache), or train a model whose weights fit one device: generation is not sharded (no vLLM "
-        "backend yet)"
+        f"{weights} + {gib['kv_cache']:.1f} GiB of KV cache ({sequences} sequences x {length} tokens) + "
+        f"{gib['logits']:.1f} GiB of logits, but {free_bytes / 2**30:.1f} GiB is free on {device}. Lower "
+        "generation_batch_size or max_new_tokens (the KV cache), or train a model whose weights fit one "
+        "device: generation is not sharded (no vLLM backend yet)"
     )
 
 

@@ -92,16 +92,20 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def master_weights(config: Any) -> ModelConfig:
-    """The model section to load the trained model with: under distributed.strategy fsdp, model.dtype auto
-    loads float32 master weights (FSDP computes in distributed.compute_dtype over them: AdamW steps at
-    lr ~1e-6 round away in bf16 weights)."""
+    """The model section to load the trained model with: under distributed.strategy fsdp, float32 master
+    weights (FSDP computes in distributed.compute_dtype over them: AdamW steps at lr ~1e-6 round away in
+    bf16 weights); a bf16/fp16 model.dtype is refused there, before anything loads."""
     parallel = getattr(config, "distributed", None)
     if parallel is None or parallel.strategy != "fsdp":
         return config.model
     if distributed.world_size() == 1:
         logger.warning("distributed.strategy fsdp with one process: nothing to shard, the model trains whole")
-    if config.model.dtype != "auto":
-        return config.model
+    if config.model.dtype in ("bfloat16", "float16"):
+        raise ConfigError(
+            f"model.dtype {config.model.dtype} would make FSDP's master weights {config.model.dtype}, where "
+            "small AdamW steps round away: under distributed.strategy fsdp leave model.dtype auto (float32 "
+            "shards) and set --distributed.compute_dtype bfloat16 for bf16 forwards and backwards"
+        )
     return dataclasses.replace(config.model, dtype="float32")
 
 

@@ -78,6 +78,13 @@ def test_a_rollout_that_cannot_fit_beside_the_shards_is_refused_with_the_numbers
         message = str(refused.value)
         assert f"({parameters:,} parameters in bfloat16)" in message
         assert "(4 sequences x 10 tokens)" in message and "Lower generation_batch_size" in message
+        # Once gathered (the twin is in memory), only the KV cache and logits must fit in what is left.
+        twin = distributed._skeletons[model].module
+        distributed._skeletons[model].active = twin
+        left = fits - parameters * 2
+        distributed.check_generation_fits(twin, sequences=4, length=10, free_bytes=left)
+        with pytest.raises(ConfigError, match="the gathered weights"):
+            distributed.check_generation_fits(twin, sequences=4, length=10, free_bytes=left - 1)
     finally:
         del distributed._skeletons[model]
 

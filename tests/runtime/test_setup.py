@@ -168,3 +168,14 @@ def test_the_resolved_config_is_written_whole(tmp_path):
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["train"]["output_dir"] == str(tmp_path / "run")
     assert names(tmp_path / "run") == ["config.yaml"]  # no staging file left behind
+
+
+def test_fsdp_loads_float32_master_weights_and_refuses_half_precision_ones():
+    config = SFTConfig()
+    assert setup.master_weights(config) is config.model  # DDP: model.dtype as given
+    config.distributed.strategy = "fsdp"
+    assert setup.master_weights(config).dtype == "float32"  # auto: never bf16 shards
+    assert config.model.dtype == "auto"  # the run's own config is left as the user wrote it
+    config.model.dtype = "bfloat16"
+    with pytest.raises(ConfigError, match="set --distributed.compute_dtype bfloat16 for bf16 forwards"):
+        setup.master_weights(config)
