@@ -119,6 +119,7 @@ def test_several_micro_batches_per_process_sync_once_per_step(tmp_path, model_di
     [
         ("sft", ["--model.gradient_checkpointing", "true"]),
         ("dpo", []),
+        ("reward", []),
         # LoRA: the reference is the policy with its adapters off and π_old a forward before the first of
         # μ = 2 updates, both on the gathered whole weights (each rank's share of groups).
         ("grpo", ["--model.lora", "true", "--beta", "0.1", "--num_iterations", "2"]),
