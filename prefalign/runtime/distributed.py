@@ -48,8 +48,11 @@ ACCELERATE_REFUSED = {
 }
 
 
-def _group_active() -> bool:
+def group_active() -> bool:
+    """Whether a process group exists (a launcher started several processes, or a caller made one)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 
 
 def launched_world_size() -> int:
@@ -82,7 +85,7 @@ def check_launch_settings() -> None:
 
 def start() -> bool:
     """Join the process group a launcher set up (a no-op with one process). Returns whether one is active."""
-    if _group_active():
+    if group_active():
         return True
     if launched_world_size() <= 1:
         return False
@@ -102,7 +105,7 @@ def start() -> bool:
 
 def stop() -> None:
     """Leave the process group (end of a command)."""
-    if _group_active():
+    if group_active():
         torch.distributed.destroy_process_group()
 
 
@@ -117,11 +120,11 @@ def refuse(command: str, why: str) -> None:
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if _group_active() else 0
+    return torch.distributed.get_rank() if group_active() else 0
 
 
 def world_size() -> int:
-    return torch.distributed.get_world_size() if _group_active() else 1
+    return torch.distributed.get_world_size() if group_active() else 1
 
 
 def is_main_process() -> bool:
@@ -130,7 +133,7 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    if _group_active():
+    if group_active():
         torch.distributed.barrier()
 
 
@@ -154,7 +157,7 @@ def on_main_process(function: Callable[..., Any], *args: Any, **kwargs: Any) -> 
 
 def broadcast_object(value: Any) -> Any:
     """Rank 0's `value` on every process."""
-    if not _group_active():
+    if not group_active():
         return value
     holder = [value]
     torch.distributed.broadcast_object_list(holder, src=0)
@@ -163,19 +166,19 @@ def broadcast_object(value: Any) -> Any:
 
 def sum_across(value: float) -> float:
     """The sum of `value` over every process (a step normaliser: tokens, pairs, completions)."""
-    if not _group_active():
+    if not group_active():
         return value
     return float(sum_tensor_across(torch.tensor([value], dtype=torch.float64)).item())
 
 
 def sum_tensor_across(values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of a tensor over every process (sums and counts behind a logged mean or a std)."""
-    return _all_reduce(values, torch.distributed.ReduceOp.SUM) if _group_active() else values
+    return _all_reduce(values, torch.distributed.ReduceOp.SUM) if group_active() else values
 
 
 def max_tensor_across(values: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum over every process (metrics a step reports as their largest value)."""
-    return _all_reduce(values, torch.distributed.ReduceOp.MAX) if _group_active() else values
+    return _all_reduce(values, torch.distributed.ReduceOp.MAX) if group_active() else values
 
 
 def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
@@ -193,7 +196,7 @@ def _backend() -> str:
 
 def gather_across(items: list[Any]) -> list[Any]:
     """Every process's `items`, concatenated in rank order (per-example outputs, whole groups)."""
-    if not _group_active():
+    if not group_active():
         return list(items)
     gathered: list[list[Any]] = [[] for _ in range(world_size())]
     torch.distributed.all_gather_object(gathered, list(items))
@@ -349,7 +352,7 @@ def wrap(
         raise ConfigError(f"distributed.strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if cpu_offload and strategy != "fsdp":
         raise ConfigError("distributed.cpu_offload offloads FSDP's shards: set distributed.strategy fsdp")
-    if not _group_active() or not any(p.requires_grad for p in model.parameters()):
+    if not group_active() or not any(p.requires_grad for p in model.parameters()):
         return Runner(model)
     if strategy == "ddp":
         return _Replicated(model)

@@ -98,14 +98,15 @@ def master_weights(config: Any) -> ModelConfig:
     parallel = getattr(config, "distributed", None)
     if parallel is None or parallel.strategy != "fsdp":
         return config.model
-    if distributed.world_size() == 1:
-        logger.warning("distributed.strategy fsdp with one process: nothing to shard, the model trains whole")
     if config.model.dtype in ("bfloat16", "float16"):
         raise ConfigError(
             f"model.dtype {config.model.dtype} would make FSDP's master weights {config.model.dtype}, where "
             "small AdamW steps round away: under distributed.strategy fsdp leave model.dtype auto (float32 "
             "shards) and set --distributed.compute_dtype bfloat16 for bf16 forwards and backwards"
         )
+    if not distributed.group_active():
+        logger.warning("distributed.strategy fsdp with one process: nothing to shard, the model trains whole")
+        return config.model
     return dataclasses.replace(config.model, dtype="float32")
 
 

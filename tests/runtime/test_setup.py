@@ -170,10 +170,12 @@ def test_the_resolved_config_is_written_whole(tmp_path):
     assert names(tmp_path / "run") == ["config.yaml"]  # no staging file left behind
 
 
-def test_fsdp_loads_float32_master_weights_and_refuses_half_precision_ones():
+def test_fsdp_loads_float32_master_weights_and_refuses_half_precision_ones(monkeypatch):
     config = SFTConfig()
     assert setup.master_weights(config) is config.model  # DDP: model.dtype as given
     config.distributed.strategy = "fsdp"
+    assert setup.master_weights(config) is config.model  # one process, no group: nothing to shard
+    monkeypatch.setattr(setup.distributed, "group_active", lambda: True)
     assert setup.master_weights(config).dtype == "float32"  # auto: never bf16 shards
     assert config.model.dtype == "auto"  # the run's own config is left as the user wrote it
     config.model.dtype = "bfloat16"
