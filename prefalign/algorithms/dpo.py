@@ -67,7 +67,7 @@ from prefalign.models.saving import model_card, save_model
 from prefalign.options import check_model_location, option
 from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train_on_examples
-from prefalign.runtime.setup import start_run, write_run_file
+from prefalign.runtime.setup import copy_dtype, start_run, write_run_file
 
 
 @dataclass
@@ -340,7 +340,10 @@ def reference_of(config: DPOConfig, policy, tokenizer, reference) -> Reference |
         reference, _ = load_causal_lm(reference_config, trainable=False)
     if reference is not None:
         check_reference_model(policy, reference)
-    return Reference(policy, reference, snapshot=not config.precompute_ref_logps)
+    return Reference(
+        policy, reference, snapshot=not config.precompute_ref_logps,
+        dtype=copy_dtype(config, model_device(policy)),
+    )
 
 
 def _card_lines(config: DPOConfig, result: TrainResult) -> dict[str, Any]:

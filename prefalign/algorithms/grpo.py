@@ -39,7 +39,7 @@ from prefalign.rewards.functions import build_scorers
 from prefalign.rollout.engine import LocalEngine
 from prefalign.runtime import distributed
 from prefalign.runtime.loop import LossOutput, TrainResult, finished_run, train
-from prefalign.runtime.setup import start_run
+from prefalign.runtime.setup import copy_dtype, start_run
 
 logger = logging.getLogger("prefalign")
 
@@ -139,7 +139,9 @@ def grpo(
     )
     # π_ref for the KL term, and for the KL to the starting policy that each evaluation logs (eval/kl) even
     # at beta = 0; with neither, no reference is loaded at all.
-    frozen = Reference(model, reference) if config.beta or eval_prompts is not None else None
+    frozen = None
+    if config.beta or eval_prompts is not None:
+        frozen = Reference(model, reference, dtype=copy_dtype(config, model_device(model)))
     prompts_per_step = config.train.batch_size * config.train.grad_accum // config.num_generations
     # An epoch is one pass over the prompts; each prompt's rollout is optimised μ times (as in TRL).
     total_steps = config.train.max_steps or max(

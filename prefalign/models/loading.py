@@ -288,7 +288,10 @@ def fit_max_length(data: DataConfig, model, command: str, *, room: int = 0) -> D
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's forwards run: its parameters' device, or the compute device FSDP recorded on a
+    sharded model (`prefalign_compute_device`: with CPU offload its shards live in CPU memory)."""
+    recorded = getattr(model, "prefalign_compute_device", None)
+    return recorded if recorded is not None else next(model.parameters()).device
 
 
 def count_parameters(model, *, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:

@@ -74,11 +74,14 @@ def weights_fingerprint(network) -> str:
     return digest.hexdigest()[:32]
 
 
-def frozen_copy(model):
-    """The policy as it is now, frozen and detached from further training (merged when it carries LoRA)."""
+def frozen_copy(model, dtype: torch.dtype | None = None):
+    """The policy as it is now, frozen and detached from further training (merged when it carries LoRA), in
+    `dtype` when given (FSDP's fp32 master weights: the copy only runs forwards, in the compute dtype)."""
     clone = copy.deepcopy(model)
     if is_peft_model(clone):
         clone = clone.merge_and_unload()
+    if dtype is not None:
+        clone = clone.to(dtype)
     return clone.eval().requires_grad_(False)
 
 
@@ -98,7 +101,10 @@ class Reference:
       fine-tuning needs no copy at all).
     """
 
-    def __init__(self, policy, reference=None, *, snapshot: bool = True, adapters_off: bool = True):
+    def __init__(
+        self, policy, reference=None, *, snapshot: bool = True, adapters_off: bool = True,
+        dtype: torch.dtype | None = None,
+    ):
         created_here = is_peft_model(policy) and not getattr(policy, LOADED_ADAPTER, None)
         self.adapters_off = adapters_off and reference is None and created_here
         if reference is not None:
@@ -106,7 +112,7 @@ class Reference:
         elif self.adapters_off or not snapshot:
             self.model = policy
         else:
-            self.model = frozen_copy(policy)
+            self.model = frozen_copy(policy, dtype)
         self.is_policy = self.model is policy
 
     @contextlib.contextmanager

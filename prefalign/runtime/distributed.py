@@ -370,6 +370,7 @@ class _Skeleton:
 
     module: torch.nn.Module
     dtype: torch.dtype | None  # the compute dtype (fp32 shards, bf16 forwards), None = the shards' own
+    device: torch.device = torch.device("cpu")  # where forwards run (the shards may be offloaded to CPU)
     active: torch.nn.Module | None = None
     depth: int = 0
 
@@ -412,7 +413,9 @@ def shard_model(model: torch.nn.Module, *, cpu_offload: bool = False, compute_dt
             f"{', '.join(sorted(str(d) for d in floating))}: set model.dtype float32 (or auto); bf16 compute "
             "on GPU comes from FSDP's mixed precision"
         )
-    _skeletons[model] = _Skeleton(_meta_twin(model), compute_dtype)
+    _skeletons[model] = _Skeleton(_meta_twin(model), compute_dtype, device)
+    # Where batches go: with CPU offload the shards live in CPU memory but forwards run on the GPU.
+    model.prefalign_compute_device = device
     mesh = init_device_mesh(device.type, (world_size(),))
     options: dict[str, Any] = {"mesh": mesh}
     if compute_dtype is not None and compute_dtype != torch.float32:
@@ -438,10 +441,10 @@ def _meta_twin(model: torch.nn.Module) -> torch.nn.Module:
 def full_weights(model: torch.nn.Module, *, main_only: bool = False) -> Iterator[torch.nn.Module | None]:
     """The model with whole weights for forwards whose count differs between processes (generation, a
     rank's share of reference log-probs) or for a save: the model itself when it is not sharded; under FSDP
-    a plain twin filled with the gathered weights (in the compute dtype) for the block, emptied after. Every
-    process must enter it together (the gather is a collective). With `main_only` the weights are gathered
-    to rank 0's CPU memory only (a save) and the other processes get None. Nested blocks reuse the outer
-    gather."""
+    a plain twin filled with the gathered weights (parameters in the compute dtype) for the block, emptied
+    after. Every process must enter it together (the gathers are collectives). With `main_only` the weights
+    are gathered to rank 0's CPU memory only (a save; fp32) and the other processes get None. Nested blocks
+    reuse the outer gather."""
     skeleton = _skeletons.get(model)
     if skeleton is None:
         yield model
@@ -453,28 +456,65 @@ def full_weights(model: torch.nn.Module, *, main_only: bool = False) -> Iterator
         finally:
             skeleton.depth -= 1
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     if not main_only:
         check_generation_fits(model, sequences=0, length=0)  # the weights alone, before gathering them
-    options = StateDictOptions(full_state_dict=True, cpu_offload=main_only)
-    state = get_model_state_dict(model, options=options)
+    twin = skeleton.module
+    _fill(twin, model, skeleton, main_only)
     if main_only and not is_main_process():
         yield None
         return
-    twin = skeleton.module
-    if skeleton.dtype is not None and not main_only:
-        state = {name: value.to(skeleton.dtype) if value.is_floating_point() else value
-                 for name, value in state.items()}
-    twin.load_state_dict(state, assign=True)
-    twin.requires_grad_(False)
-    del state
-    skeleton.active = twin if not main_only else None
+    skeleton.active = None if main_only else twin
     try:
         yield twin
     finally:
         skeleton.active = None
         _empty(twin)
+
+
+def _fill(twin: torch.nn.Module, model: torch.nn.Module, skeleton: _Skeleton, main_only: bool) -> None:
+    """The twin's parameters and persistent buffers from the sharded model's, one tensor at a time (the peak
+    is the twin plus one gathered tensor), in the state dict's order on every process. Each parameter is
+    cast to the compute dtype before its all-gather (half the bytes to move in bf16); a weight the model
+    ties to another (embeddings and output head) is gathered once and stays tied in the twin."""
+    parameters = {id(p) for p in model.parameters()}
+    gathered: dict[int, Any] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) in gathered:
+            whole = gathered[id(value)]
+        else:
+            is_parameter = id(value) in parameters
+            dtype = skeleton.dtype if is_parameter and not main_only else None
+            whole = _gather(value, dtype, skeleton.device)
+            if main_only:
+                whole = whole.cpu() if is_main_process() else None
+            if whole is not None and is_parameter:
+                whole = torch.nn.Parameter(whole.detach(), requires_grad=False)
+            gathered[id(value)] = whole
+        if whole is None:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        module = twin.get_submodule(owner)
+        if leaf in module._parameters:
+            module._parameters[leaf] = whole
+        else:
+            module._buffers[leaf] = whole.detach()
+
+
+def _gather(value: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A whole tensor from a sharded one (a DTensor: all-gathered on the compute device, in `dtype`); a
+    plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    tensor = value.detach()
+    if not isinstance(tensor, DTensor):
+        return tensor.to(device)
+    local = tensor.to_local()
+    local = local.to(device=device, dtype=dtype if dtype is not None and local.is_floating_point() else None)
+    shard = DTensor.from_local(
+        local, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape,
+        stride=tensor.stride(),
+    )  # fmt: skip
+    return shard.full_tensor()
 
 
 def check_generation_fits(
@@ -490,16 +530,21 @@ def check_generation_fits(
     record = _skeletons.get(model) or next((s for s in _skeletons.values() if s.active is model), None)
     if record is None:
         return
-    device = next(model.parameters()).device
-    if free_bytes is None:
-        if device.type != "cuda":
-            return
-        free_bytes = torch.cuda.mem_get_info(device)[0]
+    device = record.device
     dtype = record.dtype or torch.float32  # the shards are fp32
-    parameters = sum(p.numel() for p in record.module.parameters())
+    parameters = sum(p.numel() for p in record.module.parameters())  # tied weights once
     parts = generation_bytes(model.config, parameters, sequences, length, dtype)
     if record.active is model:
         parts["weights"] = 0  # gathered already: the free memory is what is left beside them
+    if free_bytes is None:
+        if device.type != "cuda":
+            return
+        # Free on the device plus what torch's allocator holds cached but unused (the last rollout's).
+        free_bytes = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+        free_bytes -= torch.cuda.memory_allocated(device)
+        # The fewest free bytes over the processes: all of them refuse together (one alone would leave the
+        # others waiting in the next collective).
+        free_bytes = -int(max_tensor_across(torch.tensor([-float(free_bytes)], dtype=torch.float64)).item())
     if sum(parts.values()) <= free_bytes:
         return
     gib = {name: value / 2**30 for name, value in parts.items()}
@@ -518,13 +563,17 @@ def check_generation_fits(
 
 
 def _empty(twin: torch.nn.Module) -> None:
-    """Parameters back to the meta device: the gathered weights are freed."""
+    """Parameters back to the meta device (tied ones still one parameter): the gathered weights are
+    freed."""
+    empty: dict[int, torch.nn.Parameter] = {}
     for module in twin.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is not None:
-                module._parameters[name] = torch.nn.Parameter(
-                    torch.empty_like(parameter, device="meta"), requires_grad=False,
-                )
+                if id(parameter) not in empty:
+                    empty[id(parameter)] = torch.nn.Parameter(
+                        torch.empty_like(parameter, device="meta"), requires_grad=False,
+                    )
+                module._parameters[name] = empty[id(parameter)]
 
 
 def on_main_process_whole(function: Callable[..., Any], model: torch.nn.Module, *args: Any, **kwargs: Any):

@@ -16,7 +16,7 @@ import torch
 from prefalign.config import ModelConfig, TrainConfig, save_config
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.files import atomic_file, writing
-from prefalign.models.loading import load_causal_lm
+from prefalign.models.loading import load_causal_lm, resolve_dtype
 from prefalign.runtime import distributed
 from prefalign.runtime.run_folder import (
     CONFIG_FILE,
@@ -108,6 +108,17 @@ def master_weights(config: Any) -> ModelConfig:
         logger.warning("distributed.strategy fsdp with one process: nothing to shard, the model trains whole")
         return config.model
     return dataclasses.replace(config.model, dtype="float32")
+
+
+def copy_dtype(config: Any, device: torch.device) -> torch.dtype | None:
+    """The dtype for a frozen copy of the policy (a reference) under FSDP: the compute dtype when it is not
+    the fp32 of the master weights (the copy only runs forwards, whole on each process), else None (as
+    loaded)."""
+    parallel = getattr(config, "distributed", None)
+    if parallel is None or parallel.strategy != "fsdp" or not distributed.group_active():
+        return None
+    dtype = resolve_dtype(parallel.compute_dtype, device)
+    return None if dtype == torch.float32 else dtype
 
 
 def start_run(config: Any, command: str, model=None, tokenizer=None, *, load: Callable = load_causal_lm):

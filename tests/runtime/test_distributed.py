@@ -107,3 +107,40 @@ def test_settings_fsdp_cannot_serve_are_refused_before_any_work(config, override
     cls = {"ppo": PPOConfig, "dpo": IterativeDPOConfig, "sft": SFTConfig}[config]
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         validate(apply_overrides(cls(), overrides))
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo process group of one process (what FSDP shards over in gpu_smoke's one-process checks)."""
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_gathered_twin_matches_the_model_keeps_ties_and_is_freed_after(group_of_one):
+    model = tiny_llama(tied=True)
+    expected = {name: value.clone() for name, value in model.state_dict().items()}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    runner = distributed.wrap(model, "fsdp", compute_dtype=torch.bfloat16)
+    assert runner.lockstep and distributed.is_sharded(model)
+    for _ in range(2):  # a second gather finds the twin as the first left it: tied, empty
+        with distributed.full_weights(model) as twin:
+            assert twin is not model and twin.lm_head.weight is twin.model.embed_tokens.weight
+            assert {p.dtype for p in twin.parameters()} == {torch.bfloat16}  # parameters in the compute dtype
+            assert twin.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers as they are
+            for name, value in twin.state_dict().items():
+                torch.testing.assert_close(value.float(), expected[name].float(), rtol=1e-2, atol=1e-2)
+            with torch.no_grad():
+                torch.testing.assert_close(twin(input_ids=ids).logits.float(), logits, rtol=0.05, atol=0.05)
+            with distributed.full_weights(model) as nested:
+                assert nested is twin
+        assert all(p.device.type == "meta" for p in twin.parameters())
+        assert twin.lm_head.weight is twin.model.embed_tokens.weight
+    with distributed.full_weights(model, main_only=True) as whole:  # a save: fp32 on rank 0's CPU
+        assert whole.lm_head.weight is whole.model.embed_tokens.weight
+        assert all(torch.equal(value, expected[name]) for name, value in whole.state_dict().items())

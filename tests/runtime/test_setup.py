@@ -181,3 +181,17 @@ def test_fsdp_loads_float32_master_weights_and_refuses_half_precision_ones(monke
     config.model.dtype = "bfloat16"
     with pytest.raises(ConfigError, match="set --distributed.compute_dtype bfloat16 for bf16 forwards"):
         setup.master_weights(config)
+
+
+def test_a_frozen_copy_of_fsdp_master_weights_takes_the_compute_dtype(monkeypatch):
+    import torch
+
+    config = SFTConfig()
+    config.distributed.strategy = "fsdp"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert setup.copy_dtype(config, cuda) is None  # no process group: nothing is sharded
+    monkeypatch.setattr(setup.distributed, "group_active", lambda: True)
+    assert setup.copy_dtype(config, cuda) == torch.bfloat16  # auto on CUDA: bf16, as DDP's model would be
+    assert setup.copy_dtype(config, cpu) is None  # fp32 forwards: the copy stays as loaded
+    config.distributed.strategy = "ddp"
+    assert setup.copy_dtype(config, cuda) is None
