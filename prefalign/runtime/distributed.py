@@ -337,9 +337,6 @@ class _Sharded(Runner):
         (loss * world_size()).backward()
 
 
-STRATEGIES = ("ddp", "fsdp")
-
-
 def wrap(
     model: torch.nn.Module, strategy: str = "ddp", *, cpu_offload: bool = False,
     compute_dtype: torch.dtype | None = None,
@@ -348,10 +345,6 @@ def wrap(
     gradients) or `fsdp` (FSDP2: the model is sharded in place, so build the optimizer afterwards; with
     `compute_dtype` the forward runs in it over fp32 shards, gradients reduced in fp32). Generation, reference
     and evaluation forwards use the model itself (DDP) or `full_weights(model)` (FSDP)."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"distributed.strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    if cpu_offload and strategy != "fsdp":
-        raise ConfigError("distributed.cpu_offload offloads FSDP's shards: set distributed.strategy fsdp")
     if not group_active() or not any(p.requires_grad for p in model.parameters()):
         return Runner(model)
     if strategy == "ddp":
@@ -372,7 +365,6 @@ class _Skeleton:
     dtype: torch.dtype | None  # the compute dtype (fp32 shards, bf16 forwards), None = the shards' own
     device: torch.device = torch.device("cpu")  # where forwards run (the shards may be offloaded to CPU)
     active: torch.nn.Module | None = None
-    depth: int = 0
 
 
 _skeletons: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -449,12 +441,8 @@ def full_weights(model: torch.nn.Module, *, main_only: bool = False) -> Iterator
     if skeleton is None:
         yield model
         return
-    if skeleton.active is not None:
-        skeleton.depth += 1
-        try:
-            yield skeleton.active
-        finally:
-            skeleton.depth -= 1
+    if skeleton.active is not None:  # inside an outer gather
+        yield skeleton.active
         return
     if not main_only:
         check_generation_fits(model, sequences=0, length=0)  # the weights alone, before gathering them

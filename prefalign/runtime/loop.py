@@ -257,8 +257,9 @@ def train(
     phase boundaries). `prepare_step` sees each step's micro-batches before the first forward pass (step-wide
     totals a loss needs); `after_phase(phase, first_step, last_step)` runs after each phase's steps;
     `parallel` says how several processes share the model (DDP replicas by default, or FSDP2 shards)."""
-    validate(config)  # the train section's ranges, for callers that did not validate their whole config
-    parallel = parallel or DistributedConfig()
+    # The train and distributed sections' rules, for callers that did not validate their whole config.
+    validate(config)
+    parallel = validate(parallel or DistributedConfig())
     device = model_device(model)
     # Training forwards go through DDP or FSDP under a process group (FSDP shards the model in place, so the
     # optimizer is built after it); rank 0 alone writes metrics and shows progress.
